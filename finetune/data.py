@@ -1,0 +1,139 @@
+"""Find, check and split an ImageFolder; decode every image once into a memory cache.
+
+Layouts: ``DIR/<class>/*`` or ``DIR/train/<class>/*`` with optional ``DIR/val/<class>/*``.
+A ``DIR/test/`` folder is never read here: the test split is for the final figure only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from edge_tl.errors import UserError
+from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from edge_tl.runtime.spec import PreprocessSpec
+
+
+@dataclass
+class Split:
+    """Images of one split, decoded once (RGB uint8, shorter side resized per the spec)."""
+
+    paths: list[Path]
+    labels: list[int]
+    arrays: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self, num_classes: int) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=num_classes).tolist()
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.arrays[i])
+
+    def subset(self, idx: list[int]) -> "Split":
+        return Split([self.paths[i] for i in idx], [self.labels[i] for i in idx], [self.arrays[i] for i in idx])
+
+
+@dataclass
+class ImageFolderData:
+    """The classes and the train/val splits of a dataset folder, plus what was skipped."""
+
+    root: Path
+    classes: list[str]
+    train: Split
+    val: Split
+    val_source: str  # "val/ folder" or "carved from train (...)"
+    skipped: list[str] = field(default_factory=list)
+
+
+def _list_images(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _scan_classes(folder: Path) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder. Pass --data DIR with one sub-folder of images per class.")
+    classes = {d.name: _list_images(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not classes:
+        raise UserError(f"{folder}: no class sub-folders. Put each class's images in DIR/<class>/ (or DIR/train/<class>/).")
+    return classes
+
+
+def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
+            desc: str, progress: bool) -> Split:
+    """Decode every file once (this is also the check); unreadable ones go to ``skipped``.
+
+    Decoding a JPEG every epoch costs more CPU than a small model on small images; a
+    dataset of a few thousand images, resized, fits in a few hundred MB.
+    """
+    todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
+    paths, labels, arrays = [], [], []
+    for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(f"{p}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+            continue
+        try:
+            arrays.append(np.asarray(spec.resize_shorter(load_rgb(p))))
+        except UnreadableImage as exc:
+            skipped.append(str(exc))
+            continue
+        paths.append(p)
+        labels.append(ci)
+    return Split(paths, labels, arrays)
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (keep, held_out): ``fraction`` of each class held out, at least one, never all."""
+    rng = random.Random(seed)
+    keep, held = [], []
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        n_held = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
+        held += idx[:n_held]
+        keep += idx[n_held:]
+    return sorted(keep), sorted(held)
+
+
+def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15, split_seed: int = 0,
+             progress: bool = True) -> ImageFolderData:
+    """Read the folder layout, decode every image once, and make the train/val splits."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: no such folder. Pass --data DIR (an ImageFolder), "
+                        "or run `edge-tl data elpv --out DIR` for the demo data.")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    skipped: list[str] = []
+    train_files = _scan_classes(train_dir)
+    classes = sorted(train_files)
+    if len(classes) < 2:
+        raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
+    full = _decode(train_files, classes, spec, skipped, "decode train", progress)
+    for ci, n in enumerate(full.counts(len(classes))):
+        where = train_dir / classes[ci]
+        if n == 0:
+            raise UserError(f"{where}: no readable images ({len(skipped)} files skipped, e.g. {skipped[:1]}). "
+                            "Add images or remove the folder.")
+        if n < 2:
+            raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to validate).")
+    if train_dir != root and (root / "val").is_dir():
+        val_files = _scan_classes(root / "val")
+        unknown = sorted(set(val_files) - set(classes))
+        if unknown:
+            raise UserError(f"{root / 'val'}: classes {unknown} are not in {train_dir}; val/ must use the train classes.")
+        val = _decode(val_files, classes, spec, skipped, "decode val", progress)
+        if len(val) == 0:
+            raise UserError(f"{root / 'val'}: no readable images. Add images or remove val/ to carve a split from train.")
+        return ImageFolderData(root, classes, full, val, "val/ folder", skipped)
+    keep, held = stratified_split(full.labels, val_fraction, split_seed)
+    source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
+    return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped)

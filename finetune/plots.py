@@ -1,0 +1,53 @@
+"""Learning-curve and confusion-matrix PNGs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from edge_tl.fileio import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: str | Path) -> None:
+    """Train/val loss and val accuracy per epoch, the best epoch marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    acc = [h["val_accuracy"] for h in history]
+    ax2.plot(epochs, acc, "o-", color="C2", label="val accuracy")
+    best = int(np.argmax(acc))
+    ax2.annotate(f"best {acc[best]:.3f}", (epochs[best], acc[best]), textcoords="offset points", xytext=(0, -14),
+                 ha="center")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    _save(fig, Path(path))
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> None:
+    """Counts with row-normalized colour (recall per true class)."""
+    m = np.asarray(cm, dtype=np.float64)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * n, 1 + 0.7 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _save(fig, Path(path))

@@ -1,0 +1,370 @@
+"""The fine-tune recipe and loop: timm transforms, AdamW + warmup/cosine, label smoothing,
+class weighting, optional EMA, frozen early stages, lower-resolution first epochs.
+
+Every random draw is a function of (seed, epoch, step or sample), so a run resumed from
+any step, with any number of workers, ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import create_transform
+from timm.models import group_modules
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from edge_tl import __version__
+from edge_tl.errors import UserError
+from edge_tl.fileio import atomic_write, write_json, write_text
+from edge_tl.runtime.spec import PreprocessSpec
+
+from .backbones import DEFAULT_MODEL, create_backbone, preprocess_spec
+from .data import Split, discover
+
+CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a fine-tune; written into each checkpoint so ``--resume`` needs none again."""
+
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    scratch: bool = False
+    epochs: int = 10
+    img_size: int | None = 224
+    crop_pct: float | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weights: str = "sqrt"  # none | sqrt | inverse (of class frequency)
+    ema: bool = False
+    ema_decay: float = 0.995
+    freeze_stages: int = 2  # stem + this many early stages stay at their pretrained values
+    low_res_epochs: float = 0.0  # fraction of epochs trained at 3/4 of img_size
+    scale_min: float = 0.35  # RandomResizedCrop lower scale
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.2
+    auto_augment: str | None = None
+    val_fraction: float = 0.15
+    split_seed: int = 0
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use --device cpu or auto.")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name}: use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def _mix(*xs: int) -> int:
+    """A stable 63-bit seed from integers (no Python hash randomization)."""
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class _EpochView(torch.utils.data.Dataset):
+    """One epoch's ordered samples; each sample's augmentation is seeded by its position."""
+
+    def __init__(self, split: Split, order: list[int], offset: int, transform, seed: int):
+        self.split, self.order, self.offset, self.transform, self.seed = split, order, offset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.order) - self.offset
+
+    def __getitem__(self, k: int):
+        i = self.order[self.offset + k]
+        _seed_all(_mix(self.seed, self.offset + k))
+        return self.transform(self.split.image(i)), self.split.labels[i]
+
+
+class _EvalView(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.split.image(i)), self.split.labels[i]
+
+
+def eval_transform(spec: PreprocessSpec):
+    """timm's eval transform for ``spec`` (resize shorter side, center crop, normalize)."""
+    return create_transform(input_size=(3, *spec.input_size), is_training=False, interpolation=spec.interpolation,
+                            mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
+
+
+def train_transform(cfg: TrainConfig, spec: PreprocessSpec, size: int):
+    return create_transform(input_size=(3, size, size), is_training=True, scale=(cfg.scale_min, 1.0),
+                            hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
+                            auto_augment=cfg.auto_augment, interpolation=spec.interpolation,
+                            mean=spec.mean, std=spec.std)
+
+
+def _autocast(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, device: torch.device,
+                   batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+    """Float32 logits of ``model`` for every image of ``split`` with the eval transform."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(_EvalView(split, eval_transform(spec)), batch_size=batch_size,
+                                         num_workers=workers)
+    out = []
+    for x, _ in loader:
+        x = x.to(device, memory_format=torch.channels_last)
+        with _autocast(device):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> list[list[int]]:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    return cm.tolist()
+
+
+def _frozen_modules(model: torch.nn.Module, stages: int) -> list[torch.nn.Module]:
+    """The stem and the first ``stages`` stages (timm's coarse groups), to keep frozen."""
+    if stages <= 0:
+        return []
+    groups = group_modules(model, model.group_matcher(coarse=True))
+    names = [n for gid in sorted(groups)[: stages + 1] for n in groups[gid]]
+    mods = [model.get_submodule(n) for n in names]
+    for m in mods:
+        m.requires_grad_(False)
+    return mods
+
+
+def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:
+    full = spec.input_size[0]
+    low = max(32, int(round(full * 0.75 / 32)) * 32)
+    n_low = int(round(cfg.epochs * cfg.low_res_epochs))
+    return [low if e < n_low else full for e in range(cfg.epochs)]
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A run checkpoint, loaded with ``weights_only=True`` (no code from the file runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint. Run `edge-tl finetune --out {path.parent}` first.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}). Delete it and re-run.") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not an edge-tl checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'}).")
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the fine-tuned timm model from ``best.pt``/``last.pt``; returns ``(model, checkpoint)``."""
+    ckpt = load_checkpoint(path)
+    model = timm.create_model(ckpt["model_name"], num_classes=len(ckpt["classes"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune per ``cfg``; writes the run folder and returns ``metrics.json``'s content.
+
+    ``resume`` continues from ``out/last.pt`` with its saved config. ``on_step(global_step)``
+    is called after every optimizer step (tests use it to interrupt a run).
+    """
+    out = Path(cfg.out)
+    state = None
+    if resume:
+        state = load_checkpoint(out / "last.pt")
+        device_choice, workers = cfg.device, cfg.workers
+        cfg = TrainConfig.from_dict(state["config"])
+        cfg.device, cfg.workers = device_choice, workers
+        log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
+    elif (out / "last.pt").exists():
+        raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
+    device = resolve_device(cfg.device)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
+
+    probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
+    spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
+    data = discover(cfg.data, spec, cfg.val_fraction, cfg.split_seed, progress)
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} unreadable or non-image files:")
+        for line in data.skipped[:20]:
+            log(f"  {line}")
+        if len(data.skipped) > 20:
+            log(f"  ... and {len(data.skipped) - 20} more (all listed in {out / 'skipped.txt'})")
+    num_classes = len(data.classes)
+    model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
+    log(f"data {data.root}: {num_classes} classes, {len(data.train)} train / {len(data.val)} val ({data.val_source})")
+    log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}")
+
+    frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    counts = np.asarray(data.train.counts(num_classes), dtype=np.float64)
+    power = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}.get(cfg.class_weights)
+    if power is None:
+        raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
+    weights = (counts.sum() / (num_classes * counts)) ** power
+    loss_weight = torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32, device=device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+    history: list[dict] = []
+    best = {"val_accuracy": -1.0, "epoch": -1}
+    start_epoch, start_step, seconds = 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        history, best = state["history"], state["best"]
+        start_epoch, start_step, seconds = state["epoch"], state["step"], state["seconds"]
+
+    meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
+            "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
+
+    def checkpoint(epoch: int, step: int) -> dict:
+        return {**meta, "epoch": epoch, "step": step, "seconds": seconds, "history": history, "best": best,
+                "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
+    sizes = _train_sizes(cfg, spec)
+    transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
+    eval_model = ema.module if ema is not None else model
+    step = start_step
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        epoch_seed = _mix(cfg.seed, epoch)
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        order = order[: steps_per_epoch * cfg.batch_size] if len(order) >= cfg.batch_size else order
+        view = _EpochView(data.train, order, start_step * cfg.batch_size, transforms[sizes[epoch]], epoch_seed)
+        loader = torch.utils.data.DataLoader(view, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                             pin_memory=device.type == "cuda")
+        model.train()
+        for m in frozen:
+            m.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
+                   initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
+        step = start_step
+        try:
+            for x, y in bar:
+                torch.manual_seed(_mix(epoch_seed, step, 7))
+                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+                y = y.to(device, non_blocking=True)
+                with _autocast(device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                scheduler.step_update(epoch * steps_per_epoch + step)
+                if ema is not None:
+                    ema.update(model, step=epoch * steps_per_epoch + step)
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                if on_step is not None:
+                    on_step(epoch * steps_per_epoch + step)
+        except KeyboardInterrupt:
+            seconds += time.perf_counter() - t0
+            _save_checkpoint(out / "last.pt", checkpoint(epoch, step))
+            bar.close()
+            raise
+        start_step = 0
+        logits = predict_logits(eval_model, data.val, spec, device, cfg.batch_size * 2, cfg.workers)
+        yv = torch.tensor(data.val.labels)
+        val_loss = F.cross_entropy(logits, yv).item()
+        val_acc = (logits.argmax(1) == yv).float().mean().item()
+        seconds += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                        "img_size": sizes[epoch], "seconds": round(seconds, 2)})
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train_loss {history[-1]['train_loss']:.4f} val_loss {val_loss:.4f} "
+            f"val_acc {val_acc:.4f} ({seconds:.0f}s)")
+        if val_acc > best["val_accuracy"]:
+            best = {"val_accuracy": val_acc, "epoch": epoch + 1,
+                    "confusion": confusion_matrix(data.val.labels, logits.argmax(1).tolist(), num_classes)}
+            _save_checkpoint(out / "best.pt", {**meta, "epoch": epoch + 1, "val_accuracy": val_acc,
+                                              "state_dict": eval_model.state_dict()})
+        _save_checkpoint(out / "last.pt", checkpoint(epoch + 1, 0))
+        write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+    metrics = {
+        "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "classes": data.classes,
+        "num_train": len(data.train), "num_val": len(data.val), "val_source": data.val_source,
+        "train_class_counts": data.train.counts(num_classes), "val_class_counts": data.val.counts(num_classes),
+        "val_confusion": best["confusion"], "model": cfg.model, "pretrained": pretrained,
+        "seconds": round(seconds, 2), "epochs": cfg.epochs, "device": str(device), "preprocess": spec.to_dict(),
+        "skipped_files": len(data.skipped), "config": asdict(cfg), "edge_tl": __version__,
+        "torch": torch.__version__, "timm": timm.__version__,
+    }
+    write_json(out / "metrics.json", metrics)
+    from .plots import plot_confusion, plot_history
+
+    plot_history(history, out / "learning_curve.png")
+    plot_confusion(best["confusion"], data.classes, out / "confusion_matrix.png",
+                   title=f"validation, epoch {best['epoch']} (acc {best['val_accuracy']:.3f})")
+    return metrics

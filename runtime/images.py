@@ -1,0 +1,67 @@
+"""Decode any common image file into correct 8-bit RGB (torch-free; shared by training and runtime).
+
+Handles what real folders contain: EXIF-rotated JPEGs, grayscale, 16-bit and 32-bit
+grayscale PNG/TIFF, float TIFF, palette images, CMYK, and alpha (composited onto white,
+as a viewer shows it). Truncated or non-image files raise ``UnreadableImage``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class UnreadableImage(ValueError):
+    """The file is not a decodable image (zero bytes, truncated, corrupt or another format)."""
+
+
+def _to_uint8(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
+    if sixteen_bit or int(arr.max(initial=0)) > 255:
+        return (arr.astype(np.uint32) // 257).clip(0, 255).astype(np.uint8)
+    return arr.clip(0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded PIL image of any mode to RGB, EXIF orientation applied."""
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _to_uint8(np.asarray(img), sixteen_bit=mode.startswith("I;16"))
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Read ``path`` fully into memory as an RGB PIL image, or raise ``UnreadableImage``."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImage(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except UnreadableImage:
+        raise
+    except FileNotFoundError as exc:
+        raise UnreadableImage(f"{path}: no such file") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImage(f"{path}: not a readable image ({exc})") from exc

@@ -1,0 +1,100 @@
+"""The one preprocessing spec: written into the run, then the bundle manifest, used everywhere.
+
+Training eval (timm's transform), ONNX export (normalization baked into the graph) and the
+runtime (numpy + Pillow) all derive from this one record, so train/deploy preprocessing
+cannot drift apart. Torch-free on purpose: device apps import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+_PIL_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Eval preprocessing of one model: resize shorter side, center crop, scale, normalize.
+
+    ``mean``/``std`` apply to pixels scaled to 0–1, channels in ``channel_order``; the
+    exported ONNX graph takes raw 0–255 RGB pixels and applies them itself.
+    """
+
+    input_size: tuple[int, int]  # (height, width) fed to the network
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    crop_mode: str = field(default="center")
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter-side size before the center crop (timm: ``floor(size / crop_pct)``)."""
+        return math.floor(max(self.input_size) / self.crop_pct)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["resize_size"] = self.resize_size
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(
+            input_size=tuple(d["input_size"]),
+            crop_pct=float(d["crop_pct"]),
+            interpolation=d["interpolation"],
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            channel_order=d.get("channel_order", "RGB"),
+            layout=d.get("layout", "NCHW"),
+            crop_mode=d.get("crop_mode", "center"),
+        )
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize_size`` then center-crop to ``input_size``.
+
+        Identical to torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, which is
+        what timm's eval transform does.
+        """
+        img = self.resize_shorter(img)
+        th, tw = self.input_size
+        w, h = img.size
+        if (w, h) != (tw, th):
+            top = int(round((h - th) / 2.0))
+            left = int(round((w - tw) / 2.0))
+            img = img.crop((left, top, left + tw, top + th))
+        return img
+
+    def resize_shorter(self, img: Image.Image) -> Image.Image:
+        size = self.resize_size
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        if short == size:
+            return img
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        return img.resize((new_w, new_h), _PIL_INTERPOLATION[self.interpolation])
+
+    def to_pixels(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 H×W×3 array at ``input_size`` (what the ONNX graph takes)."""
+        return np.asarray(self.resize_and_crop(img.convert("RGB")), dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×3 (or H×W×3) -> float32 N×3×H×W normalized, for float-input models."""
+        x = pixels.astype(np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        x = x[None] if x.ndim == 3 else x
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
