@@ -245,6 +245,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         if len(data.skipped) > 20:
             log(f"  ... and {len(data.skipped) - 20} more (all listed in {out / 'skipped.txt'})")
     num_classes = len(data.classes)
+    _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
     log(f"data {data.root}: {num_classes} classes, {len(data.train)} train / {len(data.val)} val ({data.val_source})")
     log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}")

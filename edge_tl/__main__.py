@@ -1,0 +1,3 @@
+from edge_tl.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny generated ImageFolder and a small real ELPV subset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PATTERNS = ("hstripes", "vstripes", "checker")
+
+
+def pattern_image(kind: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A noisy RGB image whose class is visible in its structure (stripes or checker)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = int(rng.integers(4, 9))
+    base = {"hstripes": (yy // period) % 2, "vstripes": (xx // period) % 2}.get(
+        kind, ((yy // period) + (xx // period)) % 2)
+    tint = rng.integers(60, 255, size=3)
+    img = base[..., None] * tint[None, None, :] + rng.normal(0, 20, size=(size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_image_folder(root: Path, per_class: int = 8, classes=PATTERNS, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ext = ("png", "jpg")[i % 2]
+            pattern_image(kind, rng).save(root / kind / f"{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def elpv_small(tmp_path_factory) -> Path:
+    """Real ELPV images (CC BY-NC-SA 4.0): 6 per class in train and in test."""
+    from edge_tl.finetune.elpv import write_elpv
+
+    out = tmp_path_factory.mktemp("elpv") / "elpv"
+    write_elpv(out, "4class", limit_per_class=6, progress=False)
+    return out

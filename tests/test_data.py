@@ -1,0 +1,78 @@
+"""ImageFolder discovery, the validation split, skipped files and the bad-input errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edge_tl.errors import UserError
+from edge_tl.finetune.data import discover, stratified_split
+from edge_tl.runtime.spec import PreprocessSpec
+
+from conftest import make_image_folder
+
+SPEC = PreprocessSpec(input_size=(32, 32), crop_pct=1.0)
+
+
+def test_flat_layout_carves_stratified_val(tiny_folder):
+    data = discover(tiny_folder, SPEC, val_fraction=0.25, progress=False)
+    assert data.classes == ["checker", "hstripes", "vstripes"]
+    assert data.train.counts(3) == [6, 6, 6] and data.val.counts(3) == [2, 2, 2]
+    assert not set(data.train.paths) & set(data.val.paths)
+    assert data.train.arrays[0].shape[:2] == (32, 32)  # decoded once, resized to the spec
+
+
+def test_train_val_test_layout_never_reads_test(tmp_path):
+    make_image_folder(tmp_path / "d" / "train", per_class=4)
+    make_image_folder(tmp_path / "d" / "val", per_class=2, seed=1)
+    make_image_folder(tmp_path / "d" / "test", per_class=2, seed=2, classes=("zzz",))
+    data = discover(tmp_path / "d", SPEC, progress=False)
+    assert data.val_source == "val/ folder"
+    assert len(data.train) == 12 and len(data.val) == 6 and "zzz" not in data.classes
+    assert all("test" not in p.parts for p in data.train.paths + data.val.paths)
+
+
+def test_split_is_deterministic_and_keeps_one_of_each():
+    labels = [0] * 10 + [1] * 2
+    assert stratified_split(labels, 0.2, 0) == stratified_split(labels, 0.2, 0)
+    keep, held = stratified_split(labels, 0.2, 0)
+    assert sorted(keep + held) == list(range(12))
+    assert [labels[i] for i in held].count(1) == 1 and [labels[i] for i in keep].count(1) == 1
+
+
+def test_bad_files_skipped_and_listed(tiny_folder):
+    (tiny_folder / "checker" / "zero.png").write_bytes(b"")
+    (tiny_folder / "checker" / "notes.txt").write_text("hello")
+    (tiny_folder / "checker" / "fake.jpg").write_text("hello")
+    data = discover(tiny_folder, SPEC, progress=False)
+    assert len(data.skipped) == 3
+    assert sum(data.train.counts(3)) + sum(data.val.counts(3)) == 24
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "no such folder"),
+    ("empty", "no class sub-folders"),
+    ("one_class", "only one class"),
+    ("one_image", "only 1 readable image"),
+    ("all_broken", "no readable images"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
+    root = tiny_folder
+    if case == "missing":
+        root = tmp_path / "nope"
+    elif case == "empty":
+        root = tmp_path / "empty"
+        root.mkdir()
+    elif case == "one_class":
+        shutil.rmtree(root / "checker")
+        shutil.rmtree(root / "hstripes")
+    elif case == "one_image":
+        for p in sorted((root / "checker").iterdir())[1:]:
+            p.unlink()
+    elif case == "all_broken":
+        for p in (root / "checker").iterdir():
+            p.write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match=match) as err:
+        discover(root, SPEC, progress=False)
+    assert str(root) in str(err.value)

@@ -1,0 +1,90 @@
+"""Fine-tune end to end on tiny data: outputs, exact resume, and the CLI's bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edge_tl.finetune.train import TrainConfig, finetune, load_model
+
+QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
+
+
+def _cfg(data, out, **kw):
+    return TrainConfig(data=str(data), out=str(out), **{**QUICK, **kw})
+
+
+def test_run_folder_complete(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    metrics = finetune(_cfg(tiny_folder, out), progress=False, log=lambda s: None)
+    for name in ("best.pt", "last.pt", "history.jsonl", "metrics.json", "learning_curve.png", "confusion_matrix.png"):
+        assert (out / name).stat().st_size > 0, name
+    for key in ("best_val_accuracy", "best_epoch", "classes", "num_train", "num_val", "model", "pretrained", "seconds"):
+        assert key in metrics
+    assert metrics["classes"] == ["checker", "hstripes", "vstripes"] and metrics["num_val"] == 3
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert set(hist[0]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    model, ckpt = load_model(out / "best.pt")  # weights_only=True inside
+    assert ckpt["preprocess"]["input_size"] == [64, 64] and ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert model.get_classifier().out_features == 3
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
+    ref = finetune(_cfg(tiny_folder, tmp_path / "ref", ema=True), progress=False, log=lambda s: None)
+
+    def interrupt(step):
+        if step == 3:  # mid-epoch 2 (2 steps per epoch... 21 train images / 8 = 2 steps)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(tiny_folder, tmp_path / "cut", ema=True), progress=False, on_step=interrupt, log=lambda s: None)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+    resumed = finetune(_cfg(tiny_folder, tmp_path / "cut", workers=1), resume=True, progress=False, log=lambda s: None)
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["best_val_accuracy"] == ref["best_val_accuracy"]
+
+
+def test_real_elpv_subset(elpv_small, tmp_path):
+    metrics = finetune(_cfg(elpv_small, tmp_path / "run", epochs=1), progress=False, log=lambda s: None)
+    assert metrics["classes"] == ["p000", "p033", "p067", "p100"]
+    assert metrics["num_train"] + metrics["num_val"] == 24  # the test/ split is never read
+    assert 0.0 <= metrics["best_val_accuracy"] <= 1.0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edge_tl", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--model", "not_a_model_xyz"], "not a timm model"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here, so --device cuda is valid")
+    res = _cli("finetune", "--data", tiny_folder, "--out", tmp_path / "r", "--img-size", 64, "--epochs", 1, *extra)
+    assert res.returncode == 2, res.stderr
+    assert match in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_cli_missing_data_exit_2(tmp_path):
+    res = _cli("finetune", "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    assert res.returncode == 2 and str(tmp_path / "nope") in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_refuses_to_overwrite_a_run(tiny_folder, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"x")
+    res = _cli("finetune", "--data", tiny_folder, "--out", out)
+    assert res.returncode == 2 and "--resume" in res.stderr

@@ -1,0 +1,81 @@
+"""Every common image flavour becomes correct RGB; broken files raise UnreadableImage."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_tl.runtime.images import UnreadableImage, load_rgb
+
+
+def _rgb(path):
+    img = load_rgb(path)
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tiff", "webp"])
+def test_formats_decode_to_rgb(tmp_path, ext):
+    arr = np.zeros((20, 30, 3), np.uint8)
+    arr[:, :15] = (200, 30, 40)
+    Image.fromarray(arr).save(tmp_path / f"a.{ext}", **({"quality": 95} if ext in ("jpg", "webp") else {}))
+    out = _rgb(tmp_path / f"a.{ext}")
+    assert out.shape == (20, 30, 3)
+    assert abs(int(out[10, 5, 0]) - 200) < 12 and abs(int(out[10, 25, 0])) < 12
+
+
+def test_grayscale_and_16bit(tmp_path):
+    Image.fromarray(np.full((8, 8), 77, np.uint8), "L").save(tmp_path / "g.png")
+    assert (_rgb(tmp_path / "g.png") == 77).all()
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "w16.png")
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "m16.tiff")
+    assert (_rgb(tmp_path / "w16.png") == 255).all()
+    assert (_rgb(tmp_path / "m16.tiff") == 128).all()
+
+
+def test_alpha_and_palette_composite_on_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = _rgb(tmp_path / "a.png")
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[3, 3]) == (255, 255, 255)
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    pal.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    pal.save(tmp_path / "p.png", transparency=1)
+    out = _rgb(tmp_path / "p.png")
+    assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 1]) == (255, 255, 255)
+
+
+def test_exif_rotation_applied(tmp_path):
+    arr = np.zeros((10, 20, 3), np.uint8)  # landscape, left half white
+    arr[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° CW to display
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = _rgb(tmp_path / "r.jpg")
+    assert out.shape == (20, 10, 3)  # displayed upright: portrait
+    assert out[2, 5].mean() > 200 and out[17, 5].mean() < 50  # left half ends up on top
+
+
+def test_cmyk(tmp_path):
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    r, g, b = _rgb(tmp_path / "c.jpg")[3, 3].tolist()
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_broken_files_raise(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[:-30])
+    for name in ("zero.png", "text.jpg", "trunc.jpg", "trunc.png", "missing.png"):
+        with pytest.raises(UnreadableImage, match=name):
+            load_rgb(tmp_path / name)
