@@ -1,0 +1,51 @@
+"""FP32 ONNX export: pixel input with normalization baked in, static graph, parity with PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edge_tl.export.onnx_export import INPUT_NAME, export_onnx
+from edge_tl.finetune.data import _decode, _scan_classes
+from edge_tl.finetune.train import TrainConfig, finetune, load_model, predict_logits
+from edge_tl.runtime.images import load_rgb
+from edge_tl.runtime.spec import PreprocessSpec
+
+
+@pytest.fixture(scope="module")
+def elpv_run(elpv_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    finetune(TrainConfig(data=str(elpv_small), out=str(out), img_size=96, batch_size=8, epochs=1),
+             progress=False, log=lambda s: None)
+    return out
+
+
+def test_onnx_graph_is_static_and_checked(elpv_run, tmp_path):
+    model, ckpt = load_model(elpv_run / "best.pt")
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    path = export_onnx(model, spec, tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Shape", "Gather", "Unsqueeze", "Concat", "Ceil"}, ops  # no shape arithmetic
+    assert "Pad" in ops  # TF SAME padding became static pads
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert graph.input[0].name == INPUT_NAME and dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 96, 96]
+
+
+def test_onnx_runtime_matches_pytorch_on_real_images(elpv_run, elpv_small, tmp_path):
+    """Torch side: timm's eval transform. ONNX side: the runtime's numpy/Pillow preprocessing."""
+    model, ckpt = load_model(elpv_run / "best.pt")
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    path = export_onnx(model, spec, tmp_path / "model.onnx")
+    test = _decode(_scan_classes(elpv_small / "test"), ckpt["classes"], spec, [], "", False)
+    ref = predict_logits(model, test, spec, torch.device("cpu")).numpy()
+    pixels = np.stack([spec.to_pixels(load_rgb(p)) for p in test.paths])
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {INPUT_NAME: x})[0]
+    assert got.shape == ref.shape == (24, 4)
+    assert np.abs(got - ref).max() < 1e-3
+    assert (got.argmax(1) == ref.argmax(1)).all()
