@@ -11,6 +11,8 @@ import typer
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
+from edge_tl.finetune.config import DEFAULTS as D
+from edge_tl.finetune.config import TrainConfig
 
 app = typer.Typer(
     help="edge-tl: fine-tune a pretrained backbone on your images and take it to an edge device.\n\n"
@@ -64,21 +66,23 @@ def data_elpv(
 def finetune(
     data: Path = typer.Option(..., help="ImageFolder: DIR/<class>/* or DIR/train/<class>/* (+ optional DIR/val/)."),
     out: Path = typer.Option(..., help="Run folder for checkpoints, history, metrics and plots."),
-    model: str = typer.Option("tf_efficientnet_lite0", help="timm model name."),
+    model: str = typer.Option(D["model"], help="timm model name."),
     weights: Optional[Path] = typer.Option(None, help="Local pretrained weights (.pth/.safetensors) for --model."),
     scratch: bool = typer.Option(False, help="Random init instead of pretrained weights (same recipe)."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    img_size: int = typer.Option(224, help="Network input size (square)."),
-    batch_size: int = typer.Option(32, help="Batch size."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW, warmup + cosine)."),
-    freeze_stages: int = typer.Option(2, help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
-    low_res_epochs: float = typer.Option(0.0, help="Fraction of epochs trained at 3/4 resolution (faster)."),
-    ema: bool = typer.Option(False, help="Keep an exponential moving average of the weights and select on it."),
-    class_weights: str = typer.Option("sqrt", help="Loss weight per class from its frequency: none, sqrt or inverse."),
-    vflip: float = typer.Option(0.0, help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
-    seed: int = typer.Option(0, help="Training seed (the validation split always uses seed 0)."),
-    workers: int = typer.Option(0, help="Data-loader worker processes (0: in the training process)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    epochs: int = typer.Option(D["epochs"], help="Training epochs."),
+    img_size: int = typer.Option(D["img_size"], help="Network input size (square)."),
+    crop_pct: Optional[float] = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg)."),
+    batch_size: int = typer.Option(D["batch_size"], help="Batch size."),
+    lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
+    freeze_stages: int = typer.Option(D["freeze_stages"], help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
+    low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
+    scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),
+    ema: bool = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it."),
+    class_weights: str = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse."),
+    vflip: float = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
+    seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
+    workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
+    device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
 ) -> None:
@@ -89,12 +93,11 @@ def finetune(
 
     Example: edge-tl finetune --data demo --out runs/elpv --epochs 10
     """
-    from edge_tl.finetune.train import TrainConfig
     from edge_tl.finetune.train import finetune as run
 
     cfg = TrainConfig(data=str(data), out=str(out), model=model, weights=str(weights) if weights else None,
-                      scratch=scratch, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr,
-                      freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, ema=ema,
+                      scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
+                      lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:

@@ -15,7 +15,7 @@ import torch
 from edge_tl.errors import UserError
 from edge_tl.runtime.spec import PreprocessSpec
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
+from .config import DEFAULT_MODEL
 
 
 def lite0_imagenet_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

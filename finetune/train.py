@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -32,49 +31,11 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write, write_json, write_text
 from edge_tl.runtime.spec import PreprocessSpec
 
-from .backbones import DEFAULT_MODEL, create_backbone, preprocess_spec
+from .backbones import create_backbone, preprocess_spec
+from .config import TrainConfig
 from .data import Split, discover
 
 CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a fine-tune; written into each checkpoint so ``--resume`` needs none again."""
-
-    data: str
-    out: str
-    model: str = DEFAULT_MODEL
-    weights: str | None = None
-    scratch: bool = False
-    epochs: int = 10
-    img_size: int | None = 224
-    crop_pct: float | None = None
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    class_weights: str = "sqrt"  # none | sqrt | inverse (of class frequency)
-    ema: bool = False
-    ema_decay: float = 0.995
-    freeze_stages: int = 2  # stem + this many early stages stay at their pretrained values
-    low_res_epochs: float = 0.0  # fraction of epochs trained at 3/4 of img_size
-    scale_min: float = 0.35  # RandomResizedCrop lower scale
-    hflip: float = 0.5
-    vflip: float = 0.0
-    color_jitter: float = 0.2
-    auto_augment: str | None = None
-    val_fraction: float = 0.15
-    split_seed: int = 0
-    seed: int = 0
-    workers: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def resolve_device(name: str) -> torch.device:
