@@ -83,6 +83,7 @@ def finetune(
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
     workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
+    amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
 ) -> None:
@@ -98,7 +99,7 @@ def finetune(
     cfg = TrainConfig(data=str(data), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
-                      class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device)
+                      class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device, amp=amp)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:
         metrics = run(cfg, resume=resume, log=log)
@@ -111,6 +112,172 @@ def finetune(
     else:
         typer.echo(f"best val accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
                    f"({metrics['seconds']:.0f}s); run folder {out}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"{option} {text}: expected a comma list of positive integers, e.g. 1,8,32.")
+    return values
+
+
+def _log_for(json_out: bool):
+    return (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder from `edge-tl finetune` (uses RUN/best.pt)."),
+    out: Path = typer.Option(..., help="Bundle folder to write."),
+    target: str = typer.Option("cpu", help="cpu (ONNX Runtime), gpu (TensorRT / CUDA) or jetson (TensorRT on Orin)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: cpu fp32,int8; "
+                                            "gpu/jetson fp32,fp16,int8)."),
+    calib_images: int = typer.Option(512, help="INT8 calibration images, stratified from the training split."),
+    calib_method: str = typer.Option("minmax", help="INT8 calibration: minmax, entropy or percentile."),
+    batch: Optional[str] = typer.Option(None, help="TensorRT batch profile MIN:OPT:MAX (default cpu/gpu 1:1:32 / "
+                                        "1:8:32, jetson 1:1:8)."),
+    max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points) before layers are kept in float."),
+    data: Optional[Path] = typer.Option(None, help="The run's ImageFolder, if it moved (calibration and validation)."),
+    workspace: int = typer.Option(1024, help="TensorRT builder workspace limit, MB (engines are built only where "
+                                  "TensorRT is installed)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest at the end."),
+) -> None:
+    """Export a fine-tuned run as a bundle: ONNX FP32 (normalization inside), FP16, INT8 (Q/DQ), engines.
+
+    INT8 is calibrated on training images and checked on the validation split; when it
+    loses more than --max-drop points, the layers that hurt most stay in float. TensorRT
+    engines are built when TensorRT is importable here, else the bundle's README says how
+    to build them on the device.
+
+    Example: edge-tl export runs/elpv --out bundles/elpv --target jetson
+    """
+    from edge_tl.export.bundle import export_bundle
+
+    log = _log_for(json_out)
+    bundle = export_bundle(run, out, target, precision, calib_images, calib_method, batch, max_drop, data,
+                           workspace_mb=workspace, force=force, log=log)
+    if json_out:
+        typer.echo(json.dumps(bundle.manifest, indent=2))
+        return
+    for a in bundle.artifacts:
+        acc = "-" if a.get("val_accuracy") is None else f"{a['val_accuracy']:.4f}"
+        typer.echo(f"  {a['name']:<10} {a['file']:<28} val accuracy {acc}"
+                   + (f"  ({len(a['float_nodes'])} layers kept in float)" if a.get("float_nodes") else ""))
+    typer.echo(f"bundle {out} (see {out / 'README.md'})")
+
+
+@app.command()
+def engine(
+    bundle: Path = typer.Argument(..., help="Bundle folder from `edge-tl export`."),
+    precision: str = typer.Option("fp16,int8", help="Comma list of fp32, fp16, int8."),
+    dla_core: Optional[int] = typer.Option(None, help="Build for this DLA core (Jetson Orin), GPU fallback on."),
+    workspace: int = typer.Option(1024, help="Builder workspace limit, MB."),
+) -> None:
+    """Build TensorRT engines on this device from the bundle's ONNX files (TensorRT 10 or 11).
+
+    Engines only run on the GPU model and TensorRT version that built them, so build them
+    where they run. The manifest records each engine with its sha256, TensorRT version,
+    GPU and compute capability.
+
+    Example: edge-tl engine bundles/elpv --precision fp16,int8
+    """
+    from edge_tl.export.bundle import build_engines
+    from edge_tl.export.tensorrt import parse_precisions
+    from edge_tl.runtime.bundle import Bundle
+
+    build_engines(Bundle.load(bundle), parse_precisions(precision), dla_core, workspace)
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    topk: int = typer.Option(3, help="How many classes to show per image."),
+    backend: str = typer.Option("auto", help="auto (TensorRT engine, else ONNX Runtime), tensorrt or onnxruntime."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: fastest accepted)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Classify images with a bundle (torch-free runtime).
+
+    Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
+    """
+    from edge_tl.runtime import Predictor
+
+    with Predictor.from_bundle(bundle, backend, precision, device) as p:
+        typer.echo(f"using {p.describe()}", err=True)
+        for path in images:
+            pred = p.predict(path, topk)
+            if json_out:
+                typer.echo(json.dumps({"image": str(path), **pred.to_dict()}))
+            else:
+                typer.echo(f"{path}: {pred.label} {pred.score:.3f}  (" +
+                           ", ".join(f"{k} {s:.3f}" for k, s in pred.topk) + ")")
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    backend: Optional[str] = typer.Option(None, help="Comma list of tensorrt, onnxruntime (default: all runnable)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: all)."),
+    batch: str = typer.Option("1,8,32", help="Batch sizes, comma list."),
+    warmup: int = typer.Option(10, help="Untimed calls first."),
+    iters: Optional[int] = typer.Option(None, help="Timed calls per case (default: --seconds)."),
+    seconds: float = typer.Option(2.0, help="Seconds per case when --iters is not given."),
+    reference: Optional[str] = typer.Option(None, help="'torch': also time the run's PyTorch model in this process."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto (ONNX Runtime providers)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {machine, results} as JSON."),
+) -> None:
+    """Latency p50/p90/p99/mean/std and throughput per backend x precision x batch, inference and end to end.
+
+    Example: edge-tl bench bundles/elpv --batch 1,32 --reference torch --json
+    """
+    from edge_tl.runtime.bench import bench_bundle
+
+    report = bench_bundle(bundle, _csv(backend), _csv(precision), _ints(batch, "--batch"), warmup, iters,
+                          None if iters else seconds, reference, device, threads, _log_for(json_out))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def check(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    data: Optional[Path] = typer.Option(None, help="Labelled images DIR/<class>/* (default: the golden images)."),
+    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) against the reference."),
+    min_agreement: float = typer.Option(0.95, help="Smallest top-1 agreement with the golden FP32 outputs."),
+    baseline: Optional[Path] = typer.Option(None, help="An earlier release's `check --json` output to compare with."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto (ONNX Runtime providers)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    junit: Optional[Path] = typer.Option(None, help="Also write JUnit XML here (one test case per artifact)."),
+) -> None:
+    """Accuracy-parity gate: every artifact runnable here against golden outputs and a reference.
+
+    Exit 0 when all pass, 1 on a regression, 2 on bad input. In CI: run it on each change
+    of model or data, with --baseline from the last release.
+
+    Example: edge-tl check bundles/elpv --data demo/test --json
+    """
+    from edge_tl.runtime.check import check_bundle, write_junit
+
+    report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, _log_for(json_out))
+    if junit:
+        write_junit(report, junit)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(
+            f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]))
+    raise typer.Exit(0 if report["passed"] else 1)
 
 
 def main() -> None:

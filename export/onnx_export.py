@@ -125,3 +125,18 @@ def export_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: str | Path, 
         onnx.save(graph, str(tmp))
 
     return atomic_write(path, write)
+
+
+def to_fp16(fp32_path: str | Path, path: str | Path) -> Path:
+    """FP16 weights and compute, float32 input/output kept: what strongly typed TensorRT (11)
+    builds an FP16 engine from, and what ONNX Runtime's CUDA provider runs in half precision."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+
+    def write(tmp: Path) -> None:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+
+    return atomic_write(path, write)

@@ -102,16 +102,32 @@ def train_transform(cfg: TrainConfig, spec: PreprocessSpec, size: int):
                             mean=spec.mean, std=spec.std)
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--amp``: auto = bf16 on CUDA where supported else fp16, bf16 on CPUs
+    with native bf16 (AVX512-BF16/AMX), else off."""
+    if amp == "off":
+        return None
+    if amp not in ("auto", "bf16", "fp16"):
+        raise UserError(f"--amp {amp}: use auto, off, bf16 or fp16.")
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            amp, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if amp == "fp16":
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off.")
+    if amp == "bf16" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, device: torch.device,
-                   batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+                   batch_size: int = 64, workers: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Float32 logits of ``model`` for every image of ``split`` with the eval transform."""
     model.eval()
     loader = torch.utils.data.DataLoader(_EvalView(split, eval_transform(spec)), batch_size=batch_size,
@@ -119,7 +135,7 @@ def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, d
     out = []
     for x, _ in loader:
         x = x.to(device, memory_format=torch.channels_last)
-        with _autocast(device):
+        with _autocast(device, dtype):
             out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -225,7 +241,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
     weights = (counts.sum() / (num_classes * counts)) ** power
     loss_weight = torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32, device=device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
@@ -273,7 +290,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 torch.manual_seed(_mix(epoch_seed, step, 7))
                 x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                with _autocast(device):
+                with _autocast(device, dtype):
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,8 @@ as a viewer shows it). Truncated or non-image files raise ``UnreadableImage``.
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +52,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Read ``path`` fully into memory as an RGB PIL image, or raise ``UnreadableImage``."""
-    path = Path(path)
+def load_rgb(path) -> Image.Image:
+    """Read an image fully into memory as RGB PIL, or raise ``UnreadableImage``.
+
+    ``path``: a file path, encoded bytes (e.g. a JPEG from a camera) or a binary file object.
+    """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        path = io.BytesIO(path)
+    name = "<image bytes>" if hasattr(path, "read") else Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise UnreadableImage(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as img:
+        if not hasattr(path, "read") and name.stat().st_size == 0:
+            raise UnreadableImage(f"{name}: empty file (0 bytes)")
+        with Image.open(path if hasattr(path, "read") else name) as img:
             img.load()
             return to_rgb(img)
     except UnreadableImage:
         raise
     except FileNotFoundError as exc:
-        raise UnreadableImage(f"{path}: no such file") from exc
+        raise UnreadableImage(f"{name}: no such file") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableImage(f"{path}: not a readable image ({exc})") from exc
+        raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc

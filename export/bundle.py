@@ -1,0 +1,317 @@
+"""``edge-tl export``: a fine-tuned run -> a bundle (ONNX FP32/FP16/INT8, engines, golden outputs, manifest).
+
+The bundle is written into a temporary folder next to ``out`` and renamed onto it at the
+end, so an interrupted export never leaves a half bundle behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import timm
+import torch
+
+from edge_tl import __version__
+from edge_tl.errors import UserError
+from edge_tl.fileio import UMASK, write_text
+from edge_tl.finetune.data import Split, discover
+from edge_tl.finetune.train import load_model, predict_logits
+from edge_tl.runtime import trt_support as ts
+from edge_tl.runtime.bundle import GOLDEN, SCHEMA_VERSION, Bundle
+
+from . import tensorrt as trt_build
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
+from .quantize import accuracy, onnx_logits, quantize_within_budget
+
+TARGETS = {
+    # target: default precisions, INT8 flavour, default batch profile, why
+    "cpu": ("fp32,int8", "cpu", "1:1:32", "ONNX Runtime on a CPU (x86 with VNNI, or ARM)"),
+    "gpu": ("fp32,fp16,int8", "tensorrt", "1:8:32", "an NVIDIA GPU: TensorRT engines, or ONNX Runtime's CUDA/TensorRT providers"),
+    "jetson": ("fp32,fp16,int8", "tensorrt", "1:1:8", "a Jetson (Orin) with JetPack's TensorRT; engines built on the device"),
+}
+ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+              "int8-cpu": "model.int8-cpu.onnx"}
+
+
+def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
+    """uint8 N×H×W×3 eval-preprocessed pixels of ``split`` (the ONNX graph's input, before the float cast)."""
+    idx = range(len(split)) if idx is None else idx
+    return np.stack([spec.to_pixels(split.image(i)) for i in idx]) if len(idx) else np.zeros((0, *spec.input_size, 3), np.uint8)
+
+
+def stratified_sample(labels: list[int], n: int, seed: int = 0) -> list[int]:
+    """``n`` indices with the classes in their proportions (all when there are fewer)."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    picked = []
+    for y, idx in sorted(by_class.items()):
+        rng.shuffle(idx)
+        picked += idx[:max(1, round(n * len(idx) / len(labels)))]
+    return sorted(picked[:n])
+
+
+def versions() -> dict:
+    trt = None
+    try:
+        import tensorrt
+
+        trt = tensorrt.__version__
+    except ImportError:
+        pass
+    return {"edge_tl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
+
+
+def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisions: str | None = None,
+                  calib_images: int = 512, calib_method: str = "minmax", batch: str | None = None,
+                  max_drop: float = 1.0, data: str | Path | None = None, golden_count: int = 32,
+                  workspace_mb: int = 1024, force: bool = False, progress: bool = True, log=print) -> Bundle:
+    """Export ``run/best.pt`` as a bundle at ``out`` for ``target``; returns the loaded, verified bundle."""
+    if target not in TARGETS:
+        raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
+    default_precisions, flavour, default_batch, _ = TARGETS[target]
+    wanted = trt_build.parse_precisions(precisions or default_precisions)
+    profile = trt_build.BatchProfile.parse(batch or default_batch)
+    if max_drop < 0 or calib_images < 1 or golden_count < 1:
+        raise UserError(f"--max-drop {max_drop} / --calib-images {calib_images}: must be >= 0 / >= 1.")
+    run, out = Path(run), Path(out)
+    if not (run / "best.pt").is_file():
+        raise UserError(f"{run}: no best.pt. Pass a run folder made by `edge-tl finetune --out RUN`.")
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists. Choose another --out, or add --force to replace it.")
+
+    model, ckpt = load_model(run / "best.pt")
+    spec = ckpt_spec(ckpt)
+    cfg = ckpt["config"]
+    data = Path(data or cfg["data"])
+    if not data.exists():
+        raise UserError(f"{data}: the run's data folder is gone; pass --data DIR with the same ImageFolder "
+                        "(its training split calibrates INT8, its validation split measures accuracy).")
+    ds = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress)
+    if ds.classes != ckpt["classes"]:
+        raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")
+    log(f"export {run} -> {out} (target {target}: {', '.join(wanted)}); validation {len(ds.val)} images ({ds.val_source})")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)
+    try:
+        manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
+                                 calib_method, max_drop, golden_count, log)
+        manifest["run"]["path"], manifest["data"] = str(run), str(data)
+        bundle = Bundle(tmp, manifest)
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            bundle.add_file(f.relative_to(tmp).as_posix())
+        bundle.save()
+        if wanted != ["fp32"] and target in ("gpu", "jetson"):
+            reason = ts.missing_reason()
+            if reason is None:
+                build_engines(bundle, wanted, workspace_mb=workspace_mb, log=log)
+            else:
+                log(f"TensorRT engines not built here ({reason.rstrip('.')}). "
+                    f"On the device: edge-tl engine {out}   (see {out / 'README.md'})")
+        write_text(tmp / "README.md", bundle_readme(bundle, out))
+        bundle.add_file("README.md")
+        bundle.save()
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Bundle.load(out)
+
+
+def ckpt_spec(ckpt: dict):
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    return PreprocessSpec.from_dict(ckpt["preprocess"])
+
+
+def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images, calib_method,
+                  max_drop, golden_count, log) -> dict:
+    classes = ckpt["classes"]
+    val_labels = np.asarray(ds.val.labels)
+    val_pixels = pixels_of(ds.val, spec)
+    torch_logits = predict_logits(model, ds.val, spec, torch.device("cpu")).numpy()
+    torch_acc = accuracy(torch_logits, val_labels)
+
+    fp32 = export_onnx(model, spec, tmp / ONNX_FILES["fp32"])
+    fp32_logits = onnx_logits(fp32, val_pixels)
+    fp32_acc = accuracy(fp32_logits, val_labels)
+    parity = {"images": len(val_labels), "max_abs_logit_diff": float(np.abs(fp32_logits - torch_logits).max()),
+              "top1_agreement": float((fp32_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+              "torch_val_accuracy": torch_acc}
+    log(f"fp32 ONNX: val accuracy {fp32_acc:.4f} (PyTorch {torch_acc:.4f}), max |logit diff| "
+        f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}")
+    artifacts = [_artifact("fp32", "fp32", "any", fp32_acc, fp32_acc)]
+
+    if "fp16" in wanted:
+        to_fp16(fp32, tmp / ONNX_FILES["fp16"])
+        acc = accuracy(onnx_logits(tmp / ONNX_FILES["fp16"], val_pixels), val_labels)
+        log(f"fp16 ONNX: val accuracy {acc:.4f} (ONNX Runtime CPU)")
+        artifacts.append(_artifact("fp16", "fp16", "tensorrt", acc, fp32_acc))
+
+    calibration = None
+    if "int8" in wanted:
+        idx = stratified_sample(ds.train.labels, calib_images)
+        calib = pixels_of(ds.train, spec, idx)
+        calibration = {"images": len(idx), "source": "training split (stratified)", "method": calib_method,
+                       "class_counts": np.bincount([ds.train.labels[i] for i in idx], minlength=len(classes)).tolist(),
+                       "preprocessing": "eval (resize + center crop)"}
+        name = "int8" if flavour == "tensorrt" else "int8-cpu"
+        log(f"int8 ({flavour} flavour): calibrating on {len(idx)} training images ({calib_method})")
+        record = quantize_within_budget(fp32, tmp / ONNX_FILES[name], calib, val_pixels, val_labels, fp32_acc,
+                                        flavour, calib_method, max_drop, log)
+        art = _artifact(name, "int8", "tensorrt" if flavour == "tensorrt" else "onnxruntime",
+                        record["val_accuracy"], fp32_acc)
+        art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
+                   tries=record["tries"])
+        if not record["accepted"]:
+            log(f"warning: {name} stays {record['drop_pts']:.2f} pts below fp32 even with every layer in float; "
+                "it is kept but marked not accepted (Predictor skips it unless asked by name).")
+        artifacts.append(art)
+
+    gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
+    np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
+                        labels=val_labels[gidx])
+    write_text(tmp / "labels.txt", "".join(c + "\n" for c in classes))
+    h, w = spec.input_size
+    return {
+        "schema": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": ckpt["model_name"], "pretrained": ckpt.get("pretrained"), "classes": classes, "target": target,
+        "preprocess": spec.to_dict(),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW",
+                  "range": "RGB pixels 0-255 after resize + center crop; mean/std are inside the graph"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32", "meaning": "logits"},
+        "batch": profile.to_dict(),
+        "run": {"best_val_accuracy": ckpt.get("val_accuracy"), "best_epoch": ckpt.get("epoch")},
+        "validation": {"images": len(val_labels), "source": ds.val_source},
+        "parity": parity, "calibration": calibration, "artifacts": artifacts,
+        "golden": {"file": GOLDEN, "count": int(len(gidx)), "reference": "PyTorch FP32 logits of best.pt"},
+        "versions": versions(), "files": {},
+    }
+
+
+def _artifact(name: str, precision: str, backend: str, acc: float, fp32_acc: float) -> dict:
+    return {"name": name, "file": ONNX_FILES[name], "format": "onnx", "precision": precision, "backend": backend,
+            "val_accuracy": acc, "drop_pts": round((fp32_acc - acc) * 100, 3), "float_nodes": [], "accepted": True}
+
+
+def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = None, workspace_mb: int = 1024,
+                  log=print) -> list[dict]:
+    """Build TensorRT engines on this machine from the bundle's ONNX files; record them in the manifest."""
+    trt = ts.import_tensorrt()
+    if (reason := ts.missing_reason()) is not None:
+        raise UserError(reason)
+    mode = trt_build.typing_mode(trt.__version__)
+    info = ts.gpu_info()
+    profile = trt_build.BatchProfile(**bundle.manifest["batch"])
+    h, w = bundle.spec.input_size
+    built = []
+    for precision in precisions:
+        source = trt_build.SOURCE_ARTIFACT[mode][precision]
+        try:
+            src = bundle.artifact(source)
+        except UserError:
+            raise UserError(f"{bundle.path}: a {precision} engine on TensorRT {trt.__version__} needs the '{source}' "
+                            f"ONNX; re-export with --precision including {source}.") from None
+        rel = f"engines/{trt_build.engine_filename(precision, trt.__version__, info['gpu'], info['compute_capability'], dla_core)}"
+        facts = trt_build.build_engine(bundle.file(src), bundle.path / rel, precision, bundle.manifest["input"]["name"],
+                                       (3, h, w), profile, workspace_mb, dla_core,
+                                       bundle.path / "engines" / "timing.cache", log)
+        art = {"name": f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else ""), "file": rel,
+               "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
+               "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True), **facts}
+        art["val_accuracy"] = None  # measured by `edge-tl check` on the device
+        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] != art["name"]] + [art]
+        bundle.add_file(rel)
+        built.append(art)
+        log(f"engine {rel} ({facts['gpu']}, sm {facts['compute_capability']}, TensorRT {facts['tensorrt']})")
+    bundle.manifest["versions"]["tensorrt"] = trt.__version__
+    bundle.save()
+    return built
+
+
+def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
+    """(what, command) steps to finish a bundle on its device, TensorRT engine included."""
+    b = str(where)
+    precisions = [a["precision"] for a in bundle.artifacts
+                  if a["format"] == "onnx" and a["precision"] != "fp32" and a["backend"] == "tensorrt"] or ["fp16"]
+    prec = ",".join(dict.fromkeys(precisions))
+    h, w = bundle.spec.input_size
+    profile = trt_build.BatchProfile(**bundle.manifest["batch"])
+    steps = [("copy the bundle to the device", f"rsync -a {b}/ DEVICE:~/{Path(b).name}/")]
+    if bundle.manifest["target"] == "cpu":
+        steps.append(("install the runtime", "pip install edge-tl onnxruntime"))
+        names = set()
+    else:
+        steps += [
+            ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages)",
+             "pip install edge-tl cuda-python onnxruntime"),
+            ("build the engines on the device (engines are tied to GPU and TensorRT version)",
+             f"edge-tl engine {Path(b).name} --precision {prec}"),
+        ]
+        names = {a["name"] for a in bundle.artifacts}
+    for p in dict.fromkeys(precisions):
+        for mode, tag in (("weak", "TensorRT 10"), ("strong", "TensorRT 11")):
+            source = trt_build.SOURCE_ARTIFACT[mode][p]
+            if source not in names:
+                continue
+            cmd = trt_build.trtexec_command(f"{Path(b).name}/{ONNX_FILES[source]}", f"{Path(b).name}/model.{p}.engine",
+                                            p, bundle.manifest["input"]["name"], (3, h, w), profile, mode)
+            steps.append((f"or with trtexec, {p}, {tag}", trt_build.format_command(cmd)))
+    steps += [("check accuracy against the golden outputs and the manifest", f"edge-tl check {Path(b).name}"),
+              ("measure latency", f"edge-tl bench {Path(b).name} --batch 1,8")]
+    return steps
+
+
+def _fmt(value: float | None) -> str:
+    return "on device: edge-tl check" if value is None else f"{value:.4f}"
+
+
+def bundle_readme(bundle: Bundle, where: str | Path) -> str:
+    m = bundle.manifest
+    rows = "\n".join(f"| {a['name']} | `{a['file']}` | {a['precision']} | {a['backend']} | "
+                     f"{_fmt(a.get('val_accuracy'))} | {len(a.get('float_nodes', []))} |" for a in m["artifacts"])
+    steps = "\n".join(f"# {what}\n{cmd}\n" for what, cmd in device_commands(bundle, where))
+    p = m["preprocess"]
+    return f"""# edge-tl bundle: {m['model']} ({len(m['classes'])} classes), target {m['target']}
+
+`manifest.json` is the contract: classes, preprocessing, input/output, artifacts with sha256,
+accuracy on the validation split, calibration and versions. `edge-tl` refuses to run a file
+whose sha256 differs from it.
+
+Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size'][1]} RGB pixels 0–255, after resizing the
+shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mean/std are inside the graph.
+Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
+
+| artifact | file | precision | made for | val accuracy | layers kept in float |
+|---|---|---|---|---|---|
+{rows}
+
+## Use it
+
+```python
+from edge_tl.runtime import Predictor
+with Predictor.from_bundle("{Path(where).name}") as p:
+    print(p.predict("image.jpg"))
+```
+
+## On the device
+
+```sh
+{steps}```
+"""

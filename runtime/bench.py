@@ -1,0 +1,162 @@
+"""``edge-tl bench``: latency and throughput per backend × precision × batch, inference and end to end.
+
+Inference alone times ``runner.infer`` on preprocessed pixels; end to end adds JPEG decode
+and the manifest's resize/crop, timed apart. TensorRT runs also report the CUDA-event times
+of the host→device copy, compute and device→host copy. ``--reference torch`` times the
+run's PyTorch model (eager, channels_last) in the same process; only then is torch imported.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge_tl.errors import UserError
+
+from .bundle import Bundle
+from .images import load_rgb
+from .predictor import make_runner, runnable, tensorrt_available
+
+
+def machine() -> dict:
+    """CPU model and threads, GPU, library versions: numbers mean nothing without them."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_threads": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        pass
+    if tensorrt_available():
+        from . import trt_support
+
+        info["tensorrt"] = trt_support.import_tensorrt().__version__
+        info.update(trt_support.gpu_info())
+    return info
+
+
+def stats(times_ms: list[float], batch: int) -> dict:
+    t = np.asarray(times_ms)
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    mean = float(t.mean())
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": mean,
+            "std_ms": float(t.std()), "throughput": batch * 1000.0 / mean, "iters": len(t)}
+
+
+def time_calls(fn, warmup: int, iters: int | None, seconds: float | None) -> list[float]:
+    """Milliseconds of ``fn()`` per call after ``warmup`` calls; ``iters`` calls or ``seconds`` of them."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+        if iters is not None and len(times) >= iters:
+            return times
+        if iters is None and time.perf_counter() - start >= (seconds or 1.0) and len(times) >= 5:
+            return times
+
+
+def _jpegs(pixels: np.ndarray, n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(pixels[i % len(pixels)]).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions: list[str] | None = None,
+                 batches: tuple[int, ...] = (1, 8, 32), warmup: int = 10, iters: int | None = None,
+                 seconds: float | None = 2.0, reference: str | None = None, device: str | None = "cpu",
+                 threads: int = 0, log=print) -> dict:
+    """Time every runnable artifact (filtered by backend and precision) at each batch size."""
+    bundle = Bundle.load(path)
+    golden, _ = bundle.golden()
+    spec = bundle.spec
+    results = []
+    for art in bundle.artifacts:
+        backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
+        if (backends and backend not in backends) or (precisions and art["precision"] not in precisions):
+            continue
+        if not runnable(art, backend):
+            log(f"{art['name']}: skipped (not runnable on this machine)")
+            continue
+        with make_runner(bundle, art, backend, device, threads) as runner:
+            for b in batches:
+                x = np.ascontiguousarray(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2),
+                                         dtype=np.float32)
+                row = {"artifact": art["name"], "backend": backend, "precision": art["precision"], "batch": b,
+                       "runner": runner.describe()}
+                transfers = []
+
+                def infer():
+                    runner.infer(x)
+                    if getattr(runner, "last_timings", None):
+                        transfers.append(runner.last_timings)
+
+                row.update(stats(time_calls(infer, warmup, iters, seconds), b))
+                if transfers:
+                    for k in ("h2d_ms", "compute_ms", "d2h_ms"):
+                        row[f"{k[:-3]}_p50_ms"] = float(np.median([t[k] for t in transfers]))
+                files = _jpegs(golden, b)
+
+                def end_to_end():
+                    pix = np.stack([spec.to_pixels(load_rgb(f)) for f in files])
+                    runner.infer(np.ascontiguousarray(pix.transpose(0, 3, 1, 2), dtype=np.float32))
+
+                e2e = stats(time_calls(end_to_end, max(1, warmup // 2), iters, seconds), b)
+                row["e2e_p50_ms"], row["e2e_mean_ms"] = e2e["p50_ms"], e2e["mean_ms"]
+                row["preprocess_p50_ms"] = max(0.0, e2e["p50_ms"] - row["p50_ms"])
+                results.append(row)
+                log(f"{art['name']:>10} {backend:>11} batch {b:>3}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
+                    f"  {row['throughput']:8.1f} img/s  end-to-end p50 {row['e2e_p50_ms']:8.2f} ms")
+    if reference == "torch":
+        results += _torch_reference(bundle, golden, batches, warmup, iters, seconds, log)
+    elif reference is not None:
+        raise UserError(f"--reference {reference}: only 'torch' is supported.")
+    if not results:
+        raise UserError(f"{bundle.path}: nothing to time for backend={backends} precision={precisions} on this machine.")
+    return {"machine": machine(), "bundle": str(bundle.path), "results": results}
+
+
+def _torch_reference(bundle: Bundle, golden: np.ndarray, batches, warmup, iters, seconds, log) -> list[dict]:
+    """The fine-tuned PyTorch model (eager, channels_last, float32) on the same inputs."""
+    run = Path(bundle.manifest.get("run", {}).get("path", ""))
+    if not (run / "best.pt").is_file():
+        raise UserError(f"--reference torch needs the run's best.pt ({run / 'best.pt'} not found).")
+    import torch
+
+    from edge_tl.export.onnx_export import PixelInput
+    from edge_tl.finetune.train import load_model
+
+    model, _ = load_model(run / "best.pt")
+    model = PixelInput(model, bundle.spec).eval().to(memory_format=torch.channels_last)
+    rows = []
+    for b in batches:
+        x = torch.from_numpy(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2).astype(np.float32))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            row = {"artifact": "torch", "backend": "torch", "precision": "fp32", "batch": b,
+                   "runner": f"torch {torch.__version__} eager channels_last ({torch.get_num_threads()} threads)",
+                   **stats(time_calls(lambda: model(x), warmup, iters, seconds), b)}
+        rows.append(row)
+        log(f"{'torch':>10} {'eager':>11} batch {b:>3}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
+            f"  {row['throughput']:8.1f} img/s")
+    return rows

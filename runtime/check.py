@@ -1,0 +1,145 @@
+"""``edge-tl check``: does every artifact this machine can run still answer like the fine-tuned model?
+
+Per artifact: agreement and max logit difference against ``golden.npz`` (FP32 PyTorch
+outputs saved at export, so the comparison works on another machine), and top-1 accuracy
+on labelled images (``--data DIR``, else the golden images' labels) compared with a
+reference: an earlier release's ``--baseline`` JSON when given, else the FP32 ONNX model
+on the same images (whose own parity with PyTorch is the golden check). Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+
+from edge_tl.errors import UserError
+from edge_tl.fileio import write_text
+
+from .bundle import Bundle
+from .images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from .predictor import make_runner, runnable, tensorrt_available
+
+
+def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 pixels, labels and skipped files of an ImageFolder (``DIR/<class>/*``) whose classes are the bundle's."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; --data takes an ImageFolder with one sub-folder per class.")
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = [d.name for d in folders if d.name not in classes]
+    if not folders or unknown:
+        raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "
+                        "--data needs DIR/<class>/* with the bundle's class names.")
+    pixels, labels, skipped = [], [], []
+    for d in folders:
+        for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                pixels.append(spec.to_pixels(load_rgb(f)))
+            except UnreadableImage as exc:
+                skipped.append(str(exc))
+                continue
+            labels.append(classes.index(d.name))
+    if not pixels:
+        raise UserError(f"{root}: no readable images in its class folders.")
+    return np.stack(pixels), np.asarray(labels), skipped
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def _infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    outs = [runner.infer(np.ascontiguousarray(pixels[i:i + batch].transpose(0, 3, 1, 2), dtype=np.float32))
+            for i in range(0, len(pixels), batch)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
+                 baseline: str | Path | None = None, device: str | None = "cpu", log=print) -> dict:
+    """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``."""
+    bundle = Bundle.load(path)
+    golden_pixels, golden_logits = bundle.golden()
+    with np.load(bundle.path / "golden.npz") as z:
+        golden_labels = z["labels"] if "labels" in z.files else golden_logits.argmax(1)
+    base = _load_baseline(baseline) if baseline else None
+    if data is not None:
+        pixels, labels, skipped = labelled_images(data, bundle.classes, bundle.spec)
+        source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
+    else:
+        pixels, labels, source = golden_pixels, golden_labels, f"golden.npz ({len(golden_labels)} labelled images)"
+    log(f"check {bundle.path} on {source}")
+
+    results, accuracies = {}, {}
+    order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
+    for art in order:
+        backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
+        if not runnable(art, backend):
+            why = ("needs TensorRT and the GPU/TensorRT version it was built for" if backend == "tensorrt"
+                   else "not runnable here")
+            log(f"  {art['name']}: skipped ({why})")
+            continue
+        t0 = time.perf_counter()
+        with make_runner(bundle, art, backend, device) as runner:
+            g = _infer_all(runner, golden_pixels)
+            logits = g if data is None else _infer_all(runner, pixels)
+        acc = _accuracy(logits, labels)
+        accuracies[art["name"]] = acc
+        if base is not None:
+            ref, ref_source = base.get(art["name"]), f"baseline {baseline}"
+        elif data is None:
+            ref, ref_source = _accuracy(golden_logits, labels), "PyTorch FP32 on golden images"
+        else:
+            ref, ref_source = accuracies.get("fp32"), "fp32 ONNX on the same images"
+        drop = None if ref is None else round((ref - acc) * 100, 3)
+        agreement = float((g.argmax(1) == golden_logits.argmax(1)).mean())
+        reasons = []
+        if agreement < min_agreement:
+            reasons.append(f"golden top-1 agreement {agreement:.3f} < {min_agreement}")
+        if drop is not None and drop > max_drop:
+            reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {max_drop})")
+        results[art["name"]] = {
+            "precision": art["precision"], "backend": backend, "file": art["file"], "accuracy": acc,
+            "reference_accuracy": ref, "reference": ref_source if ref is not None else "none (not in baseline)",
+            "drop": drop, "manifest_val_accuracy": art.get("val_accuracy"), "agreement": agreement,
+            "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,
+            "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
+        r = results[art["name"]]
+        log(f"  {art['name']}: {'PASS' if r['passed'] else 'FAIL'} accuracy {acc:.4f}"
+            f"{'' if drop is None else f' (drop {drop:+.2f} pts)'}, golden agreement {agreement:.3f}, "
+            f"max |diff| {r['max_abs_diff']:.3g}" + ("" if r["passed"] else f": {r['reason']}"))
+    if not results:
+        raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
+    skipped = [a["name"] for a in bundle.artifacts if a["name"] not in results]
+    return {"passed": all(r["passed"] for r in results.values()), "bundle": str(bundle.path), "data": source,
+            "max_drop": max_drop, "min_agreement": min_agreement, "tensorrt_available": tensorrt_available(),
+            "skipped": skipped, "artifacts": results}
+
+
+def _load_baseline(path: str | Path) -> dict[str, float]:
+    """Accuracy per artifact from an earlier ``edge-tl check --json`` output."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {k: float(v["accuracy"]) for k, v in data["artifacts"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a baseline ({exc}); save one with `edge-tl check BUNDLE --json > baseline.json`.") from None
+
+
+def write_junit(report: dict, path: str | Path) -> Path:
+    """JUnit XML: one test case per artifact, so CI systems show which one regressed."""
+    cases = []
+    for name, r in report["artifacts"].items():
+        body = "" if r["passed"] else f"<failure message={quoteattr(r['reason'])}>{escape(json.dumps(r))}</failure>"
+        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)} time="{r["seconds"]}">{body}</testcase>')
+    for name in report["skipped"]:
+        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message="not runnable on '
+                     f'this machine"/></testcase>')
+    failures = sum(not r["passed"] for r in report["artifacts"].values())
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="{len(cases)}" '
+           f'failures="{failures}" skipped="{len(report["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+    return write_text(path, xml)

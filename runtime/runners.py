@@ -1,0 +1,199 @@
+"""Backends as small runners with one interface: ``activate()``, ``infer(x)``, ``deactivate()``.
+
+``infer`` takes float32 RGB pixels 0–255, N×3×H×W (normalization is inside the graph) and
+returns float32 logits N×classes. Optional dependencies are imported when a runner is
+activated, never at import time, so a device app needs only the backend it uses.
+Runners are thread-safe: ONNX Runtime sessions are; the TensorRT runner serializes calls
+on its one execution context with a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge_tl.errors import UserError
+
+
+class Runner:
+    """Base class; subclasses set ``name`` and implement the three methods."""
+
+    name = "runner"
+
+    def activate(self) -> "Runner":
+        raise NotImplementedError
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu.") from None
+    return onnxruntime
+
+
+def ort_providers(device: str | None) -> list[str]:
+    """Execution providers for ``device``: None/"auto" = TensorRT, then CUDA, then CPU, as installed."""
+    available = import_onnxruntime().get_available_providers()
+    wanted = {
+        None: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "cpu": ["CPUExecutionProvider"],
+    }.get(device)
+    if wanted is None:
+        raise UserError(f"--device {device}: use auto, cpu or cuda.")
+    chosen = [p for p in wanted if p in available]
+    if device in ("cuda", "gpu") and "CUDAExecutionProvider" not in chosen:
+        raise UserError(f"--device {device}: ONNX Runtime here has no CUDA provider (has {', '.join(available)}). "
+                        "pip install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --device cpu.")
+    return chosen
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime session (CPU, CUDA or TensorRT execution provider), all graph optimizations on."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str | None = None, threads: int = 0):
+        self.path, self.device, self.threads = Path(path), device, threads
+        self.session = None
+
+    def activate(self) -> "OnnxRuntimeRunner":
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}).") from None
+        self.input_name = self.session.get_inputs()[0].name
+        return self
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def describe(self) -> str:
+        providers = self.session.get_providers() if self.session else ort_providers(self.device)
+        return f"onnxruntime {import_onnxruntime().__version__} ({providers[0]})"
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine (TensorRT 10 or 11) with reused device buffers, pinned host memory and stream.
+
+    Uses the named-tensor API (``set_input_shape``, ``set_tensor_address``,
+    ``execute_async_v3``) common to TensorRT 10 and 11, and cuda-python for memory.
+    ``last_timings`` holds the CUDA-event times (ms) of the last call: host→device copy,
+    compute, device→host copy.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, device: int = 0):
+        self.path, self.device = Path(path), device
+        self._lock = threading.Lock()
+        self.last_timings: dict[str, float] = {}
+        self._allocs: list = []
+
+    def activate(self) -> "TensorRTRunner":
+        from edge_tl.runtime import trt_support as ts
+
+        trt, cudart = ts.import_tensorrt(), ts.import_cudart()
+        ts.check(cudart.cudaSetDevice(self.device))
+        self._trt, self._cudart = trt, cudart
+        self._logger = ts.capturing_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            cause = self._logger.messages[-1] if self._logger.messages else "no message"
+            raise UserError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine on {ts.gpu_name(self.device)} "
+                            f"({cause}); engines only run on the GPU model and TensorRT version that built them. Rebuild here: "
+                            f"edge-tl engine {self.path.parent.parent if self.path.parent.name == 'engines' else self.path.parent}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        in_shape = tuple(self.engine.get_tensor_shape(self.input_name))[1:]
+        out_shape = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
+        self._stream = ts.check(cudart.cudaStreamCreate())
+        self._events = [ts.check(cudart.cudaEventCreate()) for _ in range(4)]
+        self._host_in, self._dev_in = self._buffers((self.max_batch, *in_shape), self.input_name)
+        self._host_out, self._dev_out = self._buffers((self.max_batch, *out_shape), self.output_name)
+        self.context.set_tensor_address(self.input_name, self._dev_in)
+        self.context.set_tensor_address(self.output_name, self._dev_out)
+        return self
+
+    def _buffers(self, shape: tuple[int, ...], name: str) -> tuple[np.ndarray, int]:
+        from edge_tl.runtime import trt_support as ts
+
+        dtype = np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+        host, host_ptr = ts.pinned_array(self._cudart, shape, dtype)
+        dev = ts.check(self._cudart.cudaMalloc(host.nbytes))
+        self._allocs += [("host", host_ptr), ("dev", dev)]
+        return host, dev
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        from edge_tl.runtime import trt_support as ts
+
+        n = x.shape[0]
+        if n > self.max_batch:
+            return np.concatenate([self.infer(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+        cudart, stream, ev = self._cudart, self._stream, self._events
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        with self._lock:
+            host_in, host_out = self._host_in[:n], self._host_out[:n]
+            np.copyto(host_in, x, casting="same_kind")
+            self.context.set_input_shape(self.input_name, host_in.shape)
+            ts.check(cudart.cudaEventRecord(ev[0], stream))
+            ts.check(cudart.cudaMemcpyAsync(self._dev_in, host_in.ctypes.data, host_in.nbytes, h2d, stream))
+            ts.check(cudart.cudaEventRecord(ev[1], stream))
+            if not self.context.execute_async_v3(ts.handle(stream)):
+                raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log above).")
+            ts.check(cudart.cudaEventRecord(ev[2], stream))
+            ts.check(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._dev_out, host_out.nbytes, d2h, stream))
+            ts.check(cudart.cudaEventRecord(ev[3], stream))
+            ts.check(cudart.cudaStreamSynchronize(stream))
+            self.last_timings = {k: ts.check(cudart.cudaEventElapsedTime(ev[i], ev[i + 1]))
+                                 for i, k in enumerate(("h2d_ms", "compute_ms", "d2h_ms"))}
+            return host_out.astype(np.float32, copy=True)
+
+    def deactivate(self) -> None:
+        if not self._allocs:
+            return
+        cudart = self._cudart
+        for kind, ptr in self._allocs:
+            (cudart.cudaFreeHost if kind == "host" else cudart.cudaFree)(ptr)
+        for e in self._events:
+            cudart.cudaEventDestroy(e)
+        cudart.cudaStreamDestroy(self._stream)
+        self._allocs, self.context, self.engine = [], None, None
+
+    def describe(self) -> str:
+        from edge_tl.runtime import trt_support as ts
+
+        return f"tensorrt {self._trt.__version__} on {ts.gpu_name(self.device)}"

@@ -1,0 +1,124 @@
+"""Lazy TensorRT / cuda-python imports and GPU facts, shared by the engine builder and the runner.
+
+Nothing here is imported until TensorRT is actually wanted. Verified only where TensorRT
+and an NVIDIA GPU exist; on other machines :func:`missing_reason` says what would run it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+
+import numpy as np
+
+from edge_tl.errors import UserError
+
+INSTALL_HINT = ("pip install 'edge-tl[tensorrt]' (tensorrt + cuda-python) on a machine with an NVIDIA GPU, "
+                "or on Jetson use JetPack's system TensorRT (python3 -c 'import tensorrt') and pip install cuda-python")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise UserError(f"TensorRT is not installed here: {INSTALL_HINT}.") from None
+    return tensorrt
+
+
+def import_cudart():
+    """cuda-python's runtime bindings: ``cuda.bindings.runtime`` (cuda-python ≥ 12.6), else legacy ``cuda.cudart``."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise UserError(f"cuda-python is not installed here: {INSTALL_HINT}.") from None
+    return cudart
+
+
+def check(result):
+    """Unwrap cuda-python's ``(err, value...)`` tuples; raise on a CUDA error."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if getattr(err, "value", err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def handle(obj) -> int:
+    """Integer handle of a cuda-python stream/event (``get_cuda_native_handle`` on cuda-bindings ≥ 12.9.1)."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def capturing_logger(trt):
+    """A TensorRT logger that prints warnings and errors and keeps them, so a failed
+    deserialize/build (which returns None, no exception) can name its cause."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING:
+                self.messages.append(str(msg))
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return Logger()
+
+
+def missing_reason() -> str | None:
+    """None when TensorRT, cuda-python and a CUDA GPU are all present; else what is missing and how to get it."""
+    try:
+        import_tensorrt()
+        cudart = import_cudart()
+    except UserError as exc:
+        return str(exc)
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        return "TensorRT is installed but no CUDA GPU is visible; run on a machine with an NVIDIA GPU (or a Jetson)."
+    return None
+
+
+def available() -> bool:
+    return missing_reason() is None
+
+
+def gpu_info(device: int = 0) -> dict:
+    """Name and compute capability of CUDA device ``device``."""
+    prop = check(import_cudart().cudaGetDeviceProperties(device))
+    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{prop.major}.{prop.minor}"}
+
+
+def gpu_name(device: int = 0) -> str:
+    try:
+        return gpu_info(device)["gpu"]
+    except Exception:  # noqa: BLE001 - only for messages
+        return "this GPU"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def engine_matches_here(artifact: dict) -> bool:
+    """An engine runs only on the GPU model (compute capability) and TensorRT version that built it."""
+    trt = import_tensorrt()
+    info = gpu_info()
+    return (artifact.get("tensorrt") == trt.__version__
+            and artifact.get("compute_capability") == info["compute_capability"]
+            and slug(artifact.get("gpu", "")) == slug(info["gpu"]))
+
+
+def pinned_array(cudart, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """A numpy array over page-locked host memory (fast, async copies) and its pointer."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    ptr = check(cudart.cudaMallocHost(nbytes))
+    raw = ctypes.cast(ctypes.c_void_p(int(ptr)), ctypes.POINTER(ctypes.c_ubyte))
+    return np.ctypeslib.as_array(raw, (nbytes,)).view(dtype).reshape(shape), ptr
