@@ -134,9 +134,26 @@ def to_fp16(fp32_path: str | Path, path: str | Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    topological_sort(model.graph)
 
     def write(tmp: Path) -> None:
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
 
     return atomic_write(path, write)
+
+
+def topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after its inputs' producers (in place)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle or an undefined input")
+        for n in ready:
+            known.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -141,25 +141,32 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray) -> list[tu
     for n in nodes:
         ins = [_float_source(n, i, int8_path) for i in n.input]
         ins = [i for i in ins if i in fp32_names]
-        if n.output[0] in fp32_names and ins:
-            pairs.append((n.name, ins, n.output[0]))
+        out = n.output[0].removesuffix("_QuantizeLinear_Input")  # a quantized graph output is renamed so
+        if out in fp32_names and ins:
+            pairs.append((n.name, ins, out))
     names = sorted({t for _, ins, out in pairs for t in (*ins, out)})
+    int8_names = {o for n in onnx.load(str(int8_path)).graph.node for o in n.output}
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     runs = {}
     for key, path in (("fp32", prepared), ("int8", int8_path)):
-        sess = ort.InferenceSession(_all_outputs(path, names), opts, providers=["CPUExecutionProvider"])
+        # in the int8 graph a quantized graph output's float value is "<name>_QuantizeLinear_Input"
+        fetch = [f"{t}_QuantizeLinear_Input" if key == "int8" and f"{t}_QuantizeLinear_Input" in int8_names else t
+                 for t in names]
+        sess = ort.InferenceSession(_all_outputs(path, fetch), opts, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0].name
-        outs = [sess.run(names, {inp: x}) for x in batches(pixels, 8)]
+        outs = [sess.run(fetch, {inp: x}) for x in batches(pixels, 8)]
         runs[key] = {n: np.concatenate([o[k] for o in outs]).astype(np.float64) for k, n in enumerate(names)}
 
     def rel_err(t: str) -> float:
         f, q = runs["fp32"][t], runs["int8"][t]
         return float(((q - f) ** 2).sum() / max((f ** 2).sum(), 1e-12))
 
-    scores = [(name, rel_err(out) - max(rel_err(i) for i in ins)) for name, ins, out in pairs]
-    return sorted(scores, key=lambda s: -s[1])
+    scores = sorted(((name, rel_err(out) - max(rel_err(i) for i in ins)) for name, ins, out in pairs),
+                    key=lambda s: -s[1])
+    ranked = {name for name, _ in scores}
+    return scores + [(n.name, float("nan")) for n in nodes if n.name not in ranked]  # unmatched ones last
 
 
 _DQ_CACHE: dict[Path, dict[str, str]] = {}

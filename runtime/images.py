@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from edge_tl.errors import UserError
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(UserError, ValueError):
     """The file is not a decodable image (zero bytes, truncated, corrupt or another format)."""
 
 

@@ -45,3 +45,39 @@ def elpv_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("elpv") / "elpv"
     write_elpv(out, "4class", limit_per_class=6, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def elpv_run(elpv_small, tmp_path_factory) -> Path:
+    """A 1-epoch fine-tune on the ELPV subset at 96 px (real weights, real images)."""
+    from edge_tl.finetune.train import TrainConfig, finetune
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    finetune(TrainConfig(data=str(elpv_small), out=str(out), img_size=96, batch_size=8, epochs=1),
+             progress=False, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpu_bundle(elpv_run, tmp_path_factory) -> Path:
+    """Bundle for --target cpu with fp32, fp16 and the CPU INT8 flavour."""
+    from edge_tl.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "cpu"
+    export_bundle(elpv_run, out, "cpu", "fp32,fp16,int8", progress=False, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pattern_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(bundle, labelled test folder) of a model that separates stripes from checkers confidently."""
+    from edge_tl.export.bundle import export_bundle
+    from edge_tl.finetune.train import TrainConfig, finetune
+
+    root = tmp_path_factory.mktemp("patterns")
+    data = make_image_folder(root / "train", per_class=16, seed=0)
+    test = make_image_folder(root / "test", per_class=8, seed=1)
+    finetune(TrainConfig(data=str(data), out=str(root / "run"), img_size=64, batch_size=8, epochs=3),
+             progress=False, log=lambda s: None)
+    export_bundle(root / "run", root / "bundle", "cpu", "fp32,int8", progress=False, log=lambda s: None)
+    return root / "bundle", test

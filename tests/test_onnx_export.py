@@ -5,22 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
 from edge_tl.export.onnx_export import INPUT_NAME, export_onnx
 from edge_tl.finetune.data import _decode, _scan_classes
-from edge_tl.finetune.train import TrainConfig, finetune, load_model, predict_logits
+from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime.images import load_rgb
 from edge_tl.runtime.spec import PreprocessSpec
-
-
-@pytest.fixture(scope="module")
-def elpv_run(elpv_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    finetune(TrainConfig(data=str(elpv_small), out=str(out), img_size=96, batch_size=8, epochs=1),
-             progress=False, log=lambda s: None)
-    return out
 
 
 def test_onnx_graph_is_static_and_checked(elpv_run, tmp_path):

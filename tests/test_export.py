@@ -1,0 +1,136 @@
+"""Bundle export: manifest, parity record, INT8 flavours, float fallback, tamper refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edge_tl.errors import UserError
+from edge_tl.export.bundle import export_bundle, pixels_of
+from edge_tl.export.quantize import layer_damage, prepare, quantize_within_budget, quantized_nodes
+from edge_tl.finetune.data import discover
+from edge_tl.finetune.train import load_model
+from edge_tl.fileio import sha256_file
+from edge_tl.runtime.bundle import Bundle, BundleError
+from edge_tl.runtime.spec import PreprocessSpec
+
+
+def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
+    bundle = Bundle.load(cpu_bundle)
+    m = json.loads((cpu_bundle / "manifest.json").read_text())
+    assert bundle.manifest == m and m["schema"] == 1
+    _, ckpt = load_model(elpv_run / "best.pt")
+    assert bundle.spec == PreprocessSpec.from_dict(ckpt["preprocess"]) and bundle.classes == ckpt["classes"]
+    assert (cpu_bundle / "labels.txt").read_text().split() == ckpt["classes"]
+    assert m["input"]["shape"] == ["batch", 3, 96, 96] and m["input"]["dtype"] == "float32"
+    assert {a["name"] for a in m["artifacts"]} == {"fp32", "fp16", "int8-cpu"}
+    for rel, digest in m["files"].items():
+        assert sha256_file(cpu_bundle / rel) == digest
+    assert set(m["files"]) >= {"model.fp32.onnx", "model.fp16.onnx", "model.int8-cpu.onnx", "golden.npz",
+                               "labels.txt", "README.md"}
+    assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["top1_agreement"] == 1.0
+    assert m["calibration"]["source"].startswith("training split")
+    assert all(v for k, v in m["versions"].items() if k != "tensorrt")
+    for a in m["artifacts"]:
+        assert 0.0 <= a["val_accuracy"] <= 1.0 and a["accepted"]
+    pixels, logits = bundle.golden()
+    assert pixels.dtype == np.uint8 and pixels.shape[1:] == (96, 96, 3) and logits.shape == (len(pixels), 4)
+
+
+def test_cpu_int8_flavour_is_uint8_activations_per_channel(cpu_bundle):
+    model = onnx.load(str(cpu_bundle / "model.int8-cpu.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q and all(inits[n.input[2]].dtype == np.uint8 for n in q)  # activations: u8
+    dq_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                  and inits[n.input[0]].dtype == np.int8]
+    assert any(inits[n.input[1]].size > 1 for n in dq_weights)  # per-channel weight scales
+
+
+def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
+    out = tmp_path / "gpu"
+    logs = []
+    export_bundle(elpv_run, out, "jetson", "fp32,int8", progress=False, log=logs.append)
+    model = onnx.load(str(out / "model.int8.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+           and len(n.input) > 2]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)  # TensorRT: int8, zero point 0
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                and inits[n.input[0]].dtype == np.int32]  # biases stay float
+    readme = (out / "README.md").read_text()
+    assert f"edge-tl engine {out.name} --precision int8" in readme
+    assert "trtexec --onnx=" in readme and "--stronglyTyped" in readme and "--int8" in readme
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        assert any("TensorRT engines not built here" in line for line in logs)
+
+
+def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp_path):
+    """Calibrating on one black image ruins INT8; max_drop=0 forces layers back to float."""
+    _, ckpt = load_model(elpv_run / "best.pt")
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    data = discover(elpv_small, spec, progress=False)
+    pixels = pixels_of(data.train, spec)
+    labels = np.asarray(data.train.labels)
+    from edge_tl.export.onnx_export import export_onnx
+    from edge_tl.export.quantize import accuracy, onnx_logits
+
+    fp32 = export_onnx(load_model(elpv_run / "best.pt")[0], spec, tmp_path / "fp32.onnx")
+    fp32_acc = accuracy(onnx_logits(fp32, pixels), labels)
+    black = np.zeros((1, *spec.input_size, 3), np.uint8)
+    rec = quantize_within_budget(fp32, tmp_path / "int8.onnx", black, pixels, labels, fp32_acc, "cpu", "minmax",
+                                 0.0, log=lambda s: None)
+    assert rec["tries"][0]["drop_pts"] > 0, "black-image calibration should cost accuracy"
+    assert rec["float_nodes"] and rec["drop_pts"] <= 0.0 and rec["accepted"]
+    assert [t["float_nodes"] for t in rec["tries"]] == sorted(t["float_nodes"] for t in rec["tries"])
+    int8 = onnx.load(str(tmp_path / "int8.onnx"))
+    assert not {n.name for n in quantized_nodes(int8)} & set(rec["float_nodes"])
+
+    prepared = prepare(fp32, tmp_path / "prep.onnx")
+    ranking = layer_damage(prepared, tmp_path / "int8.onnx", pixels[:4])
+    assert all(name not in rec["float_nodes"] for name, _ in ranking)
+
+
+def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(cpu_bundle, copy)
+    with open(copy / "model.int8-cpu.onnx", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(cpu_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema"] = 99
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="newer"):
+        Bundle.load(copy)
+    (copy / "golden.npz").unlink()
+    m["schema"] = 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="missing"):
+        Bundle.load(copy)
+
+
+def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
+    with pytest.raises(UserError, match="no best.pt"):
+        export_bundle(tmp_path, tmp_path / "x", progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="already exists"):
+        export_bundle(elpv_run, cpu_bundle, progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="--target"):
+        export_bundle(elpv_run, tmp_path / "x", target="tpu", progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="MIN:OPT:MAX"):
+        export_bundle(elpv_run, tmp_path / "x", batch="8:1:4", progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="data folder is gone"):
+        export_bundle(elpv_run, tmp_path / "x", data=tmp_path / "nowhere", progress=False, log=lambda s: None)
+    assert not (tmp_path / "x").exists()

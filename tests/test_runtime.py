@@ -1,0 +1,197 @@
+"""Runtime: torch-free boundary, preprocessing parity, Predictor, check, bench, threads, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+import edge_tl
+from edge_tl.errors import UserError
+from edge_tl.runtime import Bundle, Predictor
+from edge_tl.runtime.bench import bench_bundle
+from edge_tl.runtime.check import check_bundle, write_junit
+
+ROOT = Path(edge_tl.__file__).resolve().parent.parent
+
+
+def _images(elpv_small: Path) -> list[Path]:
+    return sorted((elpv_small / "test").rglob("*.png"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_tl", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_runtime_runs_with_only_numpy_pillow_onnxruntime(cpu_bundle, elpv_small, tmp_path):
+    """A device app's environment: only numpy, Pillow and onnxruntime importable (no torch, timm, onnx, tqdm)."""
+    import numpy
+    import onnxruntime
+    import PIL
+
+    site = tmp_path / "site"
+    (site / "edge_tl").mkdir(parents=True)
+    for mod in (numpy, PIL, onnxruntime):
+        pkg = Path(mod.__file__).parent
+        (site / pkg.name).symlink_to(pkg)
+        libs = pkg.parent / f"{'pillow' if mod is PIL else pkg.name}.libs"
+        if libs.exists():
+            (site / libs.name).symlink_to(libs)
+    for f in ("__init__.py", "errors.py", "fileio.py"):
+        (site / "edge_tl" / f).symlink_to(ROOT / "edge_tl" / f)
+    (site / "edge_tl" / "runtime").symlink_to(ROOT / "runtime")
+    code = ("import sys; from edge_tl.runtime import Predictor\n"
+            f"p = Predictor.from_bundle({str(cpu_bundle)!r}, device='cpu')\n"
+            f"print(p.predict({str(_images(elpv_small)[0])!r}).label)\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'onnx', 'tqdm')]\n"
+            "assert not bad, bad\n")
+    env = {"PYTHONPATH": str(site), "PATH": os.environ.get("PATH", "")}
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() in Bundle.load(cpu_bundle).classes
+
+
+def test_preprocessing_equals_timm_eval_transform(elpv_small):
+    """Runtime numpy/Pillow preprocessing vs timm's eval transform on real images (square ELPV, non-square photo)."""
+    import skimage.data
+    import torch
+    from timm.data import create_transform
+
+    from edge_tl.runtime import PreprocessSpec, load_rgb
+
+    photo = Image.fromarray(skimage.data.chelsea())  # 451x300, RGB
+    for spec in (PreprocessSpec((96, 96), 0.875, "bicubic"), PreprocessSpec((224, 224), 1.0, "bilinear",
+                                                                           (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        tf = create_transform(input_size=(3, *spec.input_size), is_training=False, interpolation=spec.interpolation,
+                              mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
+        for img in [load_rgb(p) for p in _images(elpv_small)[:6]] + [photo]:
+            ref = tf(img).numpy()
+            got = spec.normalize(spec.to_pixels(img))[0]
+            assert got.shape == ref.shape
+            assert np.abs(got - ref).max() < 1e-5
+    assert torch.is_tensor(tf(photo))
+
+
+def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
+    paths = _images(elpv_small)[:8]
+    with Predictor.from_bundle(cpu_bundle, backend="onnxruntime", precision="fp32", device="cpu") as p:
+        assert p.artifact["name"] == "fp32" and "CPUExecutionProvider" in p.describe()
+        single = [p.predict(x, topk=2) for x in paths]
+        batch = p.predict_batch(paths, topk=2)
+        assert [s.label for s in single] == [b.label for b in batch]
+        pixels = np.stack([p.preprocess(x) for x in paths])
+        logits = p.infer(pixels)
+        assert logits.shape == (8, 4) and [p.classes[i] for i in logits.argmax(1)] == [b.label for b in batch]
+        np.testing.assert_allclose(p.infer(pixels.transpose(0, 3, 1, 2).astype(np.float32)), logits, atol=1e-4)
+        pil = Image.open(paths[0])
+        assert p.predict(pil).label == p.predict(np.asarray(pil.convert("RGB"))).label == single[0].label
+        assert abs(sum(s for _, s in p.predict(paths[0], topk=4).topk) - 1) < 1e-5
+        _, golden = Bundle.load(cpu_bundle).golden()
+        for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float64)):
+            with pytest.raises(UserError, match="expected uint8"):
+                p.predict(bad)
+        for bad in (np.zeros((1, 50, 50, 3), np.uint8), np.zeros((1, 3, 50, 50), np.float32),
+                    np.zeros((1, 3, 96, 96), np.int64)):
+            with pytest.raises(UserError, match="expected"):
+                p.infer(bad)
+        assert golden.shape[1] == 4
+    with Predictor.from_bundle(cpu_bundle, device="cpu") as auto:
+        assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
+
+
+def test_concurrent_predicts_agree_with_serial(cpu_bundle, elpv_small):
+    paths = _images(elpv_small)
+    with Predictor.from_bundle(cpu_bundle, precision="fp32", device="cpu") as p:
+        serial = [p.predict(x).score for x in paths]
+        results: dict[int, list[float]] = {}
+
+        def work(k: int) -> None:
+            results[k] = [p.predict(x).score for x in paths]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(np.allclose(results[k], serial, atol=1e-5) for k in range(4))
+
+
+def test_check_on_real_images_runs_every_artifact(cpu_bundle, elpv_small, tmp_path):
+    report = check_bundle(cpu_bundle, elpv_small / "test", max_drop=100, min_agreement=0, log=lambda s: None)
+    assert set(report["artifacts"]) == {"fp32", "fp16", "int8-cpu"} and report["data"].endswith("(24 images)")
+    fp32 = report["artifacts"]["fp32"]
+    assert fp32["agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3 and fp32["drop"] == 0.0
+    assert report["artifacts"]["fp16"]["max_abs_diff"] < 0.05
+    junit = write_junit(report, tmp_path / "check.xml").read_text()
+    assert junit.count("<testcase") == 3 and 'failures="0"' in junit
+
+
+def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_path):
+    bundle_dir, test_dir = pattern_bundle
+    report = check_bundle(bundle_dir, test_dir, log=lambda s: None)
+    assert report["passed"], report
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle_dir, damaged)
+    path = damaged / "model.int8-cpu.onnx"
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:  # scramble every int8 weight tensor
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.int8 and a.size > 64:
+            t.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(a.ravel()).reshape(a.shape), t.name))
+    onnx.save(model, str(path))
+    bundle = Bundle.load(damaged, verify=False)
+    bundle.add_file("model.int8-cpu.onnx")  # a re-signed, wrong model: only the check can catch it
+    bundle.save()
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(report))
+    res = _cli("check", str(damaged), "--data", str(test_dir), "--baseline", str(baseline), "--json",
+               "--junit", str(tmp_path / "bad.xml"))
+    assert res.returncode == 1, res.stderr
+    out = json.loads(res.stdout)
+    assert not out["passed"] and out["artifacts"]["fp32"]["passed"]
+    bad = out["artifacts"]["int8-cpu"]
+    assert not bad["passed"] and "agreement" in bad["reason"] and "below the reference" in bad["reason"]
+    assert bad["reference"].startswith("baseline") and bad["drop"] > 1
+    assert 'failures="1"' in (tmp_path / "bad.xml").read_text()
+
+
+def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
+    tampered = tmp_path / "t"
+    shutil.copytree(cpu_bundle, tampered)
+    (tampered / "labels.txt").write_text("x\n")
+    for args in (["check", str(tampered)], ["predict", str(cpu_bundle), str(tmp_path / "missing.png")],
+                 ["check", str(tmp_path)], ["bench", str(cpu_bundle), "--batch", "0"],
+                 ["predict", str(cpu_bundle), str(tampered / "labels.txt")]):
+        res = _cli(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_bench_json_is_consistent(cpu_bundle):
+    report = bench_bundle(cpu_bundle, precisions=["fp32", "int8"], batches=(1, 4), warmup=2, iters=8, seconds=None,
+                          log=lambda s: None)
+    assert report["machine"]["cpu_threads"] >= 1 and report["machine"]["onnxruntime"]
+    rows = report["results"]
+    assert {(r["artifact"], r["batch"]) for r in rows} == {(a, b) for a in ("fp32", "int8-cpu") for b in (1, 4)}
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["std_ms"] >= 0 and r["iters"] == 8
+        assert abs(r["throughput"] - r["batch"] * 1000 / r["mean_ms"]) < 1e-6 * r["throughput"]
+        assert r["e2e_p50_ms"] > 0
+
+
+def test_cli_predict_json(cpu_bundle, elpv_small):
+    res = _cli("predict", str(cpu_bundle), *map(str, _images(elpv_small)[:2]), "--json", "--topk", "2")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(lines) == 2 and all(len(x["topk"]) == 2 and x["label"] == x["topk"][0]["label"] for x in lines)
