@@ -280,6 +280,62 @@ def check(
     raise typer.Exit(0 if report["passed"] else 1)
 
 
+@app.command()
+def build(
+    data: str = typer.Option(..., help="ImageFolder DIR (DIR/<class>/* or DIR/train/<class>/*, optional DIR/test/), "
+                             "or 'demo' for the built-in ELPV solar-cell data."),
+    target: str = typer.Option("cpu", help="cpu, gpu or jetson."),
+    out: Path = typer.Option(Path("edge-tl-build"), help="Output folder (data, run, bundle, results, report.html)."),
+    model: str = typer.Option(D["model"], help="timm model name."),
+    weights: Optional[Path] = typer.Option(None, help="Local pretrained weights for --model."),
+    precision: Optional[str] = typer.Option(None, help="Export precisions (default per target)."),
+    epochs: int = typer.Option(D["epochs"], help="Fine-tune epochs."),
+    img_size: int = typer.Option(D["img_size"], help="Network input size."),
+    batch_size: int = typer.Option(D["batch_size"], help="Fine-tune batch size."),
+    lr: float = typer.Option(D["lr"], help="Peak learning rate."),
+    seed: int = typer.Option(D["seed"], help="Training seed."),
+    workers: int = typer.Option(D["workers"], help="Data-loader workers."),
+    device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
+    amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
+    calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
+    force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """The whole pipeline: fine-tune -> export -> check -> bench -> report.html, resumable.
+
+    A rerun skips stages whose inputs have not changed; a stopped fine-tune resumes. With a
+    test/ folder in DATA, accuracy is measured on it; otherwise on the golden images.
+
+    Examples:\n
+      edge-tl build --data demo --target cpu\n
+      edge-tl build --data ./imgs --target jetson --out build-jetson
+    """
+    from edge_tl.build import build as run_build
+    from edge_tl.build import format_summary
+
+    train = dict(model=model, weights=str(weights) if weights else None, epochs=epochs, img_size=img_size,
+                 batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp)
+    log = _log_for(json_out)
+    try:
+        summary = run_build(data, target, out, train, precision, force, calib_images, log=log)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: rerun the same command to continue ({out / 'build.json'} records finished stages)",
+                   err=True)
+        raise typer.Exit(130)
+    typer.echo(json.dumps(summary, indent=2) if json_out else "\n" + format_summary(summary))
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="A build folder from `edge-tl build`.")) -> None:
+    """Regenerate OUT/report.html from the build's saved results.
+
+    Example: edge-tl report edge-tl-build
+    """
+    from edge_tl.report import write_report
+
+    typer.echo(f"wrote {write_report(out)}")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:

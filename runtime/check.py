@@ -24,8 +24,8 @@ from .images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
 from .predictor import make_runner, runnable, tensorrt_available
 
 
-def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 pixels, labels and skipped files of an ImageFolder (``DIR/<class>/*``) whose classes are the bundle's."""
+def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """uint8 pixels, labels, paths and skipped files of an ImageFolder (``DIR/<class>/*``) whose classes are the bundle's."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; --data takes an ImageFolder with one sub-folder per class.")
@@ -34,7 +34,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     if not folders or unknown:
         raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "
                         "--data needs DIR/<class>/* with the bundle's class names.")
-    pixels, labels, skipped = [], [], []
+    pixels, labels, paths, skipped = [], [], [], []
     for d in folders:
         for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -45,9 +45,10 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
                 skipped.append(str(exc))
                 continue
             labels.append(classes.index(d.name))
+            paths.append(str(f))
     if not pixels:
         raise UserError(f"{root}: no readable images in its class folders.")
-    return np.stack(pixels), np.asarray(labels), skipped
+    return np.stack(pixels), np.asarray(labels), paths, skipped
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -61,18 +62,23 @@ def _infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
-                 baseline: str | Path | None = None, device: str | None = "cpu", log=print) -> dict:
-    """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``."""
+                 baseline: str | Path | None = None, device: str | None = "cpu", keep_predictions: bool = False,
+                 log=print) -> dict:
+    """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``.
+
+    ``keep_predictions`` adds the images, labels and each artifact's top-1 per image (for reports).
+    """
     bundle = Bundle.load(path)
     golden_pixels, golden_logits = bundle.golden()
     with np.load(bundle.path / "golden.npz") as z:
         golden_labels = z["labels"] if "labels" in z.files else golden_logits.argmax(1)
     base = _load_baseline(baseline) if baseline else None
     if data is not None:
-        pixels, labels, skipped = labelled_images(data, bundle.classes, bundle.spec)
+        pixels, labels, paths, skipped = labelled_images(data, bundle.classes, bundle.spec)
         source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
     else:
         pixels, labels, source = golden_pixels, golden_labels, f"golden.npz ({len(golden_labels)} labelled images)"
+        paths = [f"golden.npz[{i}]" for i in range(len(labels))]
     log(f"check {bundle.path} on {source}")
 
     results, accuracies = {}, {}
@@ -109,6 +115,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             "drop": drop, "manifest_val_accuracy": art.get("val_accuracy"), "agreement": agreement,
             "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
+        if keep_predictions:
+            results[art["name"]]["predictions"] = logits.argmax(1).tolist()
         r = results[art["name"]]
         log(f"  {art['name']}: {'PASS' if r['passed'] else 'FAIL'} accuracy {acc:.4f}"
             f"{'' if drop is None else f' (drop {drop:+.2f} pts)'}, golden agreement {agreement:.3f}, "
@@ -116,9 +124,12 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     if not results:
         raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
     skipped = [a["name"] for a in bundle.artifacts if a["name"] not in results]
-    return {"passed": all(r["passed"] for r in results.values()), "bundle": str(bundle.path), "data": source,
-            "max_drop": max_drop, "min_agreement": min_agreement, "tensorrt_available": tensorrt_available(),
-            "skipped": skipped, "artifacts": results}
+    report = {"passed": all(r["passed"] for r in results.values()), "bundle": str(bundle.path), "data": source,
+              "max_drop": max_drop, "min_agreement": min_agreement, "tensorrt_available": tensorrt_available(),
+              "skipped": skipped, "artifacts": results}
+    if keep_predictions:
+        report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
+    return report
 
 
 def _load_baseline(path: str | Path) -> dict[str, float]:

@@ -1,0 +1,195 @@
+"""``edge-tl build``: data -> fine-tune -> export -> check -> bench -> report, resumable.
+
+Each stage records a fingerprint of its inputs in ``OUT/build.json``; a rerun skips stages
+whose inputs are unchanged and whose outputs exist, and a fine-tune stopped half-way
+resumes from ``last.pt``. ``force`` redoes every stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from edge_tl.errors import UserError
+from edge_tl.fileio import sha256_file, write_json
+from edge_tl.finetune.config import TrainConfig
+
+STAGES = ("data", "finetune", "export", "check", "bench", "report")
+
+
+def folder_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and modification time under ``root``."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Build:
+    """Stage bookkeeping for one output folder."""
+
+    def __init__(self, out: Path, force: bool, log: Callable[[str], None]):
+        self.out, self.force, self.log = out, force, log
+        self.state_path = out / "build.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
+
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], None]) -> bool:
+        """Run stage ``name`` unless its inputs' fingerprint is unchanged and its outputs exist."""
+        fp = _hash(inputs)
+        done = self.state["stages"].get(name, {})
+        index = STAGES.index(name) + 1
+        if not self.force and done.get("fingerprint") == fp and all(p.exists() for p in outputs):
+            self.log(f"[{index}/{len(STAGES)}] {name}: up to date (inputs unchanged), skipped")
+            return False
+        self.log(f"[{index}/{len(STAGES)}] {name} ...")
+        t0 = time.perf_counter()
+        fn()
+        self.state["stages"][name] = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.state_path, self.state)
+        return True
+
+
+def build(data: str, target: str, out: str | Path, train: dict, precision: str | None = None, force: bool = False,
+          calib_images: int = 512, bench_batches: tuple[int, ...] = (1, 8), bench_seconds: float = 2.0,
+          log: Callable[[str], None] = print) -> dict:
+    """Run every stage into ``out``; return the summary (also ``OUT/summary.json``)."""
+    from edge_tl.export.bundle import TARGETS
+
+    if target not in TARGETS:
+        raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = Build(out, force, log)
+
+    data_dir = out / "data" if data == "demo" else Path(data)
+    if data == "demo":
+        def make_demo() -> None:
+            from edge_tl.finetune.elpv import LICENSE_NOTICE, write_elpv
+
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            write_elpv(data_dir, "4class")
+            log(f"  demo data: ELPV solar cells in {data_dir}; license: {LICENSE_NOTICE}")
+
+        b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
+    else:
+        if not data_dir.is_dir():
+            raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
+        b.run("data", {"folder": str(data_dir.resolve())}, [data_dir], lambda: None)
+    data_fp = folder_fingerprint(data_dir)
+
+    run_dir = out / "run"
+    cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir)})
+    train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
+                    "data": data_fp}
+
+    def finetune() -> None:
+        from edge_tl.finetune.train import finetune as run
+
+        last = run_dir / "last.pt"
+        prev = b.state.get("finetune_started")
+        resumable = not force and last.is_file() and prev == _hash(train_inputs)
+        if not resumable and run_dir.exists():
+            shutil.rmtree(run_dir)
+        b.state["finetune_started"] = _hash(train_inputs)
+        write_json(b.state_path, b.state)
+        run(cfg, resume=resumable, log=lambda s: log(f"  {s}"))
+
+    b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"], finetune)
+
+    bundle_dir = out / "bundle"
+    export_inputs = {"best": sha256_file(run_dir / "best.pt"), "target": target, "precision": precision,
+                     "calib_images": calib_images, "data": data_fp}
+
+    def export() -> None:
+        from edge_tl.export.bundle import export_bundle
+
+        export_bundle(run_dir, bundle_dir, target, precision, calib_images=calib_images, force=True,
+                      log=lambda s: log(f"  {s}"))
+
+    b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
+    manifest_sha = sha256_file(bundle_dir / "manifest.json")
+
+    test_dir = data_dir / "test" if (data_dir / "test").is_dir() else None
+
+    def check() -> None:
+        from edge_tl.runtime.check import check_bundle
+
+        report = check_bundle(bundle_dir, test_dir, keep_predictions=True, log=lambda s: log(f"  {s}"))
+        write_json(out / "check.json", report)
+
+    b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None},
+          [out / "check.json"], check)
+
+    def bench() -> None:
+        from edge_tl.runtime.bench import bench_bundle
+
+        report = bench_bundle(bundle_dir, batches=bench_batches, seconds=bench_seconds, reference="torch",
+                              device="cpu", log=lambda s: log(f"  {s}"))
+        write_json(out / "bench.json", report)
+
+    b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds},
+          [out / "bench.json"], bench)
+
+    def report() -> None:
+        from edge_tl.report import write_report
+
+        write_report(out)
+
+    inputs = {k: sha256_file(out / k) for k in ("check.json", "bench.json")}
+    b.run("report", {**inputs, "manifest": manifest_sha}, [out / "report.html"], report)
+    summary = summarize(out)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def summarize(out: Path) -> dict:
+    """Accuracy per artifact, latency per backend and precision, and the next steps."""
+    from edge_tl.export.bundle import device_commands
+    from edge_tl.runtime.bundle import Bundle
+
+    check = json.loads((out / "check.json").read_text())
+    bench = json.loads((out / "bench.json").read_text())
+    bundle = Bundle.load(out / "bundle")
+    rows = []
+    for name, r in check["artifacts"].items():
+        lat = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == name}
+        rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
+                     "passed": r["passed"], **lat})
+    torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
+    return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
+            "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
+            "target": bundle.manifest["target"], "not_run_here": check["skipped"],
+            "next_steps": [{"what": w, "command": c} for w, c in device_commands(bundle, out / "bundle")]}
+
+
+def format_summary(summary: dict) -> str:
+    batches = sorted({k for r in summary["artifacts"] for k in r if k.endswith("_p50_ms")},
+                     key=lambda k: int(k[1:].split("_")[0]))
+    head = f"{'artifact':<10} {'precision':<9} {'accuracy':>8} {'check':>5} " + " ".join(
+        f"{k.split('_')[0].replace('b', 'batch '):>10}" for k in batches)
+    lines = [head, "-" * len(head)]
+    for r in summary["artifacts"]:
+        lines.append(f"{r['artifact']:<10} {r['precision']:<9} {r['accuracy']:>8.4f} {'ok' if r['passed'] else 'FAIL':>5} "
+                     + " ".join(f"{r.get(k, float('nan')):>7.2f} ms" for k in batches))
+    if summary["torch_reference"]:
+        lines.append(f"{'torch':<10} {'fp32':<9} {'':>8} {'':>5} " + " ".join(
+            f"{summary['torch_reference'].get(k, float('nan')):>7.2f} ms" for k in batches))
+    lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
+              f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
+    if summary["not_run_here"]:
+        lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
+    lines += ["", f"next, on the {summary['target']} device:"]
+    lines += [f"  # {s['what']}\n  {s['command']}" for s in summary["next_steps"]]
+    return "\n".join(lines)

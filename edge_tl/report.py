@@ -1,0 +1,191 @@
+"""``OUT/report.html``: one self-contained page (images inlined) from a build's saved results.
+
+Reads ``run/`` (history, learning curve), ``bundle/manifest.json``, ``check.json`` (with
+per-image predictions) and ``bench.json``; ``edge-tl report OUT`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge_tl.errors import UserError
+from edge_tl.fileio import write_text
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.pass{color:#080}.fail{color:#b00}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:120px;font-size:.75em;text-align:center}
+.grid img{width:112px;height:112px;object-fit:cover;border:2px solid #b00}img.plot{max-width:100%}
+code{background:#f4f4f4;padding:0 .2em}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}"""
+
+
+def _png(fig_or_path) -> str:
+    if isinstance(fig_or_path, (str, Path)):
+        data = Path(fig_or_path).read_bytes()
+    else:
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig_or_path.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig_or_path)
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _img(src: str, alt: str, cls: str = "plot") -> str:
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{src}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+
+
+def per_class(labels: list[int], preds: list[int], classes: list[str]) -> list[list]:
+    """Rows of class, precision, recall, support."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    rows = []
+    for i, c in enumerate(classes):
+        tp = int(((p == i) & (y == i)).sum())
+        prec = tp / max(int((p == i).sum()), 1)
+        rec = tp / max(int((y == i).sum()), 1)
+        rows.append([c, prec, rec, int((y == i).sum())])
+    return rows
+
+
+def _confusion_png(labels, preds, classes, title) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    m = np.zeros((n, n), int)
+    np.add.at(m, (np.asarray(labels), np.asarray(preds)), 1)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * n, 1 + 0.7 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _png(fig)
+
+
+def _latency_png(results: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["artifact"] for r in results))
+    batches = sorted({r["batch"] for r in results})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.2), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        vals = [next((r["p50_ms"] / b for r in results if r["artifact"] == n and r["batch"] == b), 0) for n in names]
+        ax.barh(names, vals, color=["C1" if n == "torch" else "C0" for n in names])
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set(title=f"batch {b}: p50 ms per image", xlabel="ms / image")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _thumb(path: str, size: int = 112) -> str | None:
+    try:
+        from edge_tl.runtime.images import load_rgb
+
+        img = load_rgb(path)
+    except Exception:  # noqa: BLE001 - a missing image only drops its thumbnail
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
+    out = Path(out)
+    needed = [out / "bundle" / "manifest.json", out / "check.json", out / "bench.json", out / "run" / "metrics.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"{out}: not a finished build ({', '.join(missing)} missing); run `edge-tl build` first.")
+    manifest = json.loads(needed[0].read_text())
+    check = json.loads(needed[1].read_text())
+    bench = json.loads(needed[2].read_text())
+    metrics = json.loads(needed[3].read_text())
+    classes = manifest["classes"]
+    arts = check["artifacts"]
+    deployed = next((n for n in ("int8", "int8-cpu", "fp16") if n in arts), "fp32")
+    parts = [f"<h1>edge-tl build: {html.escape(manifest['model'])} on {len(classes)} classes, target "
+             f"{html.escape(manifest['target'])}</h1>",
+             f"<p>Check: <b class=\"{'pass' if check['passed'] else 'fail'}\">{'PASSED' if check['passed'] else 'FAILED'}"
+             f"</b> on {html.escape(check['data'])}. Bundle: <code>{html.escape(str(out / 'bundle'))}</code>. "
+             f"Fine-tune: best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
+             f"of {metrics['epochs']} ({metrics['seconds'] / 60:.1f} min on {html.escape(metrics['device'])}), "
+             f"{metrics['num_train']} train / {metrics['num_val']} val images, weights {html.escape(str(metrics['pretrained']))}.</p>"]
+    parts += ["<h2>Accuracy per artifact</h2>", _table(
+        ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "check"],
+        [[n, r["precision"], r["backend"], r["accuracy"], r["reference_accuracy"] if r["reference_accuracy"] is not None
+          else "-", "-" if r["drop"] is None else f"{r['drop']:+.2f}", r["agreement"], "ok" if r["passed"] else r["reason"]]
+         for n, r in arts.items()])]
+    if check["skipped"]:
+        parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "
+                     f"{html.escape(', '.join(check['skipped']))}</p>")
+    parts += ["<h2>Learning curve</h2>", _img(_png(out / "run" / "learning_curve.png"), "learning curve")]
+    if "labels" in check:
+        parts.append("<h2>Confusion matrix and per-class precision / recall</h2>")
+        for n in dict.fromkeys(["fp32", deployed]):
+            if n in arts and "predictions" in arts[n]:
+                parts.append(_img(_confusion_png(check["labels"], arts[n]["predictions"], classes,
+                                                 f"{n} on {check['data'].split(' (')[0]}"), f"confusion matrix {n}"))
+        parts.append(_table(["class"] + [f"{h} {n}" for n in dict.fromkeys(["fp32", deployed]) if n in arts
+                                         for h in ("precision", "recall")] + ["support"],
+                            _merge_per_class(check, classes, [n for n in dict.fromkeys(["fp32", deployed]) if n in arts])))
+        wrong = [i for i, (y, p) in enumerate(zip(check["labels"], arts[deployed]["predictions"])) if y != p]
+        figs = []
+        for i in wrong[:max_misclassified]:
+            src = _thumb(check["images"][i])
+            if src:
+                figs.append(f"<figure>{_img(src, 'misclassified', 'thumb')}<figcaption>true {html.escape(classes[check['labels'][i]])}"
+                            f"<br>pred {html.escape(classes[arts[deployed]['predictions'][i]])}</figcaption></figure>")
+        parts += [f"<h2>Misclassified by {deployed} ({len(wrong)} of {len(check['labels'])}, first {len(figs)} shown)</h2>",
+                  f"<div class=\"grid\">{''.join(figs)}</div>"]
+    rows = [[r["artifact"], r["backend"], r["precision"], r["batch"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
+             r["throughput"], r.get("e2e_p50_ms", "-")] for r in bench["results"]]
+    parts += ["<h2>Latency</h2>", _table(["artifact", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms",
+                                         "images/s", "end-to-end p50 ms"], rows),
+              _img(_latency_png(bench["results"]), "latency plot")]
+    env = {**bench["machine"], **{f"bundle {k}": v for k, v in manifest["versions"].items()}}
+    parts += ["<h2>Environment</h2>", _table(["", "value"], [[k, v] for k, v in env.items()])]
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>edge-tl report</title><style>{CSS}</style>"
+            f"</head><body>{''.join(parts)}</body></html>\n")
+    return write_text(out / "report.html", page)
+
+
+def _merge_per_class(check: dict, classes: list[str], names: list[str]) -> list[list]:
+    tables = [per_class(check["labels"], check["artifacts"][n]["predictions"], classes) for n in names]
+    return [[c] + [v for t in tables for v in t[i][1:3]] + [tables[0][i][3]] for i, c in enumerate(classes)]
+
+
+def open_image_count(page: str) -> int:
+    """How many inlined PNGs in ``page`` decode (used by tests)."""
+    count = 0
+    for chunk in page.split('src="data:image/png;base64,')[1:]:
+        Image.open(io.BytesIO(base64.b64decode(chunk.split('"', 1)[0]))).verify()
+        count += 1
+    return count

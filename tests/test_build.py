@@ -1,0 +1,91 @@
+"""`edge-tl build`: all stages on a tiny dataset, skip on rerun, --force, report contents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edge_tl.build import build, format_summary
+from edge_tl.report import open_image_count
+
+from conftest import make_image_folder
+
+TRAIN = dict(epochs=2, img_size=64, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    make_image_folder(root / "imgs" / "train", per_class=12, seed=0)
+    make_image_folder(root / "imgs" / "test", per_class=6, seed=1)
+    logs: list[str] = []
+    summary = build(str(root / "imgs"), "jetson", root / "out", TRAIN, "fp32,int8", bench_batches=(1, 4),
+                    bench_seconds=0.2, log=logs.append)
+    return root, summary, logs
+
+
+def test_build_runs_every_stage_and_summarizes(built):
+    root, summary, logs = built
+    out = root / "out"
+    for stage in ("data", "finetune", "export", "check", "bench", "report"):
+        assert any(line.startswith("[") and f"] {stage} ..." in line for line in logs), stage
+    for f in ("run/best.pt", "bundle/manifest.json", "check.json", "bench.json", "report.html", "summary.json"):
+        assert (out / f).is_file(), f
+    assert summary["data"].endswith("(18 images)")  # the test/ folder, not the golden set
+    assert {r["artifact"] for r in summary["artifacts"]} == {"fp32", "int8"}  # jetson: TensorRT Q/DQ flavour
+    assert all("b1_p50_ms" in r and "b4_p50_ms" in r for r in summary["artifacts"]) and summary["torch_reference"]
+    text = format_summary(summary)
+    assert "edge-tl engine bundle --precision int8" in text and "trtexec --onnx=bundle/model.int8.onnx" in text
+    assert "edge-tl check bundle" in text
+
+
+def test_report_has_the_figures(built):
+    root, _, _ = built
+    page = (root / "out" / "report.html").read_text()
+    for section in ("Accuracy per artifact", "Learning curve", "Confusion matrix", "precision", "Misclassified",
+                    "Latency", "Environment"):
+        assert section in page, section
+    # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
+    assert open_image_count(page) >= 4
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_rerun_skips_and_force_redoes(built):
+    root, summary, _ = built
+    logs: list[str] = []
+    again = build(str(root / "imgs"), "jetson", root / "out", TRAIN, "fp32,int8", bench_batches=(1, 4),
+                  bench_seconds=0.2, log=logs.append)
+    assert sum("up to date" in line for line in logs) == 6
+    assert again["artifacts"] == summary["artifacts"]
+    res = subprocess.run([sys.executable, "-m", "edge_tl", "report", str(root / "out")], capture_output=True, text=True)
+    assert res.returncode == 0 and "report.html" in res.stdout
+    logs.clear()
+    build(str(root / "imgs"), "jetson", root / "out", TRAIN, "fp32,int8", force=True, bench_batches=(1,),
+          bench_seconds=0.1, log=logs.append)
+    assert not any("up to date" in line for line in logs)
+    assert json.loads((root / "out" / "bench.json").read_text())["results"][0]["batch"] == 1
+
+
+def test_missing_outputs_rerun_their_stage(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "run").rename(out / "run_old")  # outputs gone -> stage reruns even with same inputs
+    logs: list[str] = []
+    build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
+    assert any("] finetune ..." in line for line in logs)
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+                    reason="needs a headless Chromium (chromium / google-chrome on PATH) to render the report")
+def test_report_renders_in_headless_chromium(built, tmp_path):
+    root, _, _ = built
+    browser = next(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b))
+    res = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom",
+                          (root / "out" / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    assert res.stdout.count("<img") >= 4 and "Latency" in res.stdout
