@@ -6,11 +6,10 @@ DEMO ?= demo
 .PHONY: install demo test
 
 install:
-	$(PIP) -e ".[demo,dev]"
+	$(PIP) -e ".[train,demo,dev]"
 
 demo: install
-	@test -d $(DEMO)/elpv || edge-tl data elpv --out $(DEMO)/elpv
-	edge-tl finetune --data $(DEMO)/elpv --out $(DEMO)/run $(if $(wildcard $(DEMO)/run/last.pt),--resume)
+	edge-tl build --data demo --target cpu --out $(DEMO)
 
 test: install
 	$(PYTHON) -m pytest -q

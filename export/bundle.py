@@ -29,6 +29,7 @@ from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GOLDEN, SCHEMA_VERSION, Bundle
 
 from . import tensorrt as trt_build
+from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
 from .quantize import accuracy, onnx_logits, quantize_within_budget
 
@@ -38,8 +39,6 @@ TARGETS = {
     "gpu": ("fp32,fp16,int8", "tensorrt", "1:8:32", "an NVIDIA GPU: TensorRT engines, or ONNX Runtime's CUDA/TensorRT providers"),
     "jetson": ("fp32,fp16,int8", "tensorrt", "1:1:8", "a Jetson (Orin) with JetPack's TensorRT; engines built on the device"),
 }
-ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
-              "int8-cpu": "model.int8-cpu.onnx"}
 
 
 def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
@@ -208,110 +207,3 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
 def _artifact(name: str, precision: str, backend: str, acc: float, fp32_acc: float) -> dict:
     return {"name": name, "file": ONNX_FILES[name], "format": "onnx", "precision": precision, "backend": backend,
             "val_accuracy": acc, "drop_pts": round((fp32_acc - acc) * 100, 3), "float_nodes": [], "accepted": True}
-
-
-def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = None, workspace_mb: int = 1024,
-                  log=print) -> list[dict]:
-    """Build TensorRT engines on this machine from the bundle's ONNX files; record them in the manifest."""
-    trt = ts.import_tensorrt()
-    if (reason := ts.missing_reason()) is not None:
-        raise UserError(reason)
-    mode = trt_build.typing_mode(trt.__version__)
-    info = ts.gpu_info()
-    profile = trt_build.BatchProfile(**bundle.manifest["batch"])
-    h, w = bundle.spec.input_size
-    built = []
-    for precision in precisions:
-        source = trt_build.SOURCE_ARTIFACT[mode][precision]
-        try:
-            src = bundle.artifact(source)
-        except UserError:
-            raise UserError(f"{bundle.path}: a {precision} engine on TensorRT {trt.__version__} needs the '{source}' "
-                            f"ONNX; re-export with --precision including {source}.") from None
-        rel = f"engines/{trt_build.engine_filename(precision, trt.__version__, info['gpu'], info['compute_capability'], dla_core)}"
-        facts = trt_build.build_engine(bundle.file(src), bundle.path / rel, precision, bundle.manifest["input"]["name"],
-                                       (3, h, w), profile, workspace_mb, dla_core,
-                                       bundle.path / "engines" / "timing.cache", log)
-        art = {"name": f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else ""), "file": rel,
-               "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
-               "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True), **facts}
-        art["val_accuracy"] = None  # measured by `edge-tl check` on the device
-        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] != art["name"]] + [art]
-        bundle.add_file(rel)
-        built.append(art)
-        log(f"engine {rel} ({facts['gpu']}, sm {facts['compute_capability']}, TensorRT {facts['tensorrt']})")
-    bundle.manifest["versions"]["tensorrt"] = trt.__version__
-    bundle.save()
-    return built
-
-
-def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
-    """(what, command) steps to finish a bundle on its device, TensorRT engine included."""
-    b = str(where)
-    precisions = [a["precision"] for a in bundle.artifacts
-                  if a["format"] == "onnx" and a["precision"] != "fp32" and a["backend"] == "tensorrt"] or ["fp16"]
-    prec = ",".join(dict.fromkeys(precisions))
-    h, w = bundle.spec.input_size
-    profile = trt_build.BatchProfile(**bundle.manifest["batch"])
-    steps = [("copy the bundle to the device", f"rsync -a {b}/ DEVICE:~/{Path(b).name}/")]
-    if bundle.manifest["target"] == "cpu":
-        steps.append(("install the runtime", "pip install edge-tl onnxruntime"))
-        names = set()
-    else:
-        steps += [
-            ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages)",
-             "pip install edge-tl cuda-python onnxruntime"),
-            ("build the engines on the device (engines are tied to GPU and TensorRT version)",
-             f"edge-tl engine {Path(b).name} --precision {prec}"),
-        ]
-        names = {a["name"] for a in bundle.artifacts}
-    for p in dict.fromkeys(precisions):
-        for mode, tag in (("weak", "TensorRT 10"), ("strong", "TensorRT 11")):
-            source = trt_build.SOURCE_ARTIFACT[mode][p]
-            if source not in names:
-                continue
-            cmd = trt_build.trtexec_command(f"{Path(b).name}/{ONNX_FILES[source]}", f"{Path(b).name}/model.{p}.engine",
-                                            p, bundle.manifest["input"]["name"], (3, h, w), profile, mode)
-            steps.append((f"or with trtexec, {p}, {tag}", trt_build.format_command(cmd)))
-    steps += [("check accuracy against the golden outputs and the manifest", f"edge-tl check {Path(b).name}"),
-              ("measure latency", f"edge-tl bench {Path(b).name} --batch 1,8")]
-    return steps
-
-
-def _fmt(value: float | None) -> str:
-    return "on device: edge-tl check" if value is None else f"{value:.4f}"
-
-
-def bundle_readme(bundle: Bundle, where: str | Path) -> str:
-    m = bundle.manifest
-    rows = "\n".join(f"| {a['name']} | `{a['file']}` | {a['precision']} | {a['backend']} | "
-                     f"{_fmt(a.get('val_accuracy'))} | {len(a.get('float_nodes', []))} |" for a in m["artifacts"])
-    steps = "\n".join(f"# {what}\n{cmd}\n" for what, cmd in device_commands(bundle, where))
-    p = m["preprocess"]
-    return f"""# edge-tl bundle: {m['model']} ({len(m['classes'])} classes), target {m['target']}
-
-`manifest.json` is the contract: classes, preprocessing, input/output, artifacts with sha256,
-accuracy on the validation split, calibration and versions. `edge-tl` refuses to run a file
-whose sha256 differs from it.
-
-Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size'][1]} RGB pixels 0–255, after resizing the
-shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mean/std are inside the graph.
-Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
-
-| artifact | file | precision | made for | val accuracy | layers kept in float |
-|---|---|---|---|---|---|
-{rows}
-
-## Use it
-
-```python
-from edge_tl.runtime import Predictor
-with Predictor.from_bundle("{Path(where).name}") as p:
-    print(p.predict("image.jpg"))
-```
-
-## On the device
-
-```sh
-{steps}```
-"""

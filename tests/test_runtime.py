@@ -195,3 +195,23 @@ def test_cli_predict_json(cpu_bundle, elpv_small):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(lines) == 2 and all(len(x["topk"]) == 2 and x["label"] == x["topk"][0]["label"] for x in lines)
+
+
+def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_small):
+    """predict, check and bench work when torch, timm, onnx, tqdm and matplotlib cannot be imported."""
+    blocker = ("import sys, runpy\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in {'torch', 'torchvision', 'timm', 'onnx', 'tqdm', 'matplotlib'}:\n"
+               "            raise ModuleNotFoundError(f'blocked: {name}', name=name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "sys.argv = ['edge-tl'] + sys.argv[1:]\n"
+               "runpy.run_module('edge_tl', run_name='__main__')\n")
+    image = str(_images(elpv_small)[0])
+    for args in (["predict", str(cpu_bundle), image], ["check", str(cpu_bundle), "--min-agreement", "0", "--max-drop", "100"],
+                 ["bench", str(cpu_bundle), "--batch", "1", "--iters", "3"]):
+        res = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (args, res.stderr[-2000:])
+    res = subprocess.run([sys.executable, "-c", blocker, "finetune", "--data", "x", "--out", "y"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "pip install 'edge-tl[train]'" in res.stderr, res.stderr

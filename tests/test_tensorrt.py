@@ -62,7 +62,8 @@ def test_missing_tensorrt_is_a_clear_error(cpu_bundle):
 @needs_trt
 def test_build_engines_and_run_them(cpu_bundle, elpv_run, tmp_path):
     """Engines from a gpu bundle agree with the golden FP32 outputs; a wrong engine is refused clearly."""
-    from edge_tl.export.bundle import build_engines, export_bundle
+    from edge_tl.export.bundle import export_bundle
+    from edge_tl.export.device import build_engines
     from edge_tl.runtime import Predictor
     from edge_tl.runtime.bundle import Bundle
 
