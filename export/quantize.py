@@ -40,6 +40,9 @@ class Flavour:
     quantize_bias: bool
     op_types: tuple[str, ...] | None
     why: str
+    quant_format: str = "qdq"  # qdq (explicit Q/DQ pairs) or qoperator (QLinearConv & co.)
+    per_channel: bool = True
+    float_op_types: tuple[str, ...] = ()  # op types never quantized (their nodes are excluded)
 
 
 FLAVOURS = {
@@ -75,16 +78,18 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flavour: str = "cpu",
+def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flavour: str | Flavour = "cpu",
                   method: str = "minmax", exclude: tuple[str, ...] = ()) -> Path:
-    """Static Q/DQ quantization of ``prepared`` (see :func:`prepare`), written atomically."""
+    """Static quantization of ``prepared`` (see :func:`prepare`) per ``flavour``, written atomically."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
     if method not in CALIB_METHODS:
         raise UserError(f"--calib-method {method}: use one of {', '.join(CALIB_METHODS)}.")
-    fl = FLAVOURS[flavour]
-    name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+    fl = FLAVOURS[flavour] if isinstance(flavour, str) else flavour
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    name = graph.input[0].name
+    exclude = tuple(exclude) + tuple(n.name for n in graph.node if n.op_type in fl.float_op_types)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -100,8 +105,9 @@ def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flav
         options["CalibPercentile"] = 99.999
 
     def write(tmp: Path) -> None:
-        quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(fl.op_types) if fl.op_types else None, per_channel=True,
+        quantize_static(str(prepared), str(tmp), Reader(),
+                        quant_format=QuantFormat.QOperator if fl.quant_format == "qoperator" else QuantFormat.QDQ,
+                        op_types_to_quantize=list(fl.op_types) if fl.op_types else None, per_channel=fl.per_channel,
                         activation_type=QuantType.QInt8 if fl.activation_signed else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

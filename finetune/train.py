@@ -192,11 +192,13 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 
 def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+             on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+             on_epoch: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Fine-tune per ``cfg``; writes the run folder and returns ``metrics.json``'s content.
 
     ``resume`` continues from ``out/last.pt`` with its saved config. ``on_step(global_step)``
-    is called after every optimizer step (tests use it to interrupt a run).
+    is called after every optimizer step (tests use it to interrupt a run), ``on_epoch(epoch,
+    eval_model)`` after each epoch's validation (benchmarks use it for learning curves).
     """
     out = Path(cfg.out)
     state = None
@@ -330,6 +332,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                               "state_dict": eval_model.state_dict()})
         _save_checkpoint(out / "last.pt", checkpoint(epoch + 1, 0))
         write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, eval_model)
 
     metrics = {
         "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "classes": data.classes,
