@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="ELPV folder with train/ and test/")
     ap.add_argument("--out", type=Path, default=Path("bench_export"))
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--calib-method", default="minmax")
+    ap.add_argument("--calib-method", default="auto")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "export_elpv.json")
     args = ap.parse_args()
 
@@ -46,7 +46,7 @@ def main() -> None:
         out = args.out / target
         if not (out / "manifest.json").is_file():
             export_bundle(args.run, out, target, "fp32,int8", calib_method=args.calib_method, force=True,
-                          data=args.data)
+                          data=args.data, progress=False)
         bundles[target] = json.loads((out / "manifest.json").read_text())
     files = {"fp32": args.out / "cpu" / "model.fp32.onnx", "int8-cpu": args.out / "cpu" / "model.int8-cpu.onnx",
              "int8-tensorrt": args.out / "gpu" / "model.int8.onnx"}

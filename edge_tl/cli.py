@@ -140,7 +140,8 @@ def export(
     precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: cpu fp32,int8; "
                                             "gpu/jetson fp32,fp16,int8)."),
     calib_images: int = typer.Option(512, help="INT8 calibration images, stratified from the training split."),
-    calib_method: str = typer.Option("minmax", help="INT8 calibration: minmax, entropy or percentile."),
+    calib_method: str = typer.Option("auto", help="INT8 calibration: minmax, entropy or percentile; auto = "
+                                     "entropy for the TensorRT flavour, minmax for the CPU one."),
     batch: Optional[str] = typer.Option(None, help="TensorRT batch profile MIN:OPT:MAX (default cpu/gpu 1:1:32 / "
                                         "1:8:32, jetson 1:1:8)."),
     max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points) before layers are kept in float."),
@@ -269,7 +270,7 @@ def check(
     """
     from edge_tl.runtime.check import check_bundle, write_junit
 
-    report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, _log_for(json_out))
+    report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, log=_log_for(json_out))
     if junit:
         write_junit(report, junit)
     if json_out:

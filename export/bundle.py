@@ -31,7 +31,7 @@ from edge_tl.runtime.bundle import GOLDEN, SCHEMA_VERSION, Bundle
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
-from .quantize import accuracy, onnx_logits, quantize_within_budget
+from .quantize import FLAVOURS, accuracy, histogram_image_limit, onnx_logits, quantize_within_budget
 
 TARGETS = {
     # target: default precisions, INT8 flavour, default batch profile, why
@@ -75,7 +75,7 @@ def versions() -> dict:
 
 
 def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisions: str | None = None,
-                  calib_images: int = 512, calib_method: str = "minmax", batch: str | None = None,
+                  calib_images: int = 512, calib_method: str = "auto", batch: str | None = None,
                   max_drop: float = 1.0, data: str | Path | None = None, golden_count: int = 32,
                   workspace_mb: int = 1024, force: bool = False, progress: bool = True, log=print) -> Bundle:
     """Export ``run/best.pt`` as a bundle at ``out`` for ``target``; returns the loaded, verified bundle."""
@@ -165,7 +165,14 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
 
     calibration = None
     if "int8" in wanted:
-        idx = stratified_sample(ds.train.labels, calib_images)
+        if calib_method == "auto":  # chosen on ELPV validation: see benchmarks/README.md
+            calib_method = FLAVOURS[flavour].calib_method
+        n = calib_images
+        if calib_method != "minmax" and n > (limit := histogram_image_limit(fp32)):
+            log(f"  {calib_method} calibration keeps all activations in memory (ONNX Runtime): "
+                f"using {limit} of {n} calibration images")
+            n = limit
+        idx = stratified_sample(ds.train.labels, n)
         calib = pixels_of(ds.train, spec, idx)
         calibration = {"images": len(idx), "source": "training split (stratified)", "method": calib_method,
                        "class_counts": np.bincount([ds.train.labels[i] for i in idx], minlength=len(classes)).tolist(),

@@ -118,7 +118,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 files = _jpegs(golden, b)
 
                 def end_to_end():
-                    pix = np.stack([spec.to_pixels(load_rgb(f)) for f in files])
+                    pix = np.stack([spec.to_pixels(load_rgb(f, keep_gray=True)) for f in files])
                     runner.infer(np.ascontiguousarray(pix.transpose(0, 3, 1, 2), dtype=np.float32))
 
                 e2e = stats(time_calls(end_to_end, max(1, warmup // 2), iters, seconds), b)

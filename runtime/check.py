@@ -40,7 +40,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             try:
-                pixels.append(spec.to_pixels(load_rgb(f)))
+                pixels.append(spec.to_pixels(load_rgb(f, keep_gray=True)))
             except UnreadableImage as exc:
                 skipped.append(str(exc))
                 continue

@@ -36,15 +36,19 @@ def _to_uint8(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     return arr.clip(0, 255).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded PIL image of any mode to RGB, EXIF orientation applied."""
+def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
+    """Convert a decoded PIL image of any mode to RGB, EXIF orientation applied.
+
+    ``keep_gray``: a grayscale image stays 8-bit mode "L" (the runtime resizes one channel
+    instead of three, then repeats it: the same pixels, a third of the work).
+    """
     img = ImageOps.exif_transpose(img) or img
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" or (keep_gray and mode == "L"):
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        gray = _to_uint8(np.asarray(img), sixteen_bit=mode.startswith("I;16"))
-        return Image.fromarray(gray, "L").convert("RGB")
+        gray = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=mode.startswith("I;16")), "L")
+        return gray if keep_gray else gray.convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -54,8 +58,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path) -> Image.Image:
-    """Read an image fully into memory as RGB PIL, or raise ``UnreadableImage``.
+def load_rgb(path, keep_gray: bool = False) -> Image.Image:
+    """Read an image fully into memory as RGB PIL (or "L" with ``keep_gray``), or raise ``UnreadableImage``.
 
     ``path``: a file path, encoded bytes (e.g. a JPEG from a camera) or a binary file object.
     """
@@ -67,7 +71,7 @@ def load_rgb(path) -> Image.Image:
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
         with Image.open(path if hasattr(path, "read") else name) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(img, keep_gray)
     except UnreadableImage:
         raise
     except FileNotFoundError as exc:

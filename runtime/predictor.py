@@ -134,9 +134,9 @@ class Predictor:
         self.close()
 
     def preprocess(self, image) -> np.ndarray:
-        """Path, PIL image or H×W×3 uint8 array (any size) -> uint8 H×W×3 at the model's input size."""
-        if isinstance(image, (str, Path)):
-            image = load_rgb(image)
+        """Path, encoded bytes, PIL image or H×W×3 uint8 array (any size) -> uint8 H×W×3 at the input size."""
+        if isinstance(image, (str, Path, bytes)):
+            image = load_rgb(image, keep_gray=True)
         elif isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise UserError(f"image array of dtype {image.dtype} and shape {image.shape}: "

@@ -80,6 +80,9 @@ def test_preprocessing_equals_timm_eval_transform(elpv_small):
             got = spec.normalize(spec.to_pixels(img))[0]
             assert got.shape == ref.shape
             assert np.abs(got - ref).max() < 1e-5
+        for path in _images(elpv_small)[:6]:  # grayscale fast path (one channel resized) == the RGB path
+            gray = load_rgb(path, keep_gray=True)
+            assert gray.mode == "L" and np.array_equal(spec.to_pixels(gray), spec.to_pixels(load_rgb(path)))
     assert torch.is_tensor(tf(photo))
 
 
@@ -157,7 +160,7 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     baseline.write_text(json.dumps(report))
     res = _cli("check", str(damaged), "--data", str(test_dir), "--baseline", str(baseline), "--json",
                "--junit", str(tmp_path / "bad.xml"))
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 1 and res.stdout.startswith("{"), res.stderr
     out = json.loads(res.stdout)
     assert not out["passed"] and out["artifacts"]["fp32"]["passed"]
     bad = out["artifacts"]["int8-cpu"]
