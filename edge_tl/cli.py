@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -84,22 +85,28 @@ def finetune(
     workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
+    compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
 ) -> None:
     """Fine-tune a pretrained timm backbone on a folder of labelled images.
 
     Writes OUT/best.pt, last.pt, history.jsonl, metrics.json, learning_curve.png and
-    confusion_matrix.png. Ctrl-C saves last.pt; --resume continues exactly.
+    confusion_matrix.png. Ctrl-C saves last.pt; --resume continues exactly. Under torchrun
+    it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size is per
+    process and only rank 0 writes.
 
-    Example: edge-tl finetune --data demo --out runs/elpv --epochs 10
+    Examples:\n
+      edge-tl finetune --data demo --out runs/elpv --epochs 10\n
+      torchrun --nproc-per-node 4 -m edge_tl finetune --data imgs --out runs/ddp --device cuda
     """
     from edge_tl.finetune.train import finetune as run
 
     cfg = TrainConfig(data=str(data), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
-                      class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device, amp=amp)
+                      class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device, amp=amp,
+                      compile=compile)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:
         metrics = run(cfg, resume=resume, log=log)
@@ -107,6 +114,8 @@ def finetune(
         typer.echo(f"\ninterrupted: progress saved to {out / 'last.pt'}; continue with the same command plus --resume",
                    err=True)
         raise typer.Exit(130)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     if json_out:
         typer.echo(json.dumps(metrics, indent=2))
     else:

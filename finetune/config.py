@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the training model (CUDA; on CPU it needs a C++ compiler)
     amp: str = "auto"  # auto | off | bf16 | fp16: bf16 on CUDA or CPUs with native bf16 (1.25x here), fp16 on older GPUs
 
     @classmethod

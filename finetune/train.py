@@ -31,6 +31,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write, write_json, write_text
 from edge_tl.runtime.spec import PreprocessSpec
 
+from . import distributed
 from .backbones import create_backbone, preprocess_spec
 from .config import TrainConfig
 from .data import Split, discover
@@ -201,6 +202,17 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     eval_model)`` after each epoch's validation (benchmarks use it for learning curves).
     """
     out = Path(cfg.out)
+    d = distributed.setup(cfg.device)
+    if not d.is_main:  # only rank 0 talks and writes
+        log, progress = (lambda s: None), False
+    try:
+        return _finetune(cfg, d, out, resume, progress, on_step, log, on_epoch)
+    finally:
+        d.close()
+
+
+def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, progress: bool, on_step, log,
+              on_epoch) -> dict:
     state = None
     if resume:
         state = load_checkpoint(out / "last.pt")
@@ -211,6 +223,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     elif (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
     device = resolve_device(cfg.device)
+    if d.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
 
@@ -227,12 +241,20 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
     log(f"data {data.root}: {num_classes} classes, {len(data.train)} train / {len(data.val)} val ({data.val_source})")
-    log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}")
+    log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}"
+        + (f", {d.world} processes (DistributedDataParallel, batch {cfg.batch_size} each)" if d.world > 1 else ""))
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    train_model = model
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    global_batch = cfg.batch_size * d.world
+    steps_per_epoch = max(1, len(data.train) // global_batch)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=steps_per_epoch)
@@ -266,8 +288,9 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
     sizes = _train_sizes(cfg, spec)
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
     eval_model = ema.module if ema is not None else model
@@ -276,8 +299,10 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         t0 = time.perf_counter()
         epoch_seed = _mix(cfg.seed, epoch)
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
-        order = order[: steps_per_epoch * cfg.batch_size] if len(order) >= cfg.batch_size else order
-        view = _EpochView(data.train, order, start_step * cfg.batch_size, transforms[sizes[epoch]], epoch_seed)
+        order = order[: steps_per_epoch * global_batch] if len(order) >= global_batch else order
+        order = order[d.rank::d.world]  # this rank's shard
+        view_seed = _mix(epoch_seed, d.rank) if d.world > 1 else epoch_seed
+        view = _EpochView(data.train, order, start_step * cfg.batch_size, transforms[sizes[epoch]], view_seed)
         loader = torch.utils.data.DataLoader(view, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                              pin_memory=device.type == "cuda")
         model.train()
@@ -293,7 +318,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
                 with _autocast(device, dtype):
-                    logits = model(x)
+                    logits = train_model(x)
                     loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -311,11 +336,21 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     on_step(epoch * steps_per_epoch + step)
         except KeyboardInterrupt:
             seconds += time.perf_counter() - t0
-            _save_checkpoint(out / "last.pt", checkpoint(epoch, step))
+            if d.is_main:
+                _save_checkpoint(out / "last.pt", checkpoint(epoch, step))
             bar.close()
             raise
         start_step = 0
-        logits = predict_logits(eval_model, data.val, spec, device, cfg.batch_size * 2, cfg.workers)
+        if d.world > 1:  # sum the train statistics of all ranks; shard validation and gather it
+            loss_sum, correct, seen = (sum(v) for v in zip(*d.gather((loss_sum, correct, seen))))
+            shard = list(range(d.rank, len(data.val), d.world))
+            parts = d.gather(predict_logits(eval_model, data.val.subset(shard), spec, device, cfg.batch_size * 2,
+                                            cfg.workers))
+            logits = torch.zeros(len(data.val), num_classes)
+            for r, part in enumerate(parts):
+                logits[r::d.world] = part
+        else:
+            logits = predict_logits(eval_model, data.val, spec, device, cfg.batch_size * 2, cfg.workers)
         yv = torch.tensor(data.val.labels)
         val_loss = F.cross_entropy(logits, yv).item()
         val_acc = (logits.argmax(1) == yv).float().mean().item()
@@ -328,10 +363,12 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         if val_acc > best["val_accuracy"]:
             best = {"val_accuracy": val_acc, "epoch": epoch + 1,
                     "confusion": confusion_matrix(data.val.labels, logits.argmax(1).tolist(), num_classes)}
-            _save_checkpoint(out / "best.pt", {**meta, "epoch": epoch + 1, "val_accuracy": val_acc,
-                                              "state_dict": eval_model.state_dict()})
-        _save_checkpoint(out / "last.pt", checkpoint(epoch + 1, 0))
-        write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            if d.is_main:
+                _save_checkpoint(out / "best.pt", {**meta, "epoch": epoch + 1, "val_accuracy": val_acc,
+                                                  "state_dict": eval_model.state_dict()})
+        if d.is_main:
+            _save_checkpoint(out / "last.pt", checkpoint(epoch + 1, 0))
+            write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if on_epoch is not None:
             on_epoch(epoch + 1, eval_model)
 
@@ -342,12 +379,14 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         "val_confusion": best["confusion"], "model": cfg.model, "pretrained": pretrained,
         "seconds": round(seconds, 2), "epochs": cfg.epochs, "device": str(device), "preprocess": spec.to_dict(),
         "skipped_files": len(data.skipped), "config": asdict(cfg), "edge_tl": __version__,
-        "torch": torch.__version__, "timm": timm.__version__,
+        "torch": torch.__version__, "timm": timm.__version__, "processes": d.world,
     }
-    write_json(out / "metrics.json", metrics)
-    from .plots import plot_confusion, plot_history
+    if d.is_main:
+        write_json(out / "metrics.json", metrics)
+        from .plots import plot_confusion, plot_history
 
-    plot_history(history, out / "learning_curve.png")
-    plot_confusion(best["confusion"], data.classes, out / "confusion_matrix.png",
-                   title=f"validation, epoch {best['epoch']} (acc {best['val_accuracy']:.3f})")
+        plot_history(history, out / "learning_curve.png")
+        plot_confusion(best["confusion"], data.classes, out / "confusion_matrix.png",
+                       title=f"validation, epoch {best['epoch']} (acc {best['val_accuracy']:.3f})")
+    d.barrier()  # other ranks leave once rank 0's files are complete
     return metrics

@@ -1,0 +1,53 @@
+"""torchrun: a 2-process gloo DDP fine-tune on CPU; CUDA paths skip with a reason on CPU machines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edge_tl.finetune.data import discover
+from edge_tl.finetune.train import load_model, predict_logits
+from edge_tl.runtime.spec import PreprocessSpec
+
+from conftest import make_image_folder
+
+
+def test_two_process_gloo_finetune(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", per_class=10)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edge_tl",
+           "finetune", "--data", str(data), "--out", str(out), "--epochs", "2", "--img-size", "48",
+           "--batch-size", "4", "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("best val accuracy") == 1  # rank 1 prints nothing
+    assert "2 processes (DistributedDataParallel" in res.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["best.pt", "last.pt", "history.jsonl", "metrics.json", "learning_curve.png",
+                            "confusion_matrix.png", "skipped.txt"])  # no stray or temp files from rank 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and len((out / "history.jsonl").read_text().splitlines()) == 2
+    # the reduced validation accuracy is the accuracy of the saved model on the whole val split
+    model, ckpt = load_model(out / "best.pt")
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    val = discover(data, spec, progress=False).val
+    acc = float((predict_logits(model, val, spec, torch.device("cpu")).argmax(1).numpy() == np.asarray(val.labels)).mean())
+    assert acc == pytest.approx(metrics["best_val_accuracy"], abs=1e-6)
+    # 2 processes x batch 4 over 24 training images: 3 optimizer steps per epoch
+    assert json.loads((out / "history.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest on a GPU machine)")
+def test_cuda_amp_finetune(tmp_path):
+    from edge_tl.finetune.train import TrainConfig, amp_dtype, finetune
+
+    data = make_image_folder(tmp_path / "imgs", per_class=8)
+    m = finetune(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, img_size=64, batch_size=8,
+                             device="cuda", amp="auto"), progress=False, log=lambda s: None)
+    assert m["device"].startswith("cuda")
+    assert amp_dtype("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
