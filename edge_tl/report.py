@@ -65,24 +65,10 @@ def per_class(labels: list[int], preds: list[int], classes: list[str]) -> list[l
 
 
 def _confusion_png(labels, preds, classes, title) -> str:
-    import matplotlib
+    from edge_tl.finetune.plots import confusion_figure
+    from edge_tl.finetune.train import confusion_matrix
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    m = np.zeros((n, n), int)
-    np.add.at(m, (np.asarray(labels), np.asarray(preds)), 1)
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * n, 1 + 0.7 * n))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    return _png(fig)
+    return _png(confusion_figure(confusion_matrix(labels, preds, len(classes)), classes, title))
 
 
 def _latency_png(results: list[dict]) -> str:

@@ -37,8 +37,8 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> None:
-    """Counts with row-normalized colour (recall per true class)."""
+def confusion_figure(cm: list[list[int]], classes: list[str], title: str = ""):
+    """Counts with row-normalized colour (recall per true class); returns the figure."""
     m = np.asarray(cm, dtype=np.float64)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(classes)
@@ -50,4 +50,8 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path, ti
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    _save(fig, Path(path))
+    return fig
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> None:
+    _save(confusion_figure(cm, classes, title), Path(path))
