@@ -17,7 +17,8 @@ from edge_tl.finetune.config import TrainConfig
 
 app = typer.Typer(
     help="edge-tl: fine-tune a pretrained backbone on your images and take it to an edge device.\n\n"
-    "Example: edge-tl data elpv --out demo && edge-tl finetune --data demo --out runs/elpv",
+    "Examples: edge-tl build --data demo --target cpu    (the whole pipeline on the ELPV demo data)\n\n"
+    "edge-tl build --data ./imgs --target jetson    (your ImageFolder; prints the device steps)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
