@@ -34,15 +34,18 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
             raise UserError(f"{bundle.path}: a {precision} engine on TensorRT {trt.__version__} needs the '{source}' "
                             f"ONNX; re-export with --precision including {source}.") from None
         rel = f"engines/{trt_build.engine_filename(precision, trt.__version__, info['gpu'], info['compute_capability'], dla_core)}"
+        cache = bundle.path / "engines" / rel.split("/")[-1].replace(f"model.{precision}.", "timing.").replace(
+            ".engine", ".cache")  # one timing cache per GPU and TensorRT version
         facts = trt_build.build_engine(bundle.file(src), bundle.path / rel, precision, bundle.manifest["input"]["name"],
-                                       (3, h, w), profile, workspace_mb, dla_core,
-                                       bundle.path / "engines" / "timing.cache", log)
-        art = {"name": f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else ""), "file": rel,
+                                       (3, h, w), profile, workspace_mb, dla_core, cache, log)
+        name = f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else "") + f"@{ts.slug(info['gpu'])}"
+        art = {"name": name, "file": rel,
                "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
                "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True), **facts}
         art["val_accuracy"] = None  # measured by `edge-tl check` on the device
-        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] != art["name"]] + [art]
+        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["file"] != rel] + [art]
         bundle.add_file(rel)
+        bundle.save()  # at once: the engine file on disk and its recorded sha256 never disagree
         built.append(art)
         log(f"engine {rel} ({facts['gpu']}, sm {facts['compute_capability']}, TensorRT {facts['tensorrt']})")
     bundle.manifest["versions"]["tensorrt"] = trt.__version__
@@ -54,7 +57,7 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
     """(what, command) steps to finish a bundle on its device, TensorRT engine included."""
     b = str(where)
     precisions = [a["precision"] for a in bundle.artifacts
-                  if a["format"] == "onnx" and a["precision"] != "fp32" and a["backend"] == "tensorrt"] or ["fp16"]
+                  if a["format"] == "onnx" and a["precision"] != "fp32" and a["backend"] == "tensorrt"] or ["fp32"]
     prec = ",".join(dict.fromkeys(precisions))
     h, w = bundle.spec.input_size
     profile = trt_build.BatchProfile(**bundle.manifest["batch"])

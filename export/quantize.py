@@ -108,12 +108,8 @@ def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flav
 
     options = {"ActivationSymmetric": fl.symmetric_activations, "WeightSymmetric": True,
                "QuantizeBias": fl.quantize_bias}
-    n_batches = -(-len(calib_pixels) // 16)
-    # bound memory: fold activations into ranges every few batches. ONNX Runtime raises "No data
-    # is collected" when the batch count is a multiple of that interval, so pick one that is not.
-    interval = next((m for m in (4, 3, 5, 7) if n_batches % m), None)
-    if n_batches > 4 and interval:
-        options["CalibMaxIntermediateOutputs"] = interval
+    # no CalibMaxIntermediateOutputs: MinMax keeps only per-batch minima/maxima anyway, and in
+    # ONNX Runtime 1.32 that option discards the batches collected before each flush.
     if method == "percentile":
         options["CalibPercentile"] = 99.999
 

@@ -112,7 +112,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
     mode = typing_mode(trt.__version__)
     if dla_core is not None and precision == "fp32":
         raise UserError("--dla-core: DLA runs fp16 or int8 only; choose --precision fp16 or int8.")
-    logger = ts.capturing_logger(trt)
+    logger = ts.logger()
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "strong" else 0
     network = builder.create_network(flags)
@@ -130,8 +130,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
     profile.set_shape(input_name, *batch.shapes(chw))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        log(f"timing cache {timing_cache} does not match this GPU/TensorRT; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     if dla_core is not None:
         if builder.num_DLA_cores == 0:
             raise UserError(f"--dla-core {dla_core}: this GPU has no DLA cores (DLA is on Jetson AGX/NX Orin).")
@@ -144,7 +145,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
         cause = logger.messages[-1] if logger.messages else "see the TensorRT log above"
         raise UserError(f"{onnx_path}: TensorRT {trt.__version__} could not build a {precision} engine ({cause}).")
     atomic_write(engine_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
-    if timing_cache is not None:
-        atomic_write(timing_cache, lambda tmp: tmp.write_bytes(bytes(config.get_timing_cache().serialize())))
+    cache = config.get_timing_cache()
+    if timing_cache is not None and cache is not None:
+        atomic_write(timing_cache, lambda tmp: tmp.write_bytes(bytes(cache.serialize())))
     return {"tensorrt": trt.__version__, "typing": mode, "workspace_mb": workspace_mb, "dla_core": dla_core,
             "batch": batch.to_dict(), **ts.gpu_info()}

@@ -83,8 +83,9 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        providers = ort_providers(self.device)
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device))
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}).") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -124,7 +125,7 @@ class TensorRTRunner(Runner):
         trt, cudart = ts.import_tensorrt(), ts.import_cudart()
         ts.check(cudart.cudaSetDevice(self.device))
         self._trt, self._cudart = trt, cudart
-        self._logger = ts.capturing_logger(trt)
+        self._logger = ts.logger()
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
@@ -137,7 +138,8 @@ class TensorRTRunner(Runner):
         mode = trt.TensorIOMode.INPUT
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
-        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        profile = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.min_batch, self.max_batch = int(profile[0][0]), int(profile[2][0])
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))[1:]
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
         self._stream = ts.check(cudart.cudaStreamCreate())
@@ -162,13 +164,25 @@ class TensorRTRunner(Runner):
 
         n = x.shape[0]
         if n > self.max_batch:
-            return np.concatenate([self.infer(x[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+            parts, timings = [], []
+            for i in range(0, n, self.max_batch):
+                parts.append(self.infer(x[i:i + self.max_batch]))
+                timings.append(self.last_timings)
+            self.last_timings = {k: sum(t[k] for t in timings) for k in timings[0]}
+            return np.concatenate(parts)
         cudart, stream, ev = self._cudart, self._stream, self._events
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        m = max(n, self.min_batch)  # below the profile's minimum: pad with zeros, return the first n
         with self._lock:
-            host_in, host_out = self._host_in[:n], self._host_out[:n]
-            np.copyto(host_in, x, casting="same_kind")
-            self.context.set_input_shape(self.input_name, host_in.shape)
+            if self.engine is None:
+                raise RuntimeError(f"{self.path}: runner is closed")
+            ts.check(cudart.cudaSetDevice(self.device))  # the current device is per host thread
+            host_in, host_out = self._host_in[:m], self._host_out[:m]
+            np.copyto(host_in[:n], x, casting="same_kind")
+            host_in[n:] = 0
+            if not self.context.set_input_shape(self.input_name, host_in.shape):
+                raise UserError(f"{self.path}: batch {m} is outside the engine's profile "
+                                f"{self.min_batch}..{self.max_batch}; rebuild with a wider --batch.")
             ts.check(cudart.cudaEventRecord(ev[0], stream))
             ts.check(cudart.cudaMemcpyAsync(self._dev_in, host_in.ctypes.data, host_in.nbytes, h2d, stream))
             ts.check(cudart.cudaEventRecord(ev[1], stream))
@@ -180,18 +194,19 @@ class TensorRTRunner(Runner):
             ts.check(cudart.cudaStreamSynchronize(stream))
             self.last_timings = {k: ts.check(cudart.cudaEventElapsedTime(ev[i], ev[i + 1]))
                                  for i, k in enumerate(("h2d_ms", "compute_ms", "d2h_ms"))}
-            return host_out.astype(np.float32, copy=True)
+            return host_out[:n].astype(np.float32, copy=True)
 
     def deactivate(self) -> None:
-        if not self._allocs:
-            return
-        cudart = self._cudart
-        for kind, ptr in self._allocs:
-            (cudart.cudaFreeHost if kind == "host" else cudart.cudaFree)(ptr)
-        for e in self._events:
-            cudart.cudaEventDestroy(e)
-        cudart.cudaStreamDestroy(self._stream)
-        self._allocs, self.context, self.engine = [], None, None
+        with self._lock:  # never free buffers under a running infer
+            if not self._allocs:
+                return
+            cudart = self._cudart
+            for kind, ptr in self._allocs:
+                (cudart.cudaFreeHost if kind == "host" else cudart.cudaFree)(ptr)
+            for e in self._events:
+                cudart.cudaEventDestroy(e)
+            cudart.cudaStreamDestroy(self._stream)
+            self._allocs, self._events, self.context, self.engine = [], [], None, None
 
     def describe(self) -> str:
         from edge_tl.runtime import trt_support as ts

@@ -55,21 +55,30 @@ def handle(obj) -> int:
     return int(get_cuda_native_handle(obj))
 
 
-def capturing_logger(trt):
-    """A TensorRT logger that prints warnings and errors and keeps them, so a failed
+_LOGGER = None
+
+
+def logger():
+    """The process's one TensorRT logger (TensorRT keeps the first one it is given, as
+    Polygraphy does). It prints warnings and errors and keeps them, so a failed
     deserialize/build (which returns None, no exception) can name its cause."""
+    global _LOGGER
+    if _LOGGER is None:
+        trt = import_tensorrt()
 
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[str] = []
 
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                self.messages.append(str(msg))
-                print(f"[TensorRT] {msg}", file=sys.stderr)
+            def log(self, severity, msg):
+                if severity <= trt.ILogger.Severity.WARNING:
+                    self.messages.append(str(msg))
+                    print(f"[TensorRT] {msg}", file=sys.stderr)
 
-    return Logger()
+        _LOGGER = Logger()
+    _LOGGER.messages.clear()
+    return _LOGGER
 
 
 def missing_reason() -> str | None:
