@@ -315,7 +315,8 @@ def build(
     """The whole pipeline: fine-tune -> export -> check -> bench -> report.html, resumable.
 
     A rerun skips stages whose inputs have not changed; a stopped fine-tune resumes. With a
-    test/ folder in DATA, accuracy is measured on it; otherwise on the golden images.
+    test/ folder in DATA, accuracy is measured on it; otherwise on the golden images. Exit 1
+    when the accuracy check fails (the report is still written).
 
     Examples:\n
       edge-tl build --data demo --target cpu\n
@@ -334,6 +335,9 @@ def build(
                    err=True)
         raise typer.Exit(130)
     typer.echo(json.dumps(summary, indent=2) if json_out else "\n" + format_summary(summary))
+    if not summary["passed"]:
+        typer.echo("check FAILED: an artifact regressed (see the table and report.html)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
