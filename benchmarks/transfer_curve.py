@@ -27,6 +27,7 @@ import torch
 from edge_tl.fileio import write_json
 from edge_tl.finetune.data import _decode, _scan_classes, stratified_split
 from edge_tl.finetune.train import TrainConfig, finetune, predict_logits
+from edge_tl.finetune.transfer import effects, pretrained_wins
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,12 +47,6 @@ def subset_folder(data: Path, out: Path, fraction: float) -> Path:
         os.symlink(p.resolve(), tmp / "train" / c / p.name)
     tmp.rename(out)
     return out
-
-
-def effects(curve: list[float]) -> dict:
-    best = max(curve)
-    return {"start": curve[0], "slope_epochs_to_90pct_of_best": next(i + 1 for i, a in enumerate(curve) if a >= 0.9 * best),
-            "asymptote": best}
 
 
 def main() -> None:
@@ -119,10 +114,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             for k in ("start", "slope_epochs_to_90pct_of_best", "asymptote"):
                 row[f"{init}_{k}"] = float(np.mean([r[k] for r in rs]))
             row["num_train"] = rs[0]["num_train"]
-        row["pretrained_wins_all_three"] = (row["pretrained_start"] > row["scratch_start"]
-                                            and row["pretrained_slope_epochs_to_90pct_of_best"]
-                                            <= row["scratch_slope_epochs_to_90pct_of_best"]
-                                            and row["pretrained_asymptote"] > row["scratch_asymptote"])
+        mean = {init: {k.removeprefix(f"{init}_"): v for k, v in row.items() if k.startswith(f"{init}_")}
+                for init in ("pretrained", "scratch")}
+        row["pretrained_wins_all_three"] = pretrained_wins(mean["pretrained"], mean["scratch"])["all_three"]
         rows.append(row)
     return rows
 
@@ -133,28 +127,19 @@ def plot(runs: list[dict], summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from edge_tl.finetune.plots import draw_transfer
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     full = max(r["fraction"] for r in runs)
+    draw_transfer(ax1, {init: [r["test_curve"] for r in runs if r["fraction"] == full and r["init"] == init]
+                        for init in ("pretrained", "scratch")}, "test accuracy (4-class)")
+    ax1.set(title=f"ELPV, {int(full * 100)} % of training data")
     for init, color in (("pretrained", "C0"), ("scratch", "C3")):
-        curves = np.asarray([r["test_curve"] for r in runs if r["fraction"] == full and r["init"] == init])
-        epochs = np.arange(1, curves.shape[1] + 1)
-        mean = curves.mean(0)
-        ax1.plot(epochs, mean, "o-", color=color, label=f"{init} (mean of {len(curves)} seeds)")
-        ax1.fill_between(epochs, curves.min(0), curves.max(0), color=color, alpha=0.15)
-        best = mean.max()
-        reach = int(np.argmax(mean >= 0.9 * best)) + 1
-        ax1.annotate(f"start {mean[0]:.2f}", (1, mean[0]), textcoords="offset points", xytext=(8, -4), color=color)
-        ax1.axvline(reach, color=color, ls=":", alpha=0.6)
-        ax1.axhline(best, color=color, ls="--", alpha=0.5)
-        ax1.annotate(f"asymptote {best:.2f}; 90 % of it by epoch {reach}", (epochs[-1], best), textcoords="offset points",
-                     xytext=(-4, 4), ha="right", color=color)
         ax2.plot([s["num_train"] for s in summary], [s[f"{init}_asymptote"] for s in summary], "o-", color=color,
                  label=init)
-    ax1.set(xlabel="epoch", ylabel="test accuracy (4-class)", title=f"ELPV, {int(full * 100)} % of training data")
     ax2.set(xscale="log", xlabel="training images", ylabel="best test accuracy", title="data-size sweep")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,8 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
 from edge_tl.finetune.config import TrainConfig
 
-STAGES = ("data", "finetune", "export", "check", "bench", "report")
+SCRATCH_RUN = "run-scratch"
+STAGES = ("data", "finetune", "scratch", "export", "check", "bench", "report")  # scratch: with --compare-scratch
 
 
 def folder_fingerprint(root: Path) -> str:
@@ -38,8 +39,8 @@ def _hash(obj) -> str:
 class Build:
     """Stage bookkeeping for one output folder."""
 
-    def __init__(self, out: Path, force: bool, log: Callable[[str], None]):
-        self.out, self.force, self.log = out, force, log
+    def __init__(self, out: Path, force: bool, log: Callable[[str], None], stages: tuple[str, ...] = STAGES):
+        self.out, self.force, self.log, self.stages = out, force, log, stages
         self.state_path = out / "build.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
 
@@ -47,11 +48,11 @@ class Build:
         """Run stage ``name`` unless its inputs' fingerprint is unchanged and its outputs exist."""
         fp = _hash(inputs)
         done = self.state["stages"].get(name, {})
-        index = STAGES.index(name) + 1
+        index = self.stages.index(name) + 1
         if not self.force and done.get("fingerprint") == fp and all(p.exists() for p in outputs):
-            self.log(f"[{index}/{len(STAGES)}] {name}: up to date (inputs unchanged), skipped")
+            self.log(f"[{index}/{len(self.stages)}] {name}: up to date (inputs unchanged), skipped")
             return False
-        self.log(f"[{index}/{len(STAGES)}] {name} ...")
+        self.log(f"[{index}/{len(self.stages)}] {name} ...")
         t0 = time.perf_counter()
         fn()
         self.state["stages"][name] = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
@@ -62,15 +63,19 @@ class Build:
 
 def build(data: str, target: str, out: str | Path, train: dict, precision: str | None = None, force: bool = False,
           calib_images: int = 512, bench_batches: tuple[int, ...] = (1, 8), bench_seconds: float = 2.0,
-          log: Callable[[str], None] = print) -> dict:
-    """Run every stage into ``out``; return the summary (also ``OUT/summary.json``)."""
+          compare_scratch: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run every stage into ``out``; return the summary (also ``OUT/summary.json``).
+
+    ``compare_scratch`` also trains the same recipe from random init (``OUT/run-scratch``), so
+    the report shows the transfer-learning gain on this data (start, slope, asymptote).
+    """
     from edge_tl.export.bundle import TARGETS
 
     if target not in TARGETS:
         raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    b = Build(out, force, log)
+    b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
 
     data_dir = out / "data" if data == "demo" else Path(data)
     if data == "demo":
@@ -94,19 +99,13 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
                     "data": data_fp}
 
-    def finetune() -> None:
-        from edge_tl.finetune.train import finetune as run
-
-        last = run_dir / "last.pt"
-        prev = b.state.get("finetune_started")
-        resumable = not force and last.is_file() and prev == _hash(train_inputs)
-        if not resumable and run_dir.exists():
-            shutil.rmtree(run_dir)
-        b.state["finetune_started"] = _hash(train_inputs)
-        write_json(b.state_path, b.state)
-        run(cfg, resume=resumable, log=lambda s: log(f"  {s}"))
-
-    b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"], finetune)
+    b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"],
+          lambda: _finetune_stage(b, "finetune", cfg, train_inputs))
+    if compare_scratch:
+        scratch_cfg = replace(cfg, scratch=True, out=str(out / SCRATCH_RUN))
+        scratch_inputs = {**train_inputs, "scratch": True}
+        b.run("scratch", scratch_inputs, [out / SCRATCH_RUN / "metrics.json"],
+              lambda: _finetune_stage(b, "scratch", scratch_cfg, scratch_inputs))
 
     bundle_dir = out / "bundle"
     export_inputs = {"best": sha256_file(run_dir / "best.pt"), "target": target, "precision": precision,
@@ -148,15 +147,33 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         write_report(out)
 
     inputs = {k: sha256_file(out / k) for k in ("check.json", "bench.json")}
+    if compare_scratch:
+        inputs["scratch"] = sha256_file(out / SCRATCH_RUN / "metrics.json")
     b.run("report", {**inputs, "manifest": manifest_sha}, [out / "report.html"], report)
     summary = summarize(out)
     write_json(out / "summary.json", summary)
     return summary
 
 
+def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None:
+    """Fine-tune ``cfg``, resuming its ``last.pt`` when the same inputs started it."""
+    from edge_tl.finetune.train import finetune as run
+
+    run_dir = Path(cfg.out)
+    key = f"{name}_started"
+    resumable = not b.force and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
+    if not resumable and run_dir.exists():
+        shutil.rmtree(run_dir)
+    b.state[key] = _hash(inputs)
+    write_json(b.state_path, b.state)
+    run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
 def summarize(out: Path) -> dict:
-    """Accuracy per artifact, latency per backend and precision, and the next steps."""
+    """Accuracy per artifact, latency per backend and precision, pretrained vs scratch where
+    trained, and the next steps."""
     from edge_tl.export.device import device_commands
+    from edge_tl.finetune.transfer import compare_run_folders
     from edge_tl.runtime.bundle import Bundle
 
     check = json.loads((out / "check.json").read_text())
@@ -168,7 +185,9 @@ def summarize(out: Path) -> dict:
         rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
                      "passed": r["passed"], **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
+    transfer = compare_run_folders(out / "run", out / SCRATCH_RUN)
     return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
+            "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
             "next_steps": [{"what": w, "command": c} for w, c in device_commands(bundle, out / "bundle")]}
@@ -188,6 +207,14 @@ def format_summary(summary: dict) -> str:
             f"{summary['torch_reference'].get(k, float('nan')):>7.2f} ms" for k in batches))
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
               f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
+    if summary.get("transfer"):
+        e, w = summary["transfer"]["effects"], summary["transfer"]["pretrained_wins"]
+        lines += ["", "pretrained vs scratch (validation accuracy, same recipe and epochs):"]
+        for key, label in (("start", "start (epoch 1)"), ("slope_epochs_to_90pct_of_best", "epochs to 90 % of best"),
+                           ("asymptote", "best")):
+            win = w["slope" if key.startswith("slope") else key]
+            lines.append(f"  {label:<24} {e['pretrained'][key]:>7.4g} vs {e['scratch'][key]:>7.4g}"
+                         f"  {'pretrained wins' if win else 'scratch wins'}")
     if summary["not_run_here"]:
         lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
     lines += ["", f"next, on the {summary['target']} device:"]

@@ -82,6 +82,7 @@ def finetune(
     ema: bool = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it."),
     class_weights: str = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse."),
     vflip: float = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
+    rot90: float = typer.Option(D["rot90"], help="Probability of a random quarter turn (orientation-free data)."),
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
     workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
@@ -106,7 +107,7 @@ def finetune(
     cfg = TrainConfig(data=str(data), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
-                      class_weights=class_weights, vflip=vflip, seed=seed, workers=workers, device=device, amp=amp,
+                      class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
                       compile=compile)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:
@@ -309,6 +310,8 @@ def build(
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
+    compare_scratch: bool = typer.Option(False, help="Also train from random init with the same recipe; the report "
+                                         "shows what pretraining gained (start, slope, asymptote). Doubles training time."),
     force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -320,7 +323,8 @@ def build(
 
     Examples:\n
       edge-tl build --data demo --target cpu\n
-      edge-tl build --data ./imgs --target jetson --out build-jetson
+      edge-tl build --data ./imgs --target jetson --out build-jetson\n
+      edge-tl build --data demo --compare-scratch
     """
     from edge_tl.build import build as run_build
     from edge_tl.build import format_summary
@@ -329,7 +333,8 @@ def build(
                  batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp)
     log = _log_for(json_out)
     try:
-        summary = run_build(data, target, out, train, precision, force, calib_images, log=log)
+        summary = run_build(data, target, out, train, precision, force, calib_images,
+                            compare_scratch=compare_scratch, log=log)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: rerun the same command to continue ({out / 'build.json'} records finished stages)",
                    err=True)

@@ -133,6 +133,7 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
         parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "
                      f"{html.escape(', '.join(check['skipped']))}</p>")
     parts += ["<h2>Learning curve</h2>", _img(_png(out / "run" / "learning_curve.png"), "learning curve")]
+    parts += _transfer_section(out)
     if "labels" in check:
         parts.append("<h2>Confusion matrix and per-class precision / recall</h2>")
         for n in dict.fromkeys(["fp32", deployed]):
@@ -161,6 +162,35 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>edge-tl report</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
     return write_text(out / "report.html", page)
+
+
+def _transfer_section(out: Path) -> list[str]:
+    """Pretrained vs scratch (``build --compare-scratch``): both validation curves, the effects."""
+    from edge_tl.build import SCRATCH_RUN
+    from edge_tl.finetune.transfer import compare_run_folders
+
+    t = compare_run_folders(out / "run", out / SCRATCH_RUN)
+    if t is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_tl.finetune.plots import draw_transfer
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_transfer(ax, {k: [v] for k, v in t["curves"].items()}, "validation accuracy")
+    ax.set(title="pretrained vs scratch, same recipe and epochs")
+    e, w = t["effects"], t["pretrained_wins"]
+    rows = [[label, e["pretrained"][key], e["scratch"][key], "pretrained" if w[win] else "scratch"]
+            for key, label, win in (("start", "start: accuracy after epoch 1", "start"),
+                                    ("slope_epochs_to_90pct_of_best", "slope: epochs to 90 % of own best", "slope"),
+                                    ("asymptote", "asymptote: best accuracy", "asymptote"))]
+    return ["<h2>Transfer learning: pretrained vs scratch</h2>",
+            f"<p>The same recipe trained from random initialization for the same {t['epochs']} epochs "
+            f"(<code>{SCRATCH_RUN}/</code>), measured on the validation split.</p>",
+            _img(_png(fig), "pretrained vs scratch"), _table(["effect", "pretrained", "scratch", "better"], rows)]
 
 
 def _merge_per_class(check: dict, classes: list[str], names: list[str]) -> list[list]:

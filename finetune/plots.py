@@ -55,3 +55,26 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = ""):
 
 def plot_confusion(cm: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> None:
     _save(confusion_figure(cm, classes, title), Path(path))
+
+
+def draw_transfer(ax, curves: dict[str, list[list[float]]], ylabel: str) -> None:
+    """Pretrained vs scratch accuracy per epoch on ``ax`` (mean and min-max band over seeds),
+    with the start, the epoch reaching 90 % of the best, and the asymptote marked."""
+    for init, color in (("pretrained", "C0"), ("scratch", "C3")):
+        runs = np.asarray(curves[init])
+        epochs = np.arange(1, runs.shape[1] + 1)
+        mean = runs.mean(0)
+        seeds = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
+        ax.plot(epochs, mean, "o-", color=color, label=init + seeds)
+        if len(runs) > 1:
+            ax.fill_between(epochs, runs.min(0), runs.max(0), color=color, alpha=0.15)
+        best = mean.max()
+        reach = int(np.argmax(mean >= 0.9 * best)) + 1
+        ax.annotate(f"start {mean[0]:.2f}", (1, mean[0]), textcoords="offset points", xytext=(8, -4), color=color)
+        ax.axvline(reach, color=color, ls=":", alpha=0.6)
+        ax.axhline(best, color=color, ls="--", alpha=0.5)
+        ax.annotate(f"asymptote {best:.2f}; 90 % of it by epoch {reach}", (epochs[-1], best),
+                    textcoords="offset points", xytext=(-4, 4), ha="right", color=color)
+    ax.set(xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")

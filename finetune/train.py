@@ -19,6 +19,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
 from timm.data import create_transform
 from timm.models import group_modules
 from timm.optim import create_optimizer_v2
@@ -96,11 +98,28 @@ def eval_transform(spec: PreprocessSpec):
                             mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
 
 
+class RandomQuarterTurn:
+    """Rotate by a random multiple of 90 degrees with probability ``p`` (lossless, unlike timm's
+    arbitrary-angle rotate, which blurs and pads); with both flips it covers all 8 symmetries."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() >= self.p:
+            return img
+        return img.transpose(random.choice((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                            Image.Transpose.ROTATE_270)))
+
+
 def train_transform(cfg: TrainConfig, spec: PreprocessSpec, size: int):
-    return create_transform(input_size=(3, size, size), is_training=True, scale=(cfg.scale_min, 1.0),
+    timm_transform = create_transform(input_size=(3, size, size), is_training=True, scale=(cfg.scale_min, 1.0),
                             hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter,
                             auto_augment=cfg.auto_augment, interpolation=spec.interpolation,
                             mean=spec.mean, std=spec.std)
+    if cfg.rot90 <= 0:
+        return timm_transform
+    return transforms.Compose([RandomQuarterTurn(cfg.rot90), timm_transform])
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -80,6 +80,26 @@ def test_missing_outputs_rerun_their_stage(built, tmp_path):
     assert any("] finetune ..." in line for line in logs)
 
 
+def test_compare_scratch_adds_the_transfer_section(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    logs: list[str] = []
+    summary = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4), bench_seconds=0.2,
+                    compare_scratch=True, log=logs.append)
+    assert "[3/7] scratch ..." in logs and "[2/7] finetune: up to date (inputs unchanged), skipped" in logs
+    assert "[7/7] report ..." in logs  # the new comparison changes the report's inputs
+    scratch = json.loads((out / "run-scratch" / "metrics.json").read_text())
+    assert scratch["pretrained"] == "none (--scratch)" and scratch["config"]["epochs"] == TRAIN["epochs"]
+    t = summary["transfer"]
+    assert set(t["effects"]) == {"pretrained", "scratch"} and t["metric"] == "validation accuracy"
+    history = [json.loads(x) for x in (out / "run-scratch" / "history.jsonl").read_text().splitlines()]
+    assert t["effects"]["scratch"]["start"] == history[0]["val_accuracy"]
+    page = (out / "report.html").read_text()
+    assert "Transfer learning: pretrained vs scratch" in page and "asymptote: best accuracy" in page
+    assert "pretrained vs scratch" in format_summary(summary)
+
+
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
                     reason="needs a headless Chromium (chromium / google-chrome on PATH) to render the report")
 def test_report_renders_in_headless_chromium(built, tmp_path):

@@ -1,0 +1,48 @@
+"""The three effects of transfer learning, measured on two accuracy-per-epoch curves.
+
+start     = accuracy after epoch 1 (higher start)
+slope     = epochs to reach 90 % of the curve's own best (fewer = steeper)
+asymptote = best accuracy over the epochs (higher asymptote)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def effects(curve: list[float]) -> dict:
+    best = max(curve)
+    return {"start": curve[0], "slope_epochs_to_90pct_of_best": next(i + 1 for i, a in enumerate(curve) if a >= 0.9 * best),
+            "asymptote": best}
+
+
+def pretrained_wins(pretrained: dict, scratch: dict) -> dict:
+    """Which effects the pretrained curve wins (``effects`` dicts; a tie in slope counts as a win)."""
+    wins = {"start": pretrained["start"] > scratch["start"],
+            "slope": pretrained["slope_epochs_to_90pct_of_best"] <= scratch["slope_epochs_to_90pct_of_best"],
+            "asymptote": pretrained["asymptote"] > scratch["asymptote"]}
+    return {**wins, "all_three": all(wins.values())}
+
+
+def compare_runs(pretrained_history: list[dict], scratch_history: list[dict]) -> dict:
+    """Effects of two fine-tunes' validation curves (``history.jsonl`` rows)."""
+    curves = {"pretrained": [h["val_accuracy"] for h in pretrained_history],
+              "scratch": [h["val_accuracy"] for h in scratch_history]}
+    eff = {k: effects(v) for k, v in curves.items()}
+    return {"curves": curves, "effects": eff, "pretrained_wins": pretrained_wins(eff["pretrained"], eff["scratch"])}
+
+
+def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None:
+    """``compare_runs`` of two finished run folders, or None unless ``scratch_run`` is the
+    scratch twin of ``run`` (same recipe and data, random init, all epochs done)."""
+    paths = [Path(r) / "metrics.json" for r in (run, scratch_run)]
+    if not all(p.is_file() for p in paths):
+        return None
+    configs = [json.loads(p.read_text())["config"] for p in paths]
+    same = {k: v for k, v in configs[0].items() if k not in ("scratch", "out", "workers", "device")}
+    if not configs[1]["scratch"] or any(configs[1].get(k) != v for k, v in same.items()):
+        return None
+    histories = [[json.loads(line) for line in (Path(r) / "history.jsonl").read_text().splitlines() if line]
+                 for r in (run, scratch_run)]
+    return {**compare_runs(*histories), "epochs": configs[0]["epochs"], "metric": "validation accuracy"}

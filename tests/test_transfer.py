@@ -1,0 +1,39 @@
+"""The transfer-learning effects and the pretrained/scratch pairing of run folders."""
+
+from __future__ import annotations
+
+import json
+
+from edge_tl.finetune.transfer import compare_run_folders, effects, pretrained_wins
+
+
+def test_effects_of_a_curve():
+    e = effects([0.5, 0.7, 0.9, 0.85, 1.0])
+    assert e == {"start": 0.5, "slope_epochs_to_90pct_of_best": 3, "asymptote": 1.0}
+
+
+def test_pretrained_wins_each_effect_separately():
+    pre, scr = effects([0.6, 0.8, 0.8]), effects([0.3, 0.5, 0.7])
+    assert pretrained_wins(pre, scr) == {"start": True, "slope": True, "asymptote": True, "all_three": True}
+    worse = pretrained_wins(effects([0.2, 0.25, 0.3, 0.9]), scr)
+    assert worse == {"start": False, "slope": False, "asymptote": True, "all_three": False}
+
+
+def _run(folder, curve, **config):
+    folder.mkdir()
+    cfg = {"epochs": len(curve), "lr": 0.002, "scratch": False, "out": str(folder), "device": "cpu", **config}
+    (folder / "metrics.json").write_text(json.dumps({"config": cfg}))
+    (folder / "history.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "val_accuracy": a}) + "\n"
+                                                  for i, a in enumerate(curve)))
+
+
+def test_compare_run_folders_pairs_only_a_scratch_twin(tmp_path):
+    _run(tmp_path / "run", [0.6, 0.8])
+    assert compare_run_folders(tmp_path / "run", tmp_path / "none") is None
+    _run(tmp_path / "twin", [0.3, 0.5], scratch=True, device="cuda")
+    t = compare_run_folders(tmp_path / "run", tmp_path / "twin")
+    assert t["curves"] == {"pretrained": [0.6, 0.8], "scratch": [0.3, 0.5]} and t["pretrained_wins"]["all_three"]
+    _run(tmp_path / "other_recipe", [0.3, 0.5], scratch=True, lr=0.01)
+    assert compare_run_folders(tmp_path / "run", tmp_path / "other_recipe") is None
+    _run(tmp_path / "not_scratch", [0.3, 0.5])
+    assert compare_run_folders(tmp_path / "run", tmp_path / "not_scratch") is None
