@@ -179,12 +179,12 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
                        "preprocessing": "eval (resize + center crop)"}
         name = "int8" if flavour == "tensorrt" else "int8-cpu"
         log(f"int8 ({flavour} flavour): calibrating on {len(idx)} training images ({calib_method})")
-        record = quantize_within_budget(fp32, tmp / ONNX_FILES[name], calib, val_pixels, val_labels, fp32_acc,
+        record = quantize_within_budget(fp32, tmp / ONNX_FILES[name], calib, val_pixels, val_labels, fp32_logits,
                                         flavour, calib_method, max_drop, log)
         art = _artifact(name, "int8", "tensorrt" if flavour == "tensorrt" else "onnxruntime",
                         record["val_accuracy"], fp32_acc)
         art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
-                   tries=record["tries"])
+                   fp32_agreement=record["fp32_agreement"], tries=record["tries"])
         if not record["accepted"]:
             log(f"warning: {name} stays {record['drop_pts']:.2f} pts below fp32 even with every layer in float; "
                 "it is kept but marked not accepted (Predictor skips it unless asked by name).")
