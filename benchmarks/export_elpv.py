@@ -92,6 +92,8 @@ def main() -> None:
         "int8_tensorrt_flavour_latency_ratio_b1": rows["int8-tensorrt"]["b1"]["p50_ms"] / fp32["b1"]["p50_ms"],
         "int8_cpu_drop_pts": 100 * (fp32["test_accuracy"] - rows["int8-cpu"]["test_accuracy"]),
         "int8_tensorrt_drop_pts": 100 * (fp32["test_accuracy"] - rows["int8-tensorrt"]["test_accuracy"]),
+        "int8_cpu_test_agreement_with_torch": rows["int8-cpu"]["agreement_with_torch"],
+        "int8_tensorrt_test_agreement_with_torch": rows["int8-tensorrt"]["agreement_with_torch"],
     }
     result = {"benchmark": "export_elpv", "run": str(args.run), "test_images": int(len(labels)),
               "float_nodes": {"int8-cpu": bundles["cpu"]["artifacts"][-1]["float_nodes"],
