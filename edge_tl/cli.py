@@ -152,7 +152,7 @@ def export(
                                             "gpu/jetson fp32,fp16,int8)."),
     calib_images: int = typer.Option(512, help="INT8 calibration images, stratified from the training split."),
     calib_method: str = typer.Option("auto", help="INT8 calibration: minmax, entropy or percentile; auto = "
-                                     "entropy for the TensorRT flavour, minmax for the CPU one."),
+                                     "minmax (measured as good as the others on ELPV, and it uses every image)."),
     batch: Optional[str] = typer.Option(None, help="TensorRT batch profile MIN:OPT:MAX (default cpu/gpu 1:1:32 / "
                                         "1:8:32, jetson 1:1:8)."),
     max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points) before layers are kept in float."),
