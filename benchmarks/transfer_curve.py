@@ -27,7 +27,7 @@ import torch
 from edge_tl.fileio import write_json
 from edge_tl.finetune.data import _decode, _scan_classes, stratified_split
 from edge_tl.finetune.train import TrainConfig, finetune, predict_logits
-from edge_tl.finetune.transfer import effects, pretrained_wins
+from edge_tl.finetune.transfer import compare_effects, effects
 
 ROOT = Path(__file__).resolve().parent
 
@@ -116,7 +116,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             row["num_train"] = rs[0]["num_train"]
         mean = {init: {k.removeprefix(f"{init}_"): v for k, v in row.items() if k.startswith(f"{init}_")}
                 for init in ("pretrained", "scratch")}
-        row["pretrained_wins_all_three"] = pretrained_wins(mean["pretrained"], mean["scratch"])["all_three"]
+        row["pretrained_wins_all_three"] = compare_effects(mean["pretrained"], mean["scratch"])["all_three"]
         rows.append(row)
     return rows
 

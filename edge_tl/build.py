@@ -76,6 +76,8 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
+    b.state["compare_scratch"] = compare_scratch  # a run-scratch/ left by an earlier build is shown only when asked
+    write_json(b.state_path, b.state)
 
     data_dir = out / "data" if data == "demo" else Path(data)
     if data == "demo":
@@ -169,11 +171,20 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
 
 
+def scratch_comparison(out: Path) -> dict | None:
+    """Pretrained vs scratch of the last build into ``out`` when it had ``--compare-scratch``."""
+    from edge_tl.finetune.transfer import compare_run_folders
+
+    state = out / "build.json"
+    if not state.is_file() or not json.loads(state.read_text()).get("compare_scratch"):
+        return None
+    return compare_run_folders(out / "run", out / SCRATCH_RUN)
+
+
 def summarize(out: Path) -> dict:
     """Accuracy per artifact, latency per backend and precision, pretrained vs scratch where
     trained, and the next steps."""
     from edge_tl.export.device import device_commands
-    from edge_tl.finetune.transfer import compare_run_folders
     from edge_tl.runtime.bundle import Bundle
 
     check = json.loads((out / "check.json").read_text())
@@ -185,7 +196,7 @@ def summarize(out: Path) -> dict:
         rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
                      "passed": r["passed"], **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
-    transfer = compare_run_folders(out / "run", out / SCRATCH_RUN)
+    transfer = scratch_comparison(out)
     return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
@@ -208,13 +219,12 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
               f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
     if summary.get("transfer"):
-        e, w = summary["transfer"]["effects"], summary["transfer"]["pretrained_wins"]
+        e, w = summary["transfer"]["effects"], summary["transfer"]["better"]
         lines += ["", "pretrained vs scratch (validation accuracy, same recipe and epochs):"]
         for key, label in (("start", "start (epoch 1)"), ("slope_epochs_to_90pct_of_best", "epochs to 90 % of best"),
                            ("asymptote", "best")):
             win = w["slope" if key.startswith("slope") else key]
-            lines.append(f"  {label:<24} {e['pretrained'][key]:>7.4g} vs {e['scratch'][key]:>7.4g}"
-                         f"  {'pretrained wins' if win else 'scratch wins'}")
+            lines.append(f"  {label:<24} {e['pretrained'][key]:>7.4g} vs {e['scratch'][key]:>7.4g}  {win}")
     if summary["not_run_here"]:
         lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
     lines += ["", f"next, on the {summary['target']} device:"]

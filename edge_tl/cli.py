@@ -82,7 +82,7 @@ def finetune(
     ema: bool = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it."),
     class_weights: str = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse."),
     vflip: float = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
-    rot90: float = typer.Option(D["rot90"], help="Probability of a random quarter turn (orientation-free data)."),
+    rot90: float = typer.Option(D["rot90"], help="Probability of turning by a random multiple of 90 degrees (orientation-free data; 1 = all four equally likely)."),
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
     workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),

@@ -166,10 +166,9 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
 
 def _transfer_section(out: Path) -> list[str]:
     """Pretrained vs scratch (``build --compare-scratch``): both validation curves, the effects."""
-    from edge_tl.build import SCRATCH_RUN
-    from edge_tl.finetune.transfer import compare_run_folders
+    from edge_tl.build import SCRATCH_RUN, scratch_comparison
 
-    t = compare_run_folders(out / "run", out / SCRATCH_RUN)
+    t = scratch_comparison(out)
     if t is None:
         return []
     import matplotlib
@@ -182,8 +181,8 @@ def _transfer_section(out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     draw_transfer(ax, {k: [v] for k, v in t["curves"].items()}, "validation accuracy")
     ax.set(title="pretrained vs scratch, same recipe and epochs")
-    e, w = t["effects"], t["pretrained_wins"]
-    rows = [[label, e["pretrained"][key], e["scratch"][key], "pretrained" if w[win] else "scratch"]
+    e, w = t["effects"], t["better"]
+    rows = [[label, e["pretrained"][key], e["scratch"][key], w[win]]
             for key, label, win in (("start", "start: accuracy after epoch 1", "start"),
                                     ("slope_epochs_to_90pct_of_best", "slope: epochs to 90 % of own best", "slope"),
                                     ("asymptote", "asymptote: best accuracy", "asymptote"))]

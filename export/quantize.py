@@ -7,7 +7,7 @@ Two INT8 flavours, different files for good reason (measured on a 2-core AVX-512
   *inputs* of Conv/Gemm/MatMul only, as NVIDIA's placement guide recommends: quantizing a
   Conv's output quantizes its pre-activation range (ReLU6 then uses a fraction of the int8
   steps), which on ELPV/Lite0 made the logit error 5x larger (FP32 agreement 90 % instead of
-  98 %); residual Adds stay float (TensorRT runs them in FP16/FP32). On ONNX Runtime CPU this
+  98 %); residual Adds compute in float (their skip input is the next Conv's Q/DQ'd tensor). On ONNX Runtime CPU this
   runs *slower* than FP32, so it is not the CPU choice.
 - ``cpu``: uint8 activations (asymmetric) with per-channel int8 weights, the layout ONNX
   Runtime's VNNI kernels are fastest on.
@@ -31,9 +31,9 @@ from edge_tl.fileio import atomic_write
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-# ELPV, Lite0, 4 classes, agreement with FP32 on 1458 validation + held-out training images:
-# TensorRT flavour 97.9 % minmax (512 images), 98.1 % entropy, 97.9 % percentile (68 images:
-# ONNX Runtime's histograms hold every activation); CPU flavour 99.3 % (val) with minmax.
+# ELPV, Lite0, 4 classes, agreement with FP32 on 1458 validation + held-out training images
+# (benchmarks/int8_tensorrt_explore.py): TensorRT flavour 98.4 % minmax (512 images), 98.4 %
+# entropy, 98.3 % percentile (80 images: ONNX Runtime's histograms hold every activation).
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,13 @@ def histogram_image_limit(model_path: Path) -> int:
     return max(16, HISTOGRAM_MEMORY_BYTES // activation_bytes_per_image(model_path))
 
 
-def quantized_nodes(int8_model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Compute nodes that read a DequantizeLinear output (i.e. run in int8)."""
+def quantized_nodes(int8_model: onnx.ModelProto, op_types: tuple[str, ...] | None = None) -> list[onnx.NodeProto]:
+    """Compute nodes that read a DequantizeLinear output (i.e. run in int8), of ``op_types`` if given
+    (a float Add that shares a quantized skip input is not one to keep in float)."""
     dq_out = {o for n in int8_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n for n in int8_model.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input)]
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input)
+            and (op_types is None or n.op_type in op_types)]
 
 
 def _all_outputs(path: Path, names: list[str]) -> bytes:
@@ -168,7 +170,8 @@ def _all_outputs(path: Path, names: list[str]) -> bytes:
     return model.SerializeToString()
 
 
-def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray) -> list[tuple[str, float]]:
+def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
+                 op_types: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
     """Quantized nodes ranked by the error each one adds, worst first.
 
     Both models expose every quantized node's float input and output; a node's damage is
@@ -177,7 +180,7 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray) -> list[tu
     """
     import onnxruntime as ort
 
-    nodes = quantized_nodes(onnx.load(str(int8_path)))
+    nodes = quantized_nodes(onnx.load(str(int8_path)), op_types)
     fp32_names = {o for n in onnx.load(str(prepared)).graph.node for o in n.output}
     fp32_names |= {i.name for i in onnx.load(str(prepared)).graph.input}
     pairs = []
@@ -253,7 +256,8 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
             if drop <= max_drop:
                 break
             if ranking is None:
-                ranking = [name for name, _ in layer_damage(prepared, out_path, val_pixels[:32])]
+                ranking = [name for name, _ in layer_damage(prepared, out_path, val_pixels[:32],
+                                                            FLAVOURS[flavour].op_types)]
             if len(exclude) >= len(ranking):
                 break
             exclude = tuple(ranking[:max(1, 2 * len(exclude))])

@@ -32,7 +32,7 @@ class TrainConfig:
     scale_min: float = 0.8  # RandomResizedCrop lower scale: small defects must stay in the crop
     hflip: float = 0.5
     vflip: float = 0.0
-    rot90: float = 0.0  # probability of a random quarter turn (orientation-free data: cells, slides, aerial tiles)
+    rot90: float = 0.0  # probability of a random turn by k*90 deg (orientation-free data: cells, slides, aerial tiles)
     color_jitter: float = 0.2
     auto_augment: str | None = None
     val_fraction: float = 0.15

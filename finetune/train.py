@@ -99,8 +99,11 @@ def eval_transform(spec: PreprocessSpec):
 
 
 class RandomQuarterTurn:
-    """Rotate by a random multiple of 90 degrees with probability ``p`` (lossless, unlike timm's
-    arbitrary-angle rotate, which blurs and pads); with both flips it covers all 8 symmetries."""
+    """With probability ``p``, turn by 0, 90, 180 or 270 degrees, each equally likely (``p=1``:
+    uniform over the four orientations). Lossless, unlike timm's arbitrary-angle rotate, which
+    blurs and pads; with both flips it covers all 8 symmetries of a square."""
+
+    TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 
     def __init__(self, p: float):
         self.p = p
@@ -108,8 +111,8 @@ class RandomQuarterTurn:
     def __call__(self, img):
         if random.random() >= self.p:
             return img
-        return img.transpose(random.choice((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
-                                            Image.Transpose.ROTATE_270)))
+        turn = random.choice(self.TURNS)
+        return img if turn is None else img.transpose(turn)
 
 
 def train_transform(cfg: TrainConfig, spec: PreprocessSpec, size: int):

@@ -17,12 +17,21 @@ def effects(curve: list[float]) -> dict:
             "asymptote": best}
 
 
-def pretrained_wins(pretrained: dict, scratch: dict) -> dict:
-    """Which effects the pretrained curve wins (``effects`` dicts; a tie in slope counts as a win)."""
-    wins = {"start": pretrained["start"] > scratch["start"],
-            "slope": pretrained["slope_epochs_to_90pct_of_best"] <= scratch["slope_epochs_to_90pct_of_best"],
-            "asymptote": pretrained["asymptote"] > scratch["asymptote"]}
-    return {**wins, "all_three": all(wins.values())}
+def _better(a: float, b: float, higher_is_better: bool = True) -> str:
+    if a == b:
+        return "tie"
+    return "pretrained" if (a > b) == higher_is_better else "scratch"
+
+
+def compare_effects(pretrained: dict, scratch: dict) -> dict:
+    """Which curve is better on each effect ("pretrained", "scratch" or "tie"; ``effects`` dicts),
+    and whether pretrained wins all three (a tie in slope counts: both reach it in one epoch)."""
+    better = {"start": _better(pretrained["start"], scratch["start"]),
+              "slope": _better(pretrained["slope_epochs_to_90pct_of_best"], scratch["slope_epochs_to_90pct_of_best"],
+                               higher_is_better=False),
+              "asymptote": _better(pretrained["asymptote"], scratch["asymptote"])}
+    return {**better, "all_three": better["start"] == better["asymptote"] == "pretrained"
+            and better["slope"] in ("pretrained", "tie")}
 
 
 def compare_runs(pretrained_history: list[dict], scratch_history: list[dict]) -> dict:
@@ -30,14 +39,14 @@ def compare_runs(pretrained_history: list[dict], scratch_history: list[dict]) ->
     curves = {"pretrained": [h["val_accuracy"] for h in pretrained_history],
               "scratch": [h["val_accuracy"] for h in scratch_history]}
     eff = {k: effects(v) for k, v in curves.items()}
-    return {"curves": curves, "effects": eff, "pretrained_wins": pretrained_wins(eff["pretrained"], eff["scratch"])}
+    return {"curves": curves, "effects": eff, "better": compare_effects(eff["pretrained"], eff["scratch"])}
 
 
 def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None:
     """``compare_runs`` of two finished run folders, or None unless ``scratch_run`` is the
     scratch twin of ``run`` (same recipe and data, random init, all epochs done)."""
     paths = [Path(r) / "metrics.json" for r in (run, scratch_run)]
-    if not all(p.is_file() for p in paths):
+    if not all(p.is_file() and (p.parent / "history.jsonl").is_file() for p in paths):
         return None
     configs = [json.loads(p.read_text())["config"] for p in paths]
     same = {k: v for k, v in configs[0].items() if k not in ("scratch", "out", "workers", "device")}
@@ -45,4 +54,6 @@ def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None
         return None
     histories = [[json.loads(line) for line in (Path(r) / "history.jsonl").read_text().splitlines() if line]
                  for r in (run, scratch_run)]
+    if not all(histories):
+        return None
     return {**compare_runs(*histories), "epochs": configs[0]["epochs"], "metric": "validation accuracy"}

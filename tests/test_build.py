@@ -98,6 +98,11 @@ def test_compare_scratch_adds_the_transfer_section(built, tmp_path):
     page = (out / "report.html").read_text()
     assert "Transfer learning: pretrained vs scratch" in page and "asymptote: best accuracy" in page
     assert "pretrained vs scratch" in format_summary(summary)
+    logs.clear()  # dropping the flag: the old run-scratch/ stays on disk but is no longer shown
+    again = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4), bench_seconds=0.2,
+                  log=logs.append)
+    assert again["transfer"] is None and "[6/6] report: up to date (inputs unchanged), skipped" not in logs
+    assert "Transfer learning" not in (out / "report.html").read_text()
 
 
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),

@@ -64,6 +64,8 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
     assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
                 and inits[n.input[0]].dtype == np.int32]  # biases stay float
     # NVIDIA's placement: Q/DQ on every Conv/Gemm input and nowhere else (a skip branch may share one)
+    art = json.loads((out / "manifest.json").read_text())["artifacts"][-1]
+    assert art["name"] == "int8" and art["float_nodes"] == [] and art["fp32_agreement"] > 0.5
     producer = {o: n for n in model.graph.node for o in n.output}
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert convs and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in convs)
@@ -99,7 +101,7 @@ def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp
     rec = quantize_within_budget(fp32, tmp_path / "int8.onnx", black, pixels, labels, fp32_logits, "cpu", "minmax",
                                  0.0, log=lambda s: None)
     assert rec["tries"][0]["drop_pts"] > 0, "black-image calibration should cost accuracy"
-    assert rec["tries"][0]["fp32_agreement"] < 1 and rec["fp32_agreement"] >= rec["tries"][0]["fp32_agreement"]
+    assert rec["tries"][0]["fp32_agreement"] < 1
     assert rec["float_nodes"] and rec["drop_pts"] <= 0.0 and rec["accepted"]
     assert [t["float_nodes"] for t in rec["tries"]] == sorted(t["float_nodes"] for t in rec["tries"])
     int8 = onnx.load(str(tmp_path / "int8.onnx"))

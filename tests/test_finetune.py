@@ -36,14 +36,15 @@ def test_run_folder_complete(tiny_folder, tmp_path):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
-    ref = finetune(_cfg(tiny_folder, tmp_path / "ref", ema=True), progress=False, log=lambda s: None)
+    aug = dict(ema=True, vflip=0.5, rot90=1.0)  # every random draw must replay on resume
+    ref = finetune(_cfg(tiny_folder, tmp_path / "ref", **aug), progress=False, log=lambda s: None)
 
     def interrupt(step):
         if step == 3:  # mid-epoch 2 (2 steps per epoch... 21 train images / 8 = 2 steps)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(_cfg(tiny_folder, tmp_path / "cut", ema=True), progress=False, on_step=interrupt, log=lambda s: None)
+        finetune(_cfg(tiny_folder, tmp_path / "cut", **aug), progress=False, on_step=interrupt, log=lambda s: None)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 1)
     resumed = finetune(_cfg(tiny_folder, tmp_path / "cut", workers=1), resume=True, progress=False, log=lambda s: None)
@@ -51,6 +52,21 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["best_val_accuracy"] == ref["best_val_accuracy"]
+
+
+def test_quarter_turns_cover_four_orientations():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from edge_tl.finetune.train import RandomQuarterTurn
+
+    img = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4))
+    random.seed(0)
+    seen = {np.asarray(RandomQuarterTurn(1.0)(img)).tobytes() for _ in range(64)}
+    assert len(seen) == 4 and np.asarray(img).tobytes() in seen
+    assert all(RandomQuarterTurn(0.0)(img) is img for _ in range(8))
 
 
 def test_real_elpv_subset(elpv_small, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from edge_tl.finetune.transfer import compare_run_folders, effects, pretrained_wins
+from edge_tl.finetune.transfer import compare_effects, compare_run_folders, effects
 
 
 def test_effects_of_a_curve():
@@ -12,11 +12,15 @@ def test_effects_of_a_curve():
     assert e == {"start": 0.5, "slope_epochs_to_90pct_of_best": 3, "asymptote": 1.0}
 
 
-def test_pretrained_wins_each_effect_separately():
+def test_compare_effects_judges_each_effect_separately():
     pre, scr = effects([0.6, 0.8, 0.8]), effects([0.3, 0.5, 0.7])
-    assert pretrained_wins(pre, scr) == {"start": True, "slope": True, "asymptote": True, "all_three": True}
-    worse = pretrained_wins(effects([0.2, 0.25, 0.3, 0.9]), scr)
-    assert worse == {"start": False, "slope": False, "asymptote": True, "all_three": False}
+    assert compare_effects(pre, scr) == {"start": "pretrained", "slope": "pretrained", "asymptote": "pretrained",
+                                         "all_three": True}
+    same_slope = compare_effects(effects([0.6, 0.8]), effects([0.3, 0.5]))  # both reach 90 % at epoch 2
+    assert same_slope["slope"] == "tie" and same_slope["all_three"]
+    worse = compare_effects(effects([0.2, 0.25, 0.3, 0.9]), scr)
+    assert worse == {"start": "scratch", "slope": "scratch", "asymptote": "pretrained", "all_three": False}
+    assert compare_effects(pre, pre)["start"] == "tie" and not compare_effects(pre, pre)["all_three"]
 
 
 def _run(folder, curve, **config):
@@ -32,8 +36,10 @@ def test_compare_run_folders_pairs_only_a_scratch_twin(tmp_path):
     assert compare_run_folders(tmp_path / "run", tmp_path / "none") is None
     _run(tmp_path / "twin", [0.3, 0.5], scratch=True, device="cuda")
     t = compare_run_folders(tmp_path / "run", tmp_path / "twin")
-    assert t["curves"] == {"pretrained": [0.6, 0.8], "scratch": [0.3, 0.5]} and t["pretrained_wins"]["all_three"]
+    assert t["curves"] == {"pretrained": [0.6, 0.8], "scratch": [0.3, 0.5]} and t["better"]["all_three"]
     _run(tmp_path / "other_recipe", [0.3, 0.5], scratch=True, lr=0.01)
     assert compare_run_folders(tmp_path / "run", tmp_path / "other_recipe") is None
     _run(tmp_path / "not_scratch", [0.3, 0.5])
     assert compare_run_folders(tmp_path / "run", tmp_path / "not_scratch") is None
+    (tmp_path / "twin" / "history.jsonl").write_text("")  # a damaged run is no comparison, not a crash
+    assert compare_run_folders(tmp_path / "run", tmp_path / "twin") is None
