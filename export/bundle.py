@@ -26,7 +26,7 @@ from edge_tl.fileio import UMASK, write_text
 from edge_tl.finetune.data import Split, discover
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import GOLDEN, SCHEMA_VERSION, Bundle
+from edge_tl.runtime.bundle import GOLDEN, MANIFEST, SCHEMA_VERSION, Bundle
 
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
@@ -74,6 +74,17 @@ def versions() -> dict:
             "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
 
 
+def _check_replaceable(out: Path, run: Path, data: Path) -> None:
+    """--force replaces only an earlier bundle, never the run, its data or a folder holding them."""
+    target = out.resolve()
+    for kept, what in ((run, "the run being exported"), (data, "the run's data")):
+        if target == kept.resolve() or target in kept.resolve().parents:
+            raise UserError(f"{out}: holds {what} ({kept}); --force would delete it. Choose another --out.")
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"{out}: exists and is not a bundle (no {MANIFEST}); --force only replaces a bundle. "
+                        "Choose another --out, or remove the folder yourself.")
+
+
 def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisions: str | None = None,
                   calib_images: int = 512, calib_method: str = "auto", batch: str | None = None,
                   max_drop: float = 1.0, data: str | Path | None = None, golden_count: int = 32,
@@ -99,6 +110,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if not data.exists():
         raise UserError(f"{data}: the run's data folder is gone; pass --data DIR with the same ImageFolder "
                         "(its training split calibrates INT8, its validation split measures accuracy).")
+    if out.exists():
+        _check_replaceable(out, run, data)
     ds = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress)
     if ds.classes != ckpt["classes"]:
         raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")

@@ -148,3 +148,17 @@ def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
     with pytest.raises(UserError, match="data folder is gone"):
         export_bundle(elpv_run, tmp_path / "x", data=tmp_path / "nowhere", progress=False, log=lambda s: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_force_replaces_only_a_bundle(elpv_run, elpv_small, tmp_path):
+    """--force must never delete the run, its data, a folder holding them, or a folder that is no bundle."""
+    run_files = sorted(p.name for p in elpv_run.iterdir())
+    for out in (elpv_run, elpv_run.parent, elpv_small):
+        with pytest.raises(UserError, match="--force would delete it"):
+            export_bundle(elpv_run, out, force=True, progress=False, log=lambda s: None)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a bundle"):
+        export_bundle(elpv_run, other, force=True, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in elpv_run.iterdir()) == run_files and (other / "keep.txt").exists()
