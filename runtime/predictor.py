@@ -11,7 +11,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import load_rgb
+from .images import load_rgb, to_rgb
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
 
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=None
@@ -142,7 +142,9 @@ class Predictor:
                 raise UserError(f"image array of dtype {image.dtype} and shape {image.shape}: "
                                 "expected uint8 H×W×3 RGB (convert grayscale with np.repeat(a[..., None], 3, 2)).")
             image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
+        elif isinstance(image, Image.Image):
+            image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
+        else:
             raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, a PIL image or a uint8 H×W×3 array.")
         return self.spec.to_pixels(image)
 

@@ -113,6 +113,23 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
 
 
+def test_pil_image_preprocessed_like_its_file(cpu_bundle, tmp_path):
+    """Image.open(path) must give the pixels the path gives: EXIF turn, alpha on white, 16-bit scaling."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), np.uint8)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 4), np.uint8), "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 40), np.uint16)).save(tmp_path / "deep.png")
+    with Predictor.from_bundle(cpu_bundle, backend="onnxruntime", precision="fp32", device="cpu") as p:
+        for name in ("turned.jpg", "alpha.png", "deep.png"):
+            path = tmp_path / name
+            expected = p.preprocess(path)
+            np.testing.assert_array_equal(p.preprocess(path.read_bytes()), expected)
+            with Image.open(path) as img:
+                np.testing.assert_array_equal(p.preprocess(img), expected, err_msg=name)
+
+
 def test_concurrent_predicts_agree_with_serial(cpu_bundle, elpv_small):
     paths = _images(elpv_small)
     with Predictor.from_bundle(cpu_bundle, precision="fp32", device="cpu") as p:
