@@ -104,7 +104,7 @@ def finetune(
     """
     from edge_tl.finetune.train import finetune as run
 
-    cfg = TrainConfig(data=str(data), out=str(out), model=model, weights=str(weights) if weights else None,
+    cfg = TrainConfig(data=str(data.resolve()), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
@@ -113,8 +113,12 @@ def finetune(
     try:
         metrics = run(cfg, resume=resume, log=log)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: progress saved to {out / 'last.pt'}; continue with the same command plus --resume",
-                   err=True)
+        if (out / "last.pt").exists():
+            typer.echo(f"\ninterrupted: progress saved to {out / 'last.pt'}; continue with the same command plus --resume",
+                       err=True)
+        else:
+            typer.echo("\ninterrupted before the first checkpoint: nothing saved; run the same command again "
+                       "(without --resume)", err=True)
         raise typer.Exit(130)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return

@@ -238,9 +238,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     state = None
     if resume:
         state = load_checkpoint(out / "last.pt")
-        device_choice, workers = cfg.device, cfg.workers
+        given = cfg
         cfg = TrainConfig.from_dict(state["config"])
-        cfg.device, cfg.workers = device_choice, workers
+        cfg.device, cfg.workers, cfg.data = given.device, given.workers, given.data  # the data may have moved
         log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
     elif (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
@@ -253,6 +253,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
     data = discover(cfg.data, spec, cfg.val_fraction, cfg.split_seed, progress)
+    if state is not None and data.classes != state["classes"]:
+        raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
+                        f"{out / 'last.pt'}; resume with the run's data.")
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable or non-image files:")
         for line in data.skipped[:20]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from edge_tl.errors import UserError
 from edge_tl.finetune.train import TrainConfig, finetune, load_model
 
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
@@ -47,7 +49,13 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
         finetune(_cfg(tiny_folder, tmp_path / "cut", **aug), progress=False, on_step=interrupt, log=lambda s: None)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 1)
-    resumed = finetune(_cfg(tiny_folder, tmp_path / "cut", workers=1), resume=True, progress=False, log=lambda s: None)
+    moved = shutil.copytree(tiny_folder, tmp_path / "moved")  # the data may move between the two runs
+    renamed = shutil.copytree(tiny_folder, tmp_path / "renamed")
+    first = sorted(p for p in renamed.iterdir() if p.is_dir())[0]
+    first.rename(first.with_name("zz-other"))
+    with pytest.raises(UserError, match="differ from the run's"):
+        finetune(_cfg(renamed, tmp_path / "cut"), resume=True, progress=False, log=lambda s: None)
+    resumed = finetune(_cfg(moved, tmp_path / "cut", workers=1), resume=True, progress=False, log=lambda s: None)
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
