@@ -31,8 +31,10 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
         try:
             src = bundle.artifact(source)
         except UserError:
+            fix = ("it is a --target cpu bundle (ONNX Runtime's INT8 flavour); re-export with --target gpu or jetson"
+                   if bundle.manifest.get("target") == "cpu" else f"re-export with --precision including {source}")
             raise UserError(f"{bundle.path}: a {precision} engine on TensorRT {trt.__version__} needs the '{source}' "
-                            f"ONNX; re-export with --precision including {source}.") from None
+                            f"ONNX; {fix}.") from None
         rel = f"engines/{trt_build.engine_filename(precision, trt.__version__, info['gpu'], info['compute_capability'], dla_core)}"
         cache = bundle.path / "engines" / rel.split("/")[-1].replace(f"model.{precision}.", "timing.").replace(
             ".engine", ".cache")  # one timing cache per GPU and TensorRT version

@@ -55,8 +55,17 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        """Refuse the bundle when any listed file is missing or differs from its recorded sha256."""
-        for rel, digest in self.manifest.get("files", {}).items():
+        """Refuse the bundle when a model or golden file is not listed, or a listed file is missing or changed."""
+        files = self.manifest.get("files")
+        if not isinstance(files, dict):
+            raise BundleError(f"{self.path / MANIFEST}: no 'files' list of sha256 digests. Re-export the bundle.")
+        for rel in [a.get("file") for a in self.manifest.get("artifacts", [])] + [GOLDEN]:
+            if rel not in files:
+                raise BundleError(f"{self.path / str(rel)}: not listed with a sha256 in {MANIFEST}, so it cannot be "
+                                  "verified. Re-export the bundle (or rebuild its engines with `edge-tl engine`).")
+        for rel, digest in files.items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise BundleError(f"{self.path / MANIFEST}: file entry '{rel}' points outside the bundle. Re-export it.")
             f = self.path / rel
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing. Copy the whole bundle folder again.")

@@ -134,6 +134,17 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="missing"):
         Bundle.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(cpu_bundle, copy)
+    # an unlisted model file, a missing file list, or an entry outside the folder: nothing can be verified
+    for edit, match in ((lambda m: m["files"].pop("model.int8-cpu.onnx"), "not listed with a sha256"),
+                        (lambda m: m.pop("files"), "no 'files' list"),
+                        (lambda m: m["files"].update({"../elsewhere.onnx": "0" * 64}), "outside the bundle")):
+        m = json.loads((cpu_bundle / "manifest.json").read_text())
+        edit(m)
+        (copy / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=match):
+            Bundle.load(copy)
 
 
 def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
