@@ -163,7 +163,7 @@ def export(
     data: Optional[Path] = typer.Option(None, help="The run's ImageFolder, if it moved (calibration and validation)."),
     workspace: int = typer.Option(1024, help="TensorRT builder workspace limit, MB (engines are built only where "
                                   "TensorRT is installed)."),
-    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, help="Replace OUT if it holds an earlier bundle (never a run or data folder)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest at the end."),
 ) -> None:
     """Export a fine-tuned run as a bundle: ONNX FP32 (normalization inside), FP16, INT8 (Q/DQ), engines.
