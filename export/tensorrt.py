@@ -59,6 +59,12 @@ class BatchProfile:
     def shapes(self, chw: tuple[int, int, int]) -> tuple[tuple[int, ...], ...]:
         return tuple((b, *chw) for b in (self.min, self.opt, self.max))
 
+    def for_dla(self, dla_core: int | None) -> "BatchProfile":
+        """DLA has no dynamic shapes (with a range every layer falls back to the GPU): fix the batch at OPT.
+
+        The runtime pads smaller batches and splits larger ones."""
+        return self if dla_core is None or self.min == self.max else BatchProfile(self.opt, self.opt, self.opt)
+
 
 def parse_precisions(text: str, allowed: tuple[str, ...] = ENGINE_PRECISIONS) -> list[str]:
     out = [p.strip().lower() for p in text.split(",") if p.strip()]
@@ -83,7 +89,7 @@ def trtexec_command(onnx_file: str, engine_file: str, precision: str, input_name
                     batch: BatchProfile, mode: str, workspace_mb: int = 1024, dla_core: int | None = None,
                     timing_cache: str | None = "timing.cache") -> list[str]:
     """The ``trtexec`` line equivalent to :func:`build_engine` (for people who prefer NVIDIA's tool)."""
-    mn, opt, mx = ("x".join(map(str, s)) for s in batch.shapes(chw))
+    mn, opt, mx = ("x".join(map(str, s)) for s in batch.for_dla(dla_core).shapes(chw))
     cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}",
            f"--minShapes={input_name}:{mn}", f"--optShapes={input_name}:{opt}", f"--maxShapes={input_name}:{mx}",
            f"--memPoolSize=workspace:{workspace_mb}M"]
@@ -126,12 +132,20 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
         config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
+    if batch.for_dla(dla_core) != batch:
+        batch = batch.for_dla(dla_core)
+        log(f"DLA needs one fixed shape: building for batch {batch.opt} (the runtime pads smaller batches "
+            "and splits larger ones)")
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, *batch.shapes(chw))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
-        log(f"timing cache {timing_cache} does not match this GPU/TensorRT; starting a new one")
+    try:
+        cache = config.create_timing_cache(cache_bytes)
+    except Exception:  # a truncated or corrupt file: the cache only saves time, so start afresh
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"timing cache {timing_cache} is unreadable or does not match this GPU/TensorRT; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     if dla_core is not None:
         if builder.num_DLA_cores == 0:

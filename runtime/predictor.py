@@ -97,7 +97,8 @@ def _ort_flavour(device: str | None) -> str:
 def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0) -> Runner:
     path = bundle.file(artifact)
     if backend == "tensorrt":
-        return TensorRTRunner(path, int(device) if device and str(device).isdigit() else 0)
+        return TensorRTRunner(path, int(device) if device and str(device).isdigit() else 0,
+                              artifact.get("dla_core"))
     return OnnxRuntimeRunner(path, device, threads)
 
 

@@ -113,8 +113,8 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, device: int = 0):
-        self.path, self.device = Path(path), device
+    def __init__(self, path: str | Path, device: int = 0, dla_core: int | None = None):
+        self.path, self.device, self.dla_core = Path(path), device, dla_core
         self._lock = threading.Lock()
         self.last_timings: dict[str, float] = {}
         self._allocs: list = []
@@ -127,6 +127,8 @@ class TensorRTRunner(Runner):
         self._trt, self._cudart = trt, cudart
         self._logger = ts.logger()
         self._runtime = trt.Runtime(self._logger)
+        if self.dla_core is not None:
+            self._runtime.DLA_core = self.dla_core  # else a DLA engine runs on core 0, whatever it was built for
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             cause = self._logger.messages[-1] if self._logger.messages else "no message"
@@ -134,6 +136,8 @@ class TensorRTRunner(Runner):
                             f"({cause}); engines only run on the GPU model and TensorRT version that built them. Rebuild here: "
                             f"edge-tl engine {self.path.parent.parent if self.path.parent.name == 'engines' else self.path.parent}")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise UserError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?).")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)

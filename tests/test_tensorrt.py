@@ -35,10 +35,13 @@ def test_precision_list_and_typing_mode():
 
 def test_trtexec_lines_for_tensorrt_10_and_11():
     args = ("m.onnx", "m.engine", "int8", "pixels", (3, 224, 224), BatchProfile(1, 1, 8))
-    weak = trtexec_command(*args, mode="weak", workspace_mb=512, dla_core=0)
+    weak = trtexec_command(*args, mode="weak", workspace_mb=512)
     assert weak[:3] == ["trtexec", "--onnx=m.onnx", "--saveEngine=m.engine"]
     assert "--minShapes=pixels:1x3x224x224" in weak and "--maxShapes=pixels:8x3x224x224" in weak
-    assert {"--int8", "--fp16", "--memPoolSize=workspace:512M", "--useDLACore=0", "--allowGPUFallback"} <= set(weak)
+    assert {"--int8", "--fp16", "--memPoolSize=workspace:512M"} <= set(weak)
+    dla = trtexec_command(*args, mode="weak", dla_core=0)  # DLA: one fixed shape, at OPT
+    assert {"--useDLACore=0", "--allowGPUFallback", "--maxShapes=pixels:1x3x224x224"} <= set(dla)
+    assert BatchProfile(2, 4, 8).for_dla(1) == BatchProfile(4, 4, 4) and BatchProfile(2, 4, 8).for_dla(None).max == 8
     strong = trtexec_command(*args, mode="strong")
     assert "--stronglyTyped" in strong and not {"--int8", "--fp16"} & set(strong)  # removed in trtexec 11
 
