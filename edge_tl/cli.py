@@ -298,7 +298,7 @@ def check(
 
 @app.command()
 def build(
-    data: str = typer.Option(..., help="ImageFolder DIR (DIR/<class>/* or DIR/train/<class>/*, optional DIR/test/), "
+    data: str = typer.Option(..., help="ImageFolder DIR (DIR/<class>/*, or DIR/train/<class>/* with optional DIR/val/ and DIR/test/), "
                              "or 'demo' for the built-in ELPV solar-cell data."),
     target: str = typer.Option("cpu", help="cpu, gpu or jetson."),
     out: Path = typer.Option(Path("edge-tl-build"), help="Output folder (data, run, bundle, results, report.html)."),

@@ -114,6 +114,11 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     train_dir = root / "train" if (root / "train").is_dir() else root
     skipped: list[str] = []
     train_files = _scan_classes(train_dir)
+    for reserved in ("test", "val"):
+        if train_dir == root and reserved in train_files:
+            raise UserError(f"{root / reserved}: a '{reserved}' folder beside the class folders would be trained on as "
+                            f"a class. Use the layout DIR/train/<class>/ + DIR/{reserved}/<class>/, or move {reserved}/ "
+                            "out of DIR.")
     classes = sorted(train_files)
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
@@ -121,7 +126,8 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]
         if n == 0:
-            raise UserError(f"{where}: no readable images ({len(skipped)} files skipped, e.g. {skipped[:1]}). "
+            mine = [line for line in skipped if line.startswith(f"{where}/")]
+            raise UserError(f"{where}: no readable images ({len(mine)} files skipped, e.g. {mine[:1]}). "
                             "Add images or remove the folder.")
         if n < 2:
             raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to validate).")

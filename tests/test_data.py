@@ -56,6 +56,7 @@ def test_bad_files_skipped_and_listed(tiny_folder):
     ("one_class", "only one class"),
     ("one_image", "only 1 readable image"),
     ("all_broken", "no readable images"),
+    ("flat_with_test", "would be trained on as a class"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
     root = tiny_folder
@@ -71,8 +72,13 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
         for p in sorted((root / "checker").iterdir())[1:]:
             p.unlink()
     elif case == "all_broken":
+        (root / "hstripes" / "broken.png").write_bytes(b"\x00garbage")  # skipped elsewhere: not the example given
         for p in (root / "checker").iterdir():
             p.write_bytes(b"\x00garbage")
+    elif case == "flat_with_test":
+        shutil.copytree(root / "checker", root / "test" / "checker")
     with pytest.raises(UserError, match=match) as err:
         discover(root, SPEC, progress=False)
     assert str(root) in str(err.value)
+    if case == "all_broken":
+        assert "hstripes" not in str(err.value)
