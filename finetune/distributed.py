@@ -39,6 +39,12 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def sync_buffers(self, module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's syncs)."""
+        if self.world > 1:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -368,6 +368,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         start_step = 0
         if d.world > 1:  # sum the train statistics of all ranks; shard validation and gather it
             loss_sum, correct, seen = (sum(v) for v in zip(*d.gather((loss_sum, correct, seen))))
+            d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
             shard = list(range(d.rank, len(data.val), d.world))
             parts = d.gather(predict_logits(eval_model, data.val.subset(shard), spec, device, cfg.batch_size * 2,
                                             cfg.workers))

@@ -36,8 +36,13 @@ def test_two_process_gloo_finetune(tmp_path):
     model, ckpt = load_model(out / "best.pt")
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     val = discover(data, spec, progress=False).val
-    acc = float((predict_logits(model, val, spec, torch.device("cpu")).argmax(1).numpy() == np.asarray(val.labels)).mean())
+    logits = predict_logits(model, val, spec, torch.device("cpu"))
+    acc = float((logits.argmax(1).numpy() == np.asarray(val.labels)).mean())
     assert acc == pytest.approx(metrics["best_val_accuracy"], abs=1e-6)
+    # the loss too (finer than accuracy): shards must not be scored with each rank's own BatchNorm statistics
+    best = json.loads((out / "history.jsonl").read_text().splitlines()[metrics["best_epoch"] - 1])
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(val.labels)).item()
+    assert loss == pytest.approx(best["val_loss"], abs=1e-4)
     # 2 processes x batch 4 over 24 training images: 3 optimizer steps per epoch
     assert json.loads((out / "history.jsonl").read_text().splitlines()[0])["epoch"] == 1
 
