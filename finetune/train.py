@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -181,6 +183,32 @@ def _frozen_modules(model: torch.nn.Module, stages: int) -> list[torch.nn.Module
     return mods
 
 
+class _StepBoundaryInterrupt:
+    """Ctrl-C inside a training step takes effect at the step's end, so last.pt never holds half an
+    update (weights stepped but not counted, EMA behind); a second Ctrl-C stops at once, unsaved."""
+
+    pending = False
+
+    def __enter__(self) -> "_StepBoundaryInterrupt":
+        self.pending, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:
     full = spec.input_size[0]
     low = max(32, int(round(full * 0.75 / 32)) * 32)
@@ -337,34 +365,39 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
                    initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
         step = start_step
+        interrupt = _StepBoundaryInterrupt()
         try:
-            for x, y in bar:
-                torch.manual_seed(_mix(epoch_seed, step, 7))
-                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-                y = y.to(device, non_blocking=True)
-                with _autocast(device, dtype):
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                scheduler.step_update(epoch * steps_per_epoch + step)
-                if ema is not None:
-                    ema.update(model, step=epoch * steps_per_epoch + step)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                if on_step is not None:
-                    on_step(epoch * steps_per_epoch + step)
-        except KeyboardInterrupt:
+            with interrupt:
+                for x, y in bar:
+                    torch.manual_seed(_mix(epoch_seed, step, 7))
+                    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+                    y = y.to(device, non_blocking=True)
+                    with _autocast(device, dtype):
+                        logits = train_model(x)
+                        loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                    scheduler.step_update(epoch * steps_per_epoch + step)
+                    if ema is not None:
+                        ema.update(model, step=epoch * steps_per_epoch + step)
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                    if on_step is not None:
+                        on_step(epoch * steps_per_epoch + step)
+                    interrupt.check()
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not interrupt.pending:
+                raise  # a real error, not a data-loader worker stopped by the same Ctrl-C
             seconds += time.perf_counter() - t0
             if d.is_main:
                 _save_checkpoint(out / "last.pt", checkpoint(epoch, step))
             bar.close()
-            raise
+            raise KeyboardInterrupt from None
         start_step = 0
         if d.world > 1:  # sum the train statistics of all ranks; shard validation and gather it
             loss_sum, correct, seen = (sum(v) for v in zip(*d.gather((loss_sum, correct, seen))))

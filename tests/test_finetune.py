@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -43,7 +45,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
 
     def interrupt(step):
         if step == 3:  # mid-epoch 2 (2 steps per epoch... 21 train images / 8 = 2 steps)
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: takes effect at the end of this step
 
     with pytest.raises(KeyboardInterrupt):
         finetune(_cfg(tiny_folder, tmp_path / "cut", **aug), progress=False, on_step=interrupt, log=lambda s: None)
