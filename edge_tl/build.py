@@ -23,10 +23,10 @@ SCRATCH_RUN = "run-scratch"
 STAGES = ("data", "finetune", "scratch", "export", "check", "bench", "report")  # scratch: with --compare-scratch
 
 
-def folder_fingerprint(root: Path) -> str:
-    """Hash of every file's relative path, size and modification time under ``root``."""
+def folder_fingerprint(root: Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of every file's relative path, size and modification time under ``root``, top-level ``skip`` folders aside."""
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in skip):
         st = f.stat()
         h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -94,12 +94,13 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         if not data_dir.is_dir():
             raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
         b.run("data", {"folder": str(data_dir.resolve())}, [data_dir], lambda: None)
-    data_fp = folder_fingerprint(data_dir)
+    data_fp = folder_fingerprint(data_dir, skip=("test",))  # training never reads test/; the check stage does
 
     run_dir = out / "run"
     cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir)})
     train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
-                    "data": data_fp}
+                    "data": data_fp,
+                    "weights": sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file() else cfg.weights}
 
     b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"],
           lambda: _finetune_stage(b, "finetune", cfg, train_inputs))

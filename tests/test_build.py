@@ -80,6 +80,23 @@ def test_missing_outputs_rerun_their_stage(built, tmp_path):
     assert any("] finetune ..." in line for line in logs)
 
 
+def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    extra = root / "imgs" / "test" / "checker" / "extra.png"
+    shutil.copy(next((root / "imgs" / "test" / "checker").iterdir()), extra)
+    try:
+        logs: list[str] = []
+        build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4), bench_seconds=0.2,
+              log=logs.append)
+    finally:
+        extra.unlink()
+    skipped = {stage for stage in ("finetune", "export", "check") if any(f"] {stage}" in line and "up to date" in line
+                                                                      for line in logs)}
+    assert skipped == {"finetune", "export"}, logs  # training never reads test/; the check does
+
+
 def test_compare_scratch_adds_the_transfer_section(built, tmp_path):
     root, _, _ = built
     out = tmp_path / "out"
