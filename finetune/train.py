@@ -176,6 +176,9 @@ def _frozen_modules(model: torch.nn.Module, stages: int) -> list[torch.nn.Module
     if stages <= 0:
         return []
     groups = group_modules(model, model.group_matcher(coarse=True))
+    if stages > len(groups) - 2:  # the last group holds the classifier: it always trains
+        raise UserError(f"--freeze-stages {stages}: {type(model).__name__} has {len(groups) - 2} stages that can be "
+                        f"frozen (stem + stages; the last group holds the classifier). Use 0..{len(groups) - 2}.")
     names = [n for gid in sorted(groups)[: stages + 1] for n in groups[gid]]
     mods = [model.get_submodule(n) for n in names]
     for m in mods:
@@ -212,7 +215,7 @@ class _StepBoundaryInterrupt:
 def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:
     full = spec.input_size[0]
     low = max(32, int(round(full * 0.75 / 32)) * 32)
-    n_low = int(round(cfg.epochs * cfg.low_res_epochs))
+    n_low = min(int(round(cfg.epochs * cfg.low_res_epochs)), cfg.epochs - 1)  # the last epoch is always at full size
     return [low if e < n_low else full for e in range(cfg.epochs)]
 
 

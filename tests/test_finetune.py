@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.train import TrainConfig, finetune, load_model
+from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_model
+from edge_tl.runtime.spec import PreprocessSpec
 
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
 
@@ -93,6 +94,7 @@ def _cli(*args):
 @pytest.mark.parametrize("extra, match", [
     (["--model", "not_a_model_xyz"], "not a timm model"),
     (["--device", "cuda"], "--device cuda"),
+    (["--freeze-stages", "9"], "can be frozen (stem + stages; the last group holds the classifier). Use 0..7"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
@@ -114,3 +116,9 @@ def test_cli_refuses_to_overwrite_a_run(tiny_folder, tmp_path):
     (out / "last.pt").write_bytes(b"x")
     res = _cli("finetune", "--data", tiny_folder, "--out", out)
     assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_last_epoch_always_at_full_size():
+    spec = PreprocessSpec((224, 224))
+    sizes = lambda epochs, frac: _train_sizes(TrainConfig(data="", out="", epochs=epochs, low_res_epochs=frac), spec)
+    assert sizes(1, 0.6) == [224] and sizes(2, 1.0) == [160, 224] and sizes(10, 0.6) == [160] * 6 + [224] * 4
