@@ -327,6 +327,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
     start_epoch, start_step, seconds = 0, 0, 0.0
+    partial = (0.0, 0, 0)  # loss sum, correct, seen of an epoch interrupted mid-way
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -335,12 +336,15 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             ema.module.load_state_dict(state["ema"])
         history, best = state["history"], state["best"]
         start_epoch, start_step, seconds = state["epoch"], state["step"], state["seconds"]
+        if d.is_main:  # under DDP the other ranks' share of the interrupted epoch's train metrics is lost
+            partial = tuple(state.get("partial_epoch", partial))
 
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
 
-    def checkpoint(epoch: int, step: int) -> dict:
+    def checkpoint(epoch: int, step: int, partial_epoch=(0.0, 0, 0)) -> dict:
         return {**meta, "epoch": epoch, "step": step, "seconds": seconds, "history": history, "best": best,
+                "partial_epoch": list(partial_epoch),
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
 
@@ -364,7 +368,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         model.train()
         for m in frozen:
             m.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen = partial if start_step else (0.0, 0, 0)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
                    initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
         step = start_step
@@ -398,7 +402,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                 raise  # a real error, not a data-loader worker stopped by the same Ctrl-C
             seconds += time.perf_counter() - t0
             if d.is_main:
-                _save_checkpoint(out / "last.pt", checkpoint(epoch, step))
+                _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
             bar.close()
             raise KeyboardInterrupt from None
         start_step = 0

@@ -63,6 +63,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["best_val_accuracy"] == ref["best_val_accuracy"]
+    history = [[json.loads(line) for line in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+               for r in ("ref", "cut")]
+    for a, b in zip(*history):  # the interrupted epoch's train metrics include the steps before the cut
+        assert (a["train_loss"], a["train_accuracy"], a["val_loss"]) == pytest.approx(
+            (b["train_loss"], b["train_accuracy"], b["val_loss"]), abs=1e-6)
 
 
 def test_quarter_turns_cover_four_orientations():
