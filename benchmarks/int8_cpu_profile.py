@@ -5,7 +5,8 @@
 BUNDLE is a --target cpu bundle (model.fp32.onnx and model.int8-cpu.onnx). Both models run
 under ONNX Runtime's profiler at batch 1 and 32; each kernel is attributed to the Conv it
 came from in the FP32 graph (depthwise, pointwise 1×1, other convs such as the stem) or
-to its op type. Printed per kind: FP32 ms, INT8 ms, their ratio and INT8's share.
+to its op type. Printed per kind: FP32 ms, INT8 ms, their ratio and INT8's share; saved as
+JSON and as a stacked-bar PNG beside it.
 
 The ``floor`` line is the INT8/FP32 ratio the model could reach if every kernel except the
 pointwise and depthwise convolutions took no time at all: the lowest ratio reachable with
@@ -93,6 +94,39 @@ def profile(paths: list[Path], batch: int, iters: int, kinds: dict[str, str],
     return results
 
 
+def draw(results: dict, path: Path) -> Path:
+    """Stacked bars per batch: FP32 and INT8 kernel time by layer kind, the floor marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["pointwise 1x1", "depthwise", "other conv (stem)", "everything else"]
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#999999"]
+    fig, axes = plt.subplots(1, len(results["batches"]), figsize=(10, 4))
+    for ax, (batch, r) in zip(axes, results["batches"].items()):
+        fp32 = {row["kind"]: row["fp32_ms"] for row in r["rows"]}
+        int8 = {row["kind"]: row["int8_ms"] for row in r["rows"]}
+        bottoms = [0.0, 0.0]
+        for kind, color in zip(kinds, colors):
+            vals = [sum(v for k, v in t.items() if k not in kinds[:3]) if kind == "everything else" else t.get(kind, 0.0)
+                    for t in (fp32, int8)]
+            vals = [v / r["fp32_kernel_ms"] for v in vals]
+            ax.bar(["FP32", "INT8"], vals, bottom=bottoms, color=color, label=kind)
+            bottoms = [b + v for b, v in zip(bottoms, vals)]
+        ax.axhline(r["floor_pointwise_plus_depthwise"], color="k", ls="--", lw=1)
+        ax.axhline(0.35, color="r", ls=":", lw=1)
+        ax.set_title(f"batch {batch}: INT8 = {r['ratio']:.2f}x FP32, floor {r['floor_pointwise_plus_depthwise']:.2f}x")
+        ax.set_ylabel("kernel time / FP32 total")
+    axes[0].legend(fontsize=8)
+    fig.text(0.5, 0.01, "dashed: INT8 pointwise + depthwise alone (floor); dotted red: the 0.35x target",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def input_size(fp32_path: Path) -> int:
     return onnx.load(str(fp32_path)).graph.input[0].type.tensor_type.shape.dim[2].dim_value
 
@@ -127,6 +161,7 @@ def main() -> None:
             print(f"  {r['kind']:<34}{r['fp32_ms']:>9.3f}{r['int8_ms']:>9.3f}{ratio:>7}{100 * r['int8_share']:>11.1f}%")
         print(f"  floor (INT8 pointwise + depthwise only) / FP32 = {floor:.3f}")
     write_json(args.results, out)
+    print(f"saved {args.results} and {draw(out, args.results.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
