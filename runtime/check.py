@@ -10,6 +10,7 @@ on the same images (whose own parity with PyTorch is the golden check). Torch-fr
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -68,17 +69,28 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
 
     ``keep_predictions`` adds the images, labels and each artifact's top-1 per image (for reports).
     """
+    if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1):
+        raise UserError(f"--max-drop {max_drop} / --min-agreement {min_agreement}: need a drop >= 0 (points) and an "
+                        "agreement between 0 and 1.")
     bundle = Bundle.load(path)
     golden_pixels, golden_logits = bundle.golden()
     with np.load(bundle.path / "golden.npz") as z:
         golden_labels = z["labels"] if "labels" in z.files else golden_logits.argmax(1)
-    base = _load_baseline(baseline) if baseline else None
+    base, base_counts = _load_baseline(baseline) if baseline else (None, None)
     if data is not None:
         pixels, labels, paths, skipped = labelled_images(data, bundle.classes, bundle.spec)
         source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
     else:
         pixels, labels, source = golden_pixels, golden_labels, f"golden.npz ({len(golden_labels)} labelled images)"
         paths = [f"golden.npz[{i}]" for i in range(len(labels))]
+    class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
+    if base_counts is not None and base_counts != class_counts:
+        raise UserError(f"{baseline}: measured on images with class counts {base_counts}, this check on {class_counts} "
+                        f"({source}); compare on the same --data as the baseline.")
+    unknown = sorted(set(base or ()) - {a["name"] for a in bundle.artifacts})
+    if base is not None and len(unknown) == len(base):
+        raise UserError(f"{baseline}: none of its artifacts ({', '.join(unknown) or 'none'}) is in {bundle.path}; "
+                        "the baseline must come from `edge-tl check --json` on a bundle of the same target.")
     log(f"check {bundle.path} on {source}")
 
     results, accuracies = {}, {}
@@ -124,20 +136,26 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     if not results:
         raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
     skipped = [a["name"] for a in bundle.artifacts if a["name"] not in results]
-    report = {"passed": all(r["passed"] for r in results.values()), "bundle": str(bundle.path), "data": source,
-              "max_drop": max_drop, "min_agreement": min_agreement, "tensorrt_available": tensorrt_available(),
-              "skipped": skipped, "artifacts": results}
+    for name in unknown:  # in the baseline, gone from the bundle: a regression, not a silent pass
+        log(f"  {name}: FAIL: in the baseline but not in the bundle")
+    report = {"passed": all(r["passed"] for r in results.values()) and not unknown, "bundle": str(bundle.path),
+              "data": source, "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
+              "tensorrt_available": tensorrt_available(), "skipped": skipped, "missing": unknown, "artifacts": results}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
     return report
 
 
-def _load_baseline(path: str | Path) -> dict[str, float]:
-    """Accuracy per artifact from an earlier ``edge-tl check --json`` output."""
+def _load_baseline(path: str | Path) -> tuple[dict[str, float], list[int] | None]:
+    """Accuracy per artifact, and the class counts of its images, from an earlier ``edge-tl check --json``."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return {k: float(v["accuracy"]) for k, v in data["artifacts"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        accuracies = {k: float(v["accuracy"]) for k, v in data["artifacts"].items()}
+        counts = data.get("class_counts")
+        if not accuracies or not all(math.isfinite(a) and 0 <= a <= 1 for a in accuracies.values()):
+            raise ValueError("artifact accuracies must be numbers between 0 and 1")
+        return accuracies, None if counts is None else [int(c) for c in counts]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: not a baseline ({exc}); save one with `edge-tl check BUNDLE --json > baseline.json`.") from None
 
 
@@ -147,10 +165,13 @@ def write_junit(report: dict, path: str | Path) -> Path:
     for name, r in report["artifacts"].items():
         body = "" if r["passed"] else f"<failure message={quoteattr(r['reason'])}>{escape(json.dumps(r))}</failure>"
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)} time="{r["seconds"]}">{body}</testcase>')
+    for name in report.get("missing", []):
+        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><failure message="in the baseline '
+                     f'but not in the bundle"/></testcase>')
     for name in report["skipped"]:
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message="not runnable on '
                      f'this machine"/></testcase>')
-    failures = sum(not r["passed"] for r in report["artifacts"].values())
+    failures = sum(not r["passed"] for r in report["artifacts"].values()) + len(report.get("missing", []))
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="{len(cases)}" '
            f'failures="{failures}" skipped="{len(report["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n")
     return write_text(path, xml)

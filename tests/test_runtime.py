@@ -186,6 +186,30 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     assert 'failures="1"' in (tmp_path / "bad.xml").read_text()
 
 
+def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path):
+    """A baseline that compares nothing, other images or a vanished artifact must not pass silently."""
+    bundle_dir, test_dir = pattern_bundle
+    report = check_bundle(bundle_dir, test_dir, log=lambda s: None)
+
+    def run(base, *extra):
+        path = tmp_path / "base.json"
+        path.write_text(base if isinstance(base, str) else json.dumps(base))
+        return _cli("check", str(bundle_dir), "--data", str(test_dir), "--baseline", str(path), *extra)
+
+    gone = {**report, "artifacts": {**report["artifacts"], "int8": report["artifacts"]["fp32"]}}
+    res = run(gone, "--json")
+    assert res.returncode == 1 and json.loads(res.stdout)["missing"] == ["int8"], res.stderr
+    other_names = {**report, "artifacts": {"int8": report["artifacts"]["fp32"]}}
+    other_data = {**report, "class_counts": [1] * len(report["class_counts"])}
+    for base, match in ((other_names, "none of its artifacts"), (other_data, "same --data"),
+                        ('{"artifacts": []}', "not a baseline"), ('{"artifacts": {"fp32": {"accuracy": NaN}}}',
+                                                                  "between 0 and 1")):
+        res = run(base)
+        assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = run(report, "--max-drop", "nan")
+    assert res.returncode == 2 and "--max-drop nan" in res.stderr, res.stderr
+
+
 def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
     tampered = tmp_path / "t"
     shutil.copytree(cpu_bundle, tampered)
