@@ -56,6 +56,9 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: holds a {type(sd).__name__}, not a state dict. "
+                        "Save one with torch.save(model.state_dict(), FILE).")
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -65,9 +68,10 @@ def _load_matching(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
     body_missing = [k for k in missing if not k.startswith(model.default_cfg.get("classifier", "classifier"))]
-    if len(body_missing) > len(own) // 10:
-        raise UserError(f"{source}: only {len(usable)} of {len(own)} tensors fit this model "
-                        f"(e.g. missing {body_missing[:2]}). Are these weights for --model {model.default_cfg['architecture']}?")
+    if body_missing:  # never fine-tune a backbone that is partly random without saying so
+        raise UserError(f"{source}: only {len(usable)} of {len(own)} tensors fit this model; {len(body_missing)} "
+                        f"outside the classifier are missing or shaped differently (e.g. {body_missing[:3]}). "
+                        f"Are these weights for --model {model.default_cfg['architecture']}?")
     model.load_state_dict(usable, strict=False)
 
 

@@ -55,6 +55,14 @@ def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
     torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "r.pth")
     with pytest.raises(UserError, match="tensors fit this model"):
         create_backbone("tf_efficientnet_lite0", 2, weights=tmp_path / "r.pth")
+    partial = timm.create_model("resnet10t").state_dict()
+    partial.pop("layer4.0.conv2.weight")  # one backbone tensor short: refused, not silently random
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="1 outside the classifier"):
+        create_backbone("resnet10t", 2, weights=tmp_path / "partial.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(UserError, match="not a state dict"):
+        create_backbone("resnet10t", 2, weights=tmp_path / "tensor.pt")
     with pytest.raises(UserError, match="no such weights file"):
         create_backbone("tf_efficientnet_lite0", 2, weights=tmp_path / "missing.pth")
     with pytest.raises(UserError, match="not a timm model"):
