@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from edge_tl.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -22,6 +24,8 @@ UMASK = _umask()
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path`` in one step."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file path to write to.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -216,7 +216,8 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
     (tampered / "labels.txt").write_text("x\n")
     for args in (["check", str(tampered)], ["predict", str(cpu_bundle), str(tmp_path / "missing.png")],
                  ["check", str(tmp_path)], ["bench", str(cpu_bundle), "--batch", "0"],
-                 ["predict", str(cpu_bundle), str(tampered / "labels.txt")]):
+                 ["predict", str(cpu_bundle), str(tampered / "labels.txt")],
+                 ["check", str(cpu_bundle), "--junit", str(tmp_path)]):  # a folder where a file goes
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
