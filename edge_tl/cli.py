@@ -215,7 +215,7 @@ def engine(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders (their images, sorted)."),
     topk: int = typer.Option(3, help="How many classes to show per image."),
     backend: str = typer.Option("auto", help="auto (TensorRT engine, else ONNX Runtime), tensorrt or onnxruntime."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: fastest accepted)."),
@@ -224,19 +224,35 @@ def predict(
 ) -> None:
     """Classify images with a bundle (torch-free runtime).
 
+    An unreadable file is reported (a JSON line with "error") and skipped; the exit status is
+    then 2, after every other image was classified.
+
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor
+    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage
 
+    files = [f for path in images for f in (sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+                                            if path.is_dir() else [path])]
+    failed = 0
     with Predictor.from_bundle(bundle, backend, precision, device) as p:
         typer.echo(f"using {p.describe()}", err=True)
-        for path in images:
-            pred = p.predict(path, topk)
+        for path in files:
+            try:
+                pred = p.predict(path, topk)
+            except UnreadableImage as exc:
+                failed += 1
+                typer.echo(json.dumps({"image": str(path), "error": str(exc)}) if json_out else f"error: {exc}",
+                           err=not json_out)
+                continue
             if json_out:
                 typer.echo(json.dumps({"image": str(path), **pred.to_dict()}))
             else:
                 typer.echo(f"{path}: {pred.label} {pred.score:.3f}  (" +
                            ", ".join(f"{k} {s:.3f}" for k, s in pred.topk) + ")")
+    if failed:
+        typer.echo(f"error: {failed} of {len(files)} images unreadable (listed above)", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -56,9 +56,11 @@ def write_elpv(out: str | Path, task: str = "4class", test_fraction: float = 0.2
         raise UserError(f"--task {task}: use one of {', '.join(TASKS)}.")
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"--test-fraction {test_fraction}: must be between 0 and 1.")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise UserError(f"--limit-per-class {limit_per_class}: must be at least 1 (leave it out for all images).")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not empty. Choose a new --out folder or delete it.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not an empty folder. Choose a new --out folder or delete it.")
     src_dir, rows = _labels()
     label_of = TASKS[task]
     strata: dict[tuple[str, float], list[tuple[str, float, str]]] = {}
@@ -72,7 +74,7 @@ def write_elpv(out: str | Path, task: str = "4class", test_fraction: float = 0.2
         n_test = round(len(group) * test_fraction)
         plan += [("test", label_of(p), path) for path, p, _ in group[:n_test]]
         plan += [("train", label_of(p), path) for path, p, _ in group[n_test:]]
-    if limit_per_class:
+    if limit_per_class is not None:
         kept: dict[tuple[str, str], int] = {}
         trimmed = []
         for split, cls, path in sorted(plan, key=lambda t: (t[0], t[1], t[2])):

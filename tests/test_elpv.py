@@ -38,6 +38,16 @@ def test_split_stratified_and_deterministic(tmp_path):
 def test_refuses_non_empty_out(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="not an empty folder"):
         write_elpv(tmp_path / "x", progress=False)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_output_or_limit_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="not an empty folder"):
+        write_elpv(tmp_path / "afile", progress=False)
+    for limit in (0, -1):
+        with pytest.raises(UserError, match="--limit-per-class"):
+            write_elpv(tmp_path / "out", limit_per_class=limit, progress=False)
+    assert not (tmp_path / "out").exists()

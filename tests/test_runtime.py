@@ -242,6 +242,19 @@ def test_cli_predict_json(cpu_bundle, elpv_small):
     assert len(lines) == 2 and all(len(x["topk"]) == 2 and x["label"] == x["topk"][0]["label"] for x in lines)
 
 
+def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp_path):
+    folder = elpv_small / "test" / "p100"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    good = _images(elpv_small)[0]
+    res = _cli("predict", str(cpu_bundle), str(bad), str(folder), str(good), "--json")
+    assert res.returncode == 2 and "1 of" in res.stderr.splitlines()[-1], res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert "error" in lines[0] and lines[0]["image"] == str(bad)
+    assert [x["image"] for x in lines[1:]] == sorted(map(str, folder.iterdir())) + [str(good)]
+    assert all("label" in x for x in lines[1:])
+
+
 def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_small):
     """predict, check and bench work when torch, timm, onnx, tqdm and matplotlib cannot be imported."""
     blocker = ("import sys, runpy\n"
