@@ -109,6 +109,9 @@ def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pc
     _, h, w = cfg["input_size"]
     if img_size:
         h = w = int(img_size)
+    if h != w:  # the spec resizes the shorter side; timm stretches non-square sizes, so they would disagree
+        raise UserError(f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: its pretrained input is {h}x{w} (not square); "
+                        "pass --img-size N to fine-tune and deploy at N x N.")
     return PreprocessSpec(
         input_size=(h, w),
         crop_pct=float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),

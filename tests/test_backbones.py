@@ -70,3 +70,13 @@ def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="--weights FILE"):
         create_backbone("resnet10t", 2)
+
+
+def test_non_square_pretrained_size_needs_img_size():
+    from edge_tl.finetune.backbones import preprocess_spec
+
+    model = timm.create_model("resnet10t", pretrained=False)
+    model.pretrained_cfg["input_size"] = (3, 48, 80)
+    with pytest.raises(UserError, match="48x80 .*--img-size"):
+        preprocess_spec(model)
+    assert preprocess_spec(model, 64).input_size == (64, 64)
