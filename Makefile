@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 DEMO ?= demo
 
-.PHONY: install demo test
+.PHONY: install demo test openvino-env
 
 install:
 	$(PIP) -e ".[train,demo,dev]"
@@ -11,5 +11,15 @@ install:
 demo: install
 	edge-tl build --data demo --target cpu --out $(DEMO)
 
-test: install
+test: install openvino-env
 	$(PYTHON) -m pytest -q
+
+# ONNX Runtime with the OpenVINO execution provider, in its own environment (it provides the
+# same `onnxruntime` module as onnxruntime): the torch-free runtime only. Tests that use it
+# skip, saying so, where its wheels don't exist (they do for x86-64 Linux and Windows).
+OPENVINO_ENV ?= .venv-openvino
+openvino-env:
+	@[ -x $(OPENVINO_ENV)/bin/python ] || { $(PYTHON) -m venv $(OPENVINO_ENV) \
+	  && $(OPENVINO_ENV)/bin/python -m pip install --disable-pip-version-check -q onnxruntime-openvino numpy pillow typer \
+	  && $(OPENVINO_ENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e . ; } \
+	  || { echo "openvino-env: onnxruntime-openvino did not install here; the OpenVINO tests will skip"; rm -rf $(OPENVINO_ENV); }

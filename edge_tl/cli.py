@@ -219,7 +219,7 @@ def predict(
     topk: int = typer.Option(3, help="How many classes to show per image."),
     backend: str = typer.Option("auto", help="auto (TensorRT engine, else ONNX Runtime), tensorrt or onnxruntime."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: fastest accepted)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime)."),
+    device: str = typer.Option("auto", help="auto, cpu, openvino or cuda (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Classify images with a bundle (torch-free runtime).
@@ -265,7 +265,7 @@ def bench(
     iters: Optional[int] = typer.Option(None, help="Timed calls per case (default: --seconds)."),
     seconds: float = typer.Option(2.0, help="Seconds per case when --iters is not given."),
     reference: Optional[str] = typer.Option(None, help="'torch': also time the run's PyTorch model in this process."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto (ONNX Runtime providers)."),
+    device: str = typer.Option("cpu", help="cpu, openvino, cuda or auto (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print {machine, results} as JSON."),
 ) -> None:
@@ -288,7 +288,7 @@ def check(
     max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) against the reference."),
     min_agreement: float = typer.Option(0.95, help="Smallest top-1 agreement with the golden FP32 outputs."),
     baseline: Optional[Path] = typer.Option(None, help="An earlier release's `check --json` output to compare with."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto (ONNX Runtime providers)."),
+    device: str = typer.Option("cpu", help="cpu, openvino, cuda or auto (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     junit: Optional[Path] = typer.Option(None, help="Also write JUnit XML here (one test case per artifact)."),
 ) -> None:

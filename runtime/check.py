@@ -106,6 +106,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         with make_runner(bundle, art, backend, device) as runner:
             g = _infer_all(runner, golden_pixels)
             logits = g if data is None else _infer_all(runner, pixels)
+            runs_on = runner.describe()
         acc = _accuracy(logits, labels)
         accuracies[art["name"]] = acc
         if base is not None:
@@ -122,7 +123,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         if drop is not None and drop > max_drop:
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {max_drop})")
         results[art["name"]] = {
-            "precision": art["precision"], "backend": backend, "file": art["file"], "accuracy": acc,
+            "precision": art["precision"], "backend": backend, "runs_on": runs_on, "file": art["file"], "accuracy": acc,
             "reference_accuracy": ref, "reference": ref_source if ref is not None else "none (not in baseline)",
             "drop": drop, "manifest_val_accuracy": art.get("val_accuracy"), "agreement": agreement,
             "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,

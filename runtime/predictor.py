@@ -61,7 +61,7 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise UserError(f"--backend {backend}: use auto, tensorrt or onnxruntime.")
     backends = ["tensorrt", "onnxruntime"] if backend == "auto" else [backend]
-    if device == "cpu" and backend == "auto":
+    if device in ("cpu", "openvino") and backend == "auto":
         backends = ["onnxruntime"]
     for b in backends:
         if b == "tensorrt" and not tensorrt_available():
@@ -91,7 +91,7 @@ def _ort_flavour(device: str | None) -> str:
         providers = import_onnxruntime().get_available_providers()
         gpu = "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers
         return "tensorrt" if gpu else "onnxruntime"
-    return "onnxruntime" if device == "cpu" else "tensorrt"
+    return "tensorrt" if device in ("cuda", "gpu") else "onnxruntime"
 
 
 def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0) -> Runner:
