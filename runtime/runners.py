@@ -97,6 +97,7 @@ class OnnxRuntimeRunner(Runner):
 
     Under OpenVINO each input shape gets its own session compiled for that static shape
     (at most ``MAX_STATIC_SHAPES``, then the dynamic one): compiling takes well under a second.
+    Should OpenVINO refuse the static shape, that shape uses the dynamic session.
     """
 
     name = "onnxruntime"
@@ -135,7 +136,10 @@ class OnnxRuntimeRunner(Runner):
         if session is None:
             with self._lock:
                 if shape not in self._static and len(self._static) < self.MAX_STATIC_SHAPES:
-                    self._static[shape] = self._new_session(shape)
+                    try:
+                        self._static[shape] = self._new_session(shape)
+                    except UserError:  # an OpenVINO build without reshape_input: the dynamic session is correct too
+                        self._static[shape] = self.session
                 session = self._static.get(shape, self.session)
         return session
 
