@@ -39,6 +39,14 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def sum(self, values: tuple, device: torch.device) -> tuple:
+        """Element-wise sum of ``values`` over all ranks, on every rank (``values`` itself when not distributed)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return tuple(t.tolist())
+
     def sync_buffers(self, module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's syncs)."""
         if self.world > 1:

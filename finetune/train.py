@@ -390,9 +390,12 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                     scheduler.step_update(epoch * steps_per_epoch + step)
                     if ema is not None:
                         ema.update(model, step=epoch * steps_per_epoch + step)
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(1) == y).sum().item()
-                    seen += len(y)
+                    # summed over ranks every step, so a checkpoint taken mid-epoch holds the whole epoch so far
+                    step_loss, step_correct, step_seen = d.sum(
+                        (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)), device)
+                    loss_sum += step_loss
+                    correct += int(step_correct)
+                    seen += int(step_seen)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
                     if on_step is not None:
                         on_step(epoch * steps_per_epoch + step)
@@ -406,8 +409,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             bar.close()
             raise KeyboardInterrupt from None
         start_step = 0
-        if d.world > 1:  # sum the train statistics of all ranks; shard validation and gather it
-            loss_sum, correct, seen = (sum(v) for v in zip(*d.gather((loss_sum, correct, seen))))
+        if d.world > 1:  # shard validation and gather it
             d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
             shard = list(range(d.rank, len(data.val), d.world))
             parts = d.gather(predict_logits(eval_model, data.val.subset(shard), spec, device, cfg.batch_size * 2,

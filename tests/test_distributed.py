@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from edge_tl.finetune.data import discover
-from edge_tl.finetune.train import load_model, predict_logits
+from edge_tl.finetune.train import load_checkpoint, load_model, predict_logits
 from edge_tl.runtime.spec import PreprocessSpec
 
 from conftest import make_image_folder
@@ -45,6 +50,44 @@ def test_two_process_gloo_finetune(tmp_path):
     assert loss == pytest.approx(best["val_loss"], abs=1e-4)
     # 2 processes x batch 4 over 24 training images: 3 optimizer steps per epoch
     assert json.loads((out / "history.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+def _torchrun_finetune(data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edge_tl",
+            "finetune", "--data", str(data), "--out", str(out), "--epochs", "3", "--img-size", "48", "--batch-size", "4",
+            "--device", "cpu", *extra]
+
+
+def test_ddp_ctrl_c_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """Ctrl-C at a terminal (SIGINT to torchrun and both ranks) in epoch 2, then --resume: the same history,
+    train statistics of the interrupted epoch included (they are summed over ranks every step)."""
+    data = make_image_folder(tmp_path / "imgs", per_class=24)
+    whole = subprocess.run(_torchrun_finetune(data, tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_torchrun_finetune(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    seen = []
+    threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not re.search(r"epoch 2/3 @\d+px:\s+\d+%\|[^|]*\| [2-9]/", "".join(seen)):  # 2+ steps into epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["step"] > 0, (state["epoch"], state["step"])  # saved mid-epoch 2
+
+    resumed = subprocess.run(_torchrun_finetune(data, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def history(run):
+        rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    for got, want in zip(history(out), history(tmp_path / "whole"), strict=True):
+        assert got == pytest.approx(want, rel=1e-9), (got, want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest on a GPU machine)")
