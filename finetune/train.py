@@ -336,8 +336,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             ema.module.load_state_dict(state["ema"])
         history, best = state["history"], state["best"]
         start_epoch, start_step, seconds = state["epoch"], state["step"], state["seconds"]
-        if d.is_main:  # under DDP the other ranks' share of the interrupted epoch's train metrics is lost
-            partial = tuple(state.get("partial_epoch", partial))
+        partial = tuple(state.get("partial_epoch", partial))  # summed over ranks: the same on every rank
 
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
