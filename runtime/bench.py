@@ -99,6 +99,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
             log(f"{art['name']}: skipped (not runnable on this machine)")
             continue
         with make_runner(bundle, art, backend, device, threads) as runner:
+            log(f"{art['name']}: {runner.describe()}")
             for b in batches:
                 x = np.ascontiguousarray(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2),
                                          dtype=np.float32)
