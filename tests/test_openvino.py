@@ -55,11 +55,16 @@ def test_openvino_runner_matches_the_cpu_provider_at_every_batch_size(cpu_bundle
             agree = float((ov.infer(x).argmax(1) == cpu.infer(x).argmax(1)).mean())
             out[name] = {{"describe": ov.describe(), "diffs": diffs, "agree": agree,
                           "static_shapes": sorted(s[0] for s, sess in ov._static.items() if sess is not ov.session)}}
+        from edge_tl.runtime import Predictor
+        with Predictor.from_bundle({str(cpu_bundle)!r}) as p:  # device auto: OpenVINO where installed
+            out["auto"] = p.describe()
         print(json.dumps(out))
     """)
     r = _run("-c", script)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.splitlines()[-1])
+    auto = out.pop("auto")
+    assert auto.startswith("int8-cpu ") and "OpenVINOExecutionProvider" in auto, auto
     for name, o in out.items():
         assert "OpenVINOExecutionProvider" in o["describe"], o
         assert o["static_shapes"] == [1, 2, 5], o
