@@ -67,7 +67,7 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
     if bundle.manifest["target"] == "cpu":
         steps.append(("install the runtime", "pip install edge-tl onnxruntime"))
         steps.append(("or, on an x86 CPU with VNNI, in a fresh environment: ONNX Runtime's OpenVINO provider "
-                      "(INT8 1.2-1.4x faster here; add --device openvino below)",
+                      "(INT8 1.15-1.4x faster here; add --device openvino below)",
                       "pip install --no-deps edge-tl && pip install numpy pillow typer onnxruntime-openvino"))
         names = set()
     else:
