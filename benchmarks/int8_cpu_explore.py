@@ -1,10 +1,11 @@
 """Search for the fastest ONNX Runtime CPU INT8 flavour that keeps accuracy (issue 6).
 
-    python benchmarks/int8_cpu_explore.py --bundle BUNDLE --data ELPV_DIR [--calib 256] [--iters 60]
+    python benchmarks/int8_cpu_explore.py --bundle BUNDLE --data ELPV_DIR [--calib 256] [--blocks 20]
 
 BUNDLE is a --target cpu bundle of an ELPV run (its model.fp32.onnx is quantized). Each
 variant (Q/DQ vs QOperator, per-channel or not, which ops stay float, calibration) is
-timed at batch 1 and 32 interleaved with FP32 in one process, and its accuracy measured on
+timed at batch 1 and 32 in interleaved blocks with FP32 in one process (the ratio is the median
+of the blocks' INT8/FP32 ratios; see ``interleaved_blocks``), and its accuracy measured on
 the run's *validation* split (the choice is made there; the test split is not read).
 """
 
@@ -23,7 +24,7 @@ from edge_tl.export.bundle import pixels_of, stratified_sample
 from edge_tl.export.quantize import FLAVOURS, accuracy, onnx_logits, prepare, quantize_int8
 from edge_tl.fileio import write_json
 from edge_tl.finetune.data import discover
-from edge_tl.runtime.bench import machine, stats, time_calls
+from edge_tl.runtime.bench import interleaved_blocks, machine, paired_ratio, stats
 from edge_tl.runtime.bundle import Bundle
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
@@ -54,7 +55,8 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--calib", type=int, default=256)
-    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--blocks", type=int, default=20,
+                    help="interleaved FP32/INT8 blocks per batch size (10 calls each at batch 1, one at 32)")
     ap.add_argument("--only", default=None, help="comma list of variant names")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "int8_cpu_explore.json")
     args = ap.parse_args()
@@ -80,14 +82,12 @@ def main() -> None:
             runner = OnnxRuntimeRunner(path, "cpu").activate()
             row = {"variant": name, "val_accuracy": acc, "drop_pts": 100 * (fp32_acc - acc)}
             for b in (1, 32):
-                n = args.iters if b == 1 else max(10, args.iters // 4)
-                t_fp32, t_int8 = [], []
-                for _ in range(n):  # interleaved: drift hits both alike
-                    t_fp32 += time_calls(lambda: ref.infer(x[b]), 0, 1, None)
-                    t_int8 += time_calls(lambda: runner.infer(x[b]), 0, 1, None)
-                s8, s32 = stats(t_int8, b), stats(t_fp32, b)
-                row[f"b{b}_p50_ms"], row[f"b{b}_fp32_p50_ms"] = s8["p50_ms"], s32["p50_ms"]
-                row[f"b{b}_ratio"] = s8["p50_ms"] / s32["p50_ms"]
+                calls = {"fp32": lambda: ref.infer(x[b]), "int8": lambda: runner.infer(x[b])}
+                times, medians = interleaved_blocks(calls, args.blocks, 10 if b == 1 else 1)
+                row[f"b{b}_p50_ms"] = stats(times["int8"], b)["p50_ms"]
+                row[f"b{b}_fp32_p50_ms"] = stats(times["fp32"], b)["p50_ms"]
+                ratio = paired_ratio(medians["int8"], medians["fp32"])
+                row[f"b{b}_ratio"], row[f"b{b}_ratio_iqr"] = ratio["paired"], ratio["paired_iqr"]
             rows.append(row)
             print(f"{name:<38} val {acc:.4f} (drop {row['drop_pts']:+.2f})  b1 {row['b1_ratio']:.3f}x  "
                   f"b32 {row['b32_ratio']:.3f}x  ({row['b1_p50_ms']:.2f} / {row['b32_p50_ms']:.1f} ms)", flush=True)

@@ -1,14 +1,15 @@
 """CPU INT8 under ONNX Runtime's OpenVINO execution provider vs its default CPU provider (issue 6).
 
     make openvino-env            # .venv-openvino: onnxruntime-openvino + the torch-free runtime
-    .venv-openvino/bin/python benchmarks/int8_openvino.py --bundle BUNDLE --data ELPV_DIR [--blocks 60] [--iters 10]
+    .venv-openvino/bin/python benchmarks/int8_openvino.py --bundle BUNDLE --data ELPV_DIR [--blocks 30] [--iters 10]
 
 BUNDLE is a --target cpu bundle (model.fp32.onnx and model.int8-cpu.onnx); ELPV_DIR is made
 by `edge-tl data elpv` (its test/ split gives the accuracy figures; images CC BY-NC-SA 4.0).
 The same two ONNX files run on both providers, through the runtime's own runner (OpenVINO:
-latency hint, one session compiled per static batch size). Latency is measured in many short
-interleaved blocks (every model × provider once per block, ``--iters`` calls each at batch 1,
-one at batch 32). Two ratios come of them: ``pooled`` = p50 of all of one model's calls over
+latency hint, one session compiled per static batch size). Latency is measured in short
+interleaved blocks (every model × provider once per block: 0.25 s of untimed calls, so the
+previous session's spinning threads are gone, then ``--iters`` timed calls at batch 1, one at
+batch 32). Two ratios come of them: ``pooled`` = p50 of all of one model's calls over
 p50 of all of the other's; ``paired`` = median over blocks of the ratio of the two models'
 medians within the block — a neighbour's burst of load on this shared host slows both sides
 of a block's ratio alike, so the paired figure is the robust one. It still depends on the
@@ -29,17 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.fileio import write_json
-from edge_tl.runtime.bench import machine, stats, time_calls
+from edge_tl.runtime.bench import interleaved_blocks, machine, paired_ratio, stats, time_calls
 from edge_tl.runtime.bundle import Bundle
 from edge_tl.runtime.check import labelled_images
 from edge_tl.runtime.runners import OPENVINO, OnnxRuntimeRunner, import_onnxruntime
 
 ROOT = Path(__file__).resolve().parent
-# ONNX Runtime's intra-op threads spin for a while after a call, so the model timed next shares
-# the cores with them at first (one probe, 10-call blocks after 1 warm-up call: CPU-provider
-# INT8 right after FP32 took 4.0 ms at batch 1 instead of 2.4). Each block therefore starts with
-# as many untimed calls as it times. (A pause instead is worse on this VM: an idle vCPU comes
-# back slow.)
 MODELS = {"fp32": "model.fp32.onnx", "int8": "model.int8-cpu.onnx"}
 PROVIDERS = {"cpu": "cpu", "openvino": "openvino"}
 
@@ -52,11 +48,9 @@ def int8_ratios(rows: dict, block_medians: dict, batch: str) -> dict:
     for p in PROVIDERS:
         int8 = block_medians[(p, "int8")]
         for name, ref in (("cpu_fp32", "cpu"), ("best_fp32", best), ("own_fp32", p)):
-            paired = int8 / fp32[ref]
             out[f"{p}_int8_vs_{name}_{batch}"] = {
                 "pooled": rows[f"{p}/int8"][batch]["p50_ms"] / rows[f"{ref}/fp32"][batch]["p50_ms"],
-                "paired": float(np.median(paired)),
-                "paired_iqr": [float(v) for v in np.percentile(paired, [25, 75])]}
+                **paired_ratio(int8, fp32[ref])}
     return out
 
 
@@ -65,7 +59,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="ELPV folder with test/")
     ap.add_argument("--iters", type=int, default=10, help="calls per model per block at batch 1 (batch 32: one)")
-    ap.add_argument("--blocks", type=int, default=60)
+    ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "int8_openvino.json")
     args = ap.parse_args()
     if OPENVINO not in import_onnxruntime().get_available_providers():
@@ -90,17 +84,11 @@ def main() -> None:
         x = nchw[np.arange(batch) % len(nchw)]
         for r in runners.values():  # compile OpenVINO's static-shape session before timing
             time_calls(lambda: r.infer(x), 3, 1, None)
-        block_medians = {k: [] for k in runners}
-        times = {k: [] for k in runners}
-        for _ in range(args.blocks):
-            for k, r in runners.items():
-                n = args.iters if batch == 1 else 1
-                t = time_calls(lambda: r.infer(x), n, n, None)
-                times[k] += t
-                block_medians[k].append(float(np.median(t)))
+        calls = {k: (lambda r=r: r.infer(x)) for k, r in runners.items()}
+        times, block_medians = interleaved_blocks(calls, args.blocks, args.iters if batch == 1 else 1)
         for (p, m), t in times.items():
-            rows[f"{p}/{m}"][f"b{batch}"] = dict(stats(t, batch), block_medians_ms=block_medians[(p, m)])
-        summary.update(int8_ratios(rows, {k: np.asarray(v) for k, v in block_medians.items()}, f"b{batch}"))
+            rows[f"{p}/{m}"][f"b{batch}"] = dict(stats(t, batch), block_medians_ms=block_medians[(p, m)].tolist())
+        summary.update(int8_ratios(rows, block_medians, f"b{batch}"))
     for p in PROVIDERS:
         summary[f"{p}_int8_drop_pts"] = 100 * (rows[f"{p}/fp32"]["test_accuracy"] - rows[f"{p}/int8"]["test_accuracy"])
     result = {"benchmark": "int8_openvino", "bundle": str(args.bundle), "test_images": int(len(labels)),

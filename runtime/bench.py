@@ -73,6 +73,37 @@ def time_calls(fn, warmup: int, iters: int | None, seconds: float | None) -> lis
             return times
 
 
+def interleaved_blocks(calls: dict, blocks: int, iters: int, settle_s: float = 0.25) -> tuple[dict, dict]:
+    """Time ``calls`` (name -> fn) side by side: ``blocks`` rounds, each calling every fn untimed
+    for ``settle_s`` seconds (at least once), then ``iters`` times timed.
+
+    The untimed calls matter: an ONNX Runtime session's intra-op threads spin on after its
+    calls, so the session timed next shares the cores with them for a while (probe on this
+    workplace's 2-core VM: batch-1 INT8 took 1.5-2.5x its settled time for the first ~80 ms
+    after an FP32 session, and FP32 likewise after INT8; none with spinning off).
+    Returns every timed call's ms and each block's median ms (an array per name).
+    """
+    times = {k: [] for k in calls}
+    medians = {k: [] for k in calls}
+    for _ in range(blocks):
+        for k, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            while time.perf_counter() - start < settle_s:
+                fn()
+            t = time_calls(fn, 0, iters, None)
+            times[k] += t
+            medians[k].append(float(np.median(t)))
+    return times, {k: np.asarray(v) for k, v in medians.items()}
+
+
+def paired_ratio(num_block_medians: np.ndarray, den_block_medians: np.ndarray) -> dict:
+    """Median over blocks of the per-block ratio, and its interquartile range: load that comes and
+    goes on a shared host hits both sides of a block alike."""
+    r = np.asarray(num_block_medians) / np.asarray(den_block_medians)
+    return {"paired": float(np.median(r)), "paired_iqr": [float(v) for v in np.percentile(r, [25, 75])]}
+
+
 def _jpegs(pixels: np.ndarray, n: int) -> list[bytes]:
     out = []
     for i in range(n):

@@ -19,7 +19,7 @@ from PIL import Image
 import edge_tl
 from edge_tl.errors import UserError
 from edge_tl.runtime import Bundle, Predictor
-from edge_tl.runtime.bench import bench_bundle
+from edge_tl.runtime.bench import bench_bundle, interleaved_blocks, paired_ratio
 from edge_tl.runtime.check import check_bundle, write_junit
 
 ROOT = Path(edge_tl.__file__).resolve().parent.parent
@@ -273,3 +273,22 @@ def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_smal
     res = subprocess.run([sys.executable, "-c", blocker, "finetune", "--data", "x", "--out", "y"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "pip install 'edge-tl[train]'" in res.stderr, res.stderr
+
+
+def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
+    import time
+
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.002))}
+    times, medians = interleaved_blocks(calls, blocks=3, iters=4, settle_s=0.01)
+    assert {k: len(v) for k, v in times.items()} == {"a": 12, "b": 12}
+    assert {k: v.shape for k, v in medians.items()} == {"a": (3,), "b": (3,)}
+    assert min(times["b"]) >= 2.0 > max(times["a"])
+    # blocks alternate a, b, a, b ...; each block has >= 0.01 s of untimed calls before its 4 timed ones
+    runs = [k for i, k in enumerate(order) if i == 0 or order[i - 1] != k]
+    assert runs == ["a", "b"] * 3
+    assert order.count("a") > 3 * (4 + 100)  # "a" takes microseconds: 10 ms of settling is hundreds of calls
+
+    r = paired_ratio(np.array([1.0, 2.0, 10.0]), np.array([4.0, 4.0, 20.0]))
+    assert r["paired"] == 0.5  # per-block ratios 0.25, 0.5, 0.5: a burst on both sides of block 3 cancels
+    assert r["paired_iqr"] == [0.375, 0.5]
