@@ -13,10 +13,8 @@ batch 32). Two ratios come of them: ``pooled`` = p50 of all of one model's calls
 p50 of all of the other's; ``paired`` = median over blocks of the ratio of the two models'
 medians within the block — a neighbour's burst of load on this shared host slows both sides
 of a block's ratio alike, so the paired figure is the robust one. It still depends on the
-host's state: this shared 2-core VM switches, for minutes at a time, between a fast state
-(batch-1 CPU FP32 about 5.3 ms) and a slow one (about 8 ms) in which FP32 slows 1.5x but
-OpenVINO INT8 only 1.3x, so INT8/FP32 reads about 0.30 there and 0.36 in the fast state;
-each block's medians are saved, so a run's state can be read off its JSON. Ratios are to ONNX
+host's state (benchmarks/README.md): each block's medians are saved, so a run's state can be
+read off its JSON. Ratios are to ONNX
 Runtime's CPU-provider FP32 (the baseline of every other CPU figure here) and to the faster
 FP32 of the two providers at that batch. Target (issue 6): INT8 <= 0.35x FP32 at batch 1 and 32,
 accuracy drop <= 0.5 pt.
@@ -43,6 +41,7 @@ PROVIDERS = {"cpu": "cpu", "openvino": "openvino"}
 def int8_ratios(rows: dict, block_medians: dict, batch: str) -> dict:
     """Each provider's INT8 over CPU-provider FP32, over the faster FP32 and over its own: pooled and paired."""
     fp32 = {p: block_medians[(p, "fp32")] for p in PROVIDERS}
+    # the faster FP32 is chosen on pooled p50s, then paired block by block like the others
     best = "cpu" if rows["cpu/fp32"][batch]["p50_ms"] <= rows["openvino/fp32"][batch]["p50_ms"] else "openvino"
     out = {}
     for p in PROVIDERS:
