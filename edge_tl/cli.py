@@ -76,6 +76,7 @@ def finetune(
     crop_pct: Optional[float] = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg)."),
     batch_size: int = typer.Option(D["batch_size"], help="Batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
+    layer_decay: Optional[float] = typer.Option(D["layer_decay"], help="Layer-wise LR decay: each layer group below the head gets this factor more (e.g. 0.85; the stem gets the least). Default: one LR for all."),
     freeze_stages: int = typer.Option(D["freeze_stages"], help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
     low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
     scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),
@@ -106,7 +107,7 @@ def finetune(
 
     cfg = TrainConfig(data=str(data.resolve()), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
-                      lr=lr, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
+                      lr=lr, layer_decay=layer_decay, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
                       compile=compile)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo

@@ -21,6 +21,7 @@ class TrainConfig:
     crop_pct: float | None = None
     batch_size: int = 32
     lr: float = 2e-3
+    layer_decay: float | None = None  # LR x decay**depth from the head down (timm's layer-wise decay); None: one LR
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1

@@ -171,6 +171,12 @@ def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> l
     return cm.tolist()
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with ``layer_decay`` each param group carries an
+    ``lr_scale`` (1 for the head, ``layer_decay**k`` k groups below), which timm's scheduler applies."""
+    return create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+
+
 def _frozen_modules(model: torch.nn.Module, stages: int) -> list[torch.nn.Module]:
     """The stem and the first ``stages`` stages (timm's coarse groups), to keep frozen."""
     if stages <= 0:
@@ -280,6 +286,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         device = torch.device("cuda", d.local_rank)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
@@ -302,7 +310,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     train_model = model
     if d.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_model
+from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_model, make_optimizer
 from edge_tl.runtime.spec import PreprocessSpec
 
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
@@ -100,6 +101,7 @@ def _cli(*args):
     (["--model", "not_a_model_xyz"], "not a timm model"),
     (["--device", "cuda"], "--device cuda"),
     (["--freeze-stages", "9"], "can be frozen (stem + stages; the last group holds the classifier). Use 0..7"),
+    (["--layer-decay", "1.5"], "--layer-decay 1.5: use a factor in (0, 1]"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
@@ -127,3 +129,15 @@ def test_last_epoch_always_at_full_size():
     spec = PreprocessSpec((224, 224))
     sizes = lambda epochs, frac: _train_sizes(TrainConfig(data="", out="", epochs=epochs, low_res_epochs=frac), spec)
     assert sizes(1, 0.6) == [224] and sizes(2, 1.0) == [160, 224] and sizes(10, 0.6) == [160] * 6 + [224] * 4
+
+
+def test_layer_decay_scales_lr_from_head_down():
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=3)
+    scale = lambda opt, name: next(g.get("lr_scale", 1.0) for g in opt.param_groups
+                                   if any(p is dict(model.named_parameters())[name] for p in g["params"]))
+    flat = make_optimizer(model, TrainConfig(data="", out="", lr=1e-3))
+    assert {g.get("lr_scale", 1.0) for g in flat.param_groups} == {1.0}
+    opt = make_optimizer(model, TrainConfig(data="", out="", lr=1e-3, layer_decay=0.8))
+    head, top, stem = (scale(opt, n) for n in ("classifier.weight", "blocks.6.0.conv_pw.weight", "conv_stem.weight"))
+    assert head == 1.0 and stem < top < head
+    assert stem == pytest.approx(0.8 ** (len({g["lr_scale"] for g in opt.param_groups}) - 1))
