@@ -76,7 +76,7 @@ def finetune(
     crop_pct: Optional[float] = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg)."),
     batch_size: int = typer.Option(D["batch_size"], help="Batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
-    layer_decay: Optional[float] = typer.Option(D["layer_decay"], help="Layer-wise LR decay: each layer group below the head gets this factor more (e.g. 0.85; the stem gets the least). Default: one LR for all."),
+    layer_decay: Optional[float] = typer.Option(D["layer_decay"], help="Layer-wise LR decay: each layer group below the head gets the LR of the group above x this factor (e.g. 0.85; Lite0 has 18 groups, so its stem gets 0.85^17 = 6 %). Default: one LR for all."),
     freeze_stages: int = typer.Option(D["freeze_stages"], help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
     low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
     scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),

@@ -431,7 +431,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         val_acc = (logits.argmax(1) == yv).float().mean().item()
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": max(g["lr"] for g in optimizer.param_groups),
                         "img_size": sizes[epoch], "seconds": round(seconds, 2)})
         log(f"epoch {epoch + 1}/{cfg.epochs}: train_loss {history[-1]['train_loss']:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.4f} ({seconds:.0f}s)")

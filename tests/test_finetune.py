@@ -14,7 +14,7 @@ import timm
 import torch
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_model, make_optimizer
+from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer
 from edge_tl.runtime.spec import PreprocessSpec
 
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
@@ -141,3 +141,15 @@ def test_layer_decay_scales_lr_from_head_down():
     head, top, stem = (scale(opt, n) for n in ("classifier.weight", "blocks.6.0.conv_pw.weight", "conv_stem.weight"))
     assert head == 1.0 and stem < top < head
     assert stem == pytest.approx(0.8 ** (len({g["lr_scale"] for g in opt.param_groups}) - 1))
+
+
+def test_layer_decay_reaches_the_training_steps(tiny_folder, tmp_path):
+    """The decayed LRs are what the optimizer stepped with (scheduler applies lr_scale); history logs the head's."""
+    out = tmp_path / "run"
+    finetune(_cfg(tiny_folder, out, layer_decay=0.5), progress=False, log=lambda s: None)
+    groups = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"]
+    peak = max(g["lr"] for g in groups)
+    assert len({g["lr_scale"] for g in groups}) > 2
+    assert all(g["lr"] == pytest.approx(peak * g["lr_scale"]) for g in groups)
+    last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] == pytest.approx(peak)
