@@ -81,6 +81,7 @@ def finetune(
     low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
     scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),
     ema: bool = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it."),
+    mixup: float = typer.Option(D["mixup"], help="Mixup alpha: blend each batch with itself reversed, weight ~ Beta(alpha, alpha), soft targets (e.g. 0.2; 0 = off)."),
     class_weights: str = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse."),
     vflip: float = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
     rot90: float = typer.Option(D["rot90"], help="Probability of turning by a random multiple of 90 degrees (orientation-free data; 1 = all four equally likely)."),
@@ -108,7 +109,7 @@ def finetune(
     cfg = TrainConfig(data=str(data.resolve()), out=str(out), model=model, weights=str(weights) if weights else None,
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, layer_decay=layer_decay, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
-                      class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
+                      mixup=mixup, class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
                       compile=compile)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:

@@ -25,6 +25,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (each batch blended with itself reversed); 0: off
     class_weights: str = "none"  # none | sqrt | inverse (of class frequency)
     ema: bool = False
     ema_decay: float = 0.995

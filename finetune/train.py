@@ -171,6 +171,14 @@ def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> l
     return cm.tolist()
 
 
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float):
+    """Mixup (Zhang et al. 2018): the batch blended with itself reversed, lam ~ Beta(alpha, alpha)
+    once per batch (torch's RNG, so a resumed run draws the same); returns the images and soft targets."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    target = F.one_hot(y, num_classes).float()
+    return lam * x + (1 - lam) * x.flip(0), lam * target + (1 - lam) * target.flip(0)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; with ``layer_decay`` each param group carries an
     ``lr_scale`` (1 for the head, ``layer_decay**k`` k groups below), which timm's scheduler applies."""
@@ -288,6 +296,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
+    if cfg.mixup < 0:
+        raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
@@ -386,9 +396,13 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                     torch.manual_seed(_mix(epoch_seed, step, 7))
                     x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
                     y = y.to(device, non_blocking=True)
+                    target = y
+                    if cfg.mixup > 0 and len(y) > 1:
+                        x, target = mixup_batch(x, y, num_classes, cfg.mixup)
                     with _autocast(device, dtype):
                         logits = train_model(x)
-                        loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+                        loss = F.cross_entropy(logits.float(), target, weight=loss_weight,
+                                               label_smoothing=cfg.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)

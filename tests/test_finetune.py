@@ -14,7 +14,8 @@ import timm
 import torch
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.train import TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer
+from edge_tl.finetune.train import (TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer,
+                                   mixup_batch)
 from edge_tl.runtime.spec import PreprocessSpec
 
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
@@ -42,7 +43,7 @@ def test_run_folder_complete(tiny_folder, tmp_path):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
-    aug = dict(ema=True, vflip=0.5, rot90=1.0)  # every random draw must replay on resume
+    aug = dict(ema=True, vflip=0.5, rot90=1.0, mixup=0.4)  # every random draw must replay on resume
     ref = finetune(_cfg(tiny_folder, tmp_path / "ref", **aug), progress=False, log=lambda s: None)
 
     def interrupt(step):
@@ -102,6 +103,7 @@ def _cli(*args):
     (["--device", "cuda"], "--device cuda"),
     (["--freeze-stages", "9"], "can be frozen (stem + stages; the last group holds the classifier). Use 0..7"),
     (["--layer-decay", "1.5"], "--layer-decay 1.5: use a factor in (0, 1]"),
+    (["--mixup", "-1"], "--mixup -1.0: use a Beta alpha > 0"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
@@ -153,3 +155,16 @@ def test_layer_decay_reaches_the_training_steps(tiny_folder, tmp_path):
     assert all(g["lr"] == pytest.approx(peak * g["lr_scale"]) for g in groups)
     last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
     assert last["lr"] == pytest.approx(peak)
+
+
+def test_mixup_blends_each_image_with_its_mirror_in_the_batch():
+    torch.manual_seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    y = torch.tensor([0, 1, 2, 2])
+    mixed, target = mixup_batch(x, y, num_classes=3, alpha=0.4)
+    lam = float(mixed[0, 0, 0, 0] - 3) / -3  # image 0 blended with image 3: lam * 0 + (1 - lam) * 3
+    assert 0 < lam < 1 and lam != 0.5
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * torch.arange(4.0) + (1 - lam) * torch.arange(4.0).flip(0))
+    assert torch.allclose(target.sum(1), torch.ones(4))
+    assert torch.allclose(target[0], torch.tensor([lam, 0, 1 - lam])) and torch.allclose(target[2], torch.tensor([0, 1 - lam, lam]))
+    assert {float(mixup_batch(x, y, 3, 0.4)[0][0, 0, 0, 0]) for _ in range(5)} != {float(mixed[0, 0, 0, 0])}  # a new lam per batch
