@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import signal
 import threading
@@ -173,7 +174,8 @@ def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> l
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float):
     """Mixup (Zhang et al. 2018): the batch blended with itself reversed, lam ~ Beta(alpha, alpha)
-    once per batch (torch's RNG, so a resumed run draws the same); returns the images and soft targets."""
+    once per batch from torch's global RNG (the training loop reseeds it every step, so a resumed
+    run draws the same); returns the images and soft targets."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     target = F.one_hot(y, num_classes).float()
     return lam * x + (1 - lam) * x.flip(0), lam * target + (1 - lam) * target.flip(0)
@@ -296,7 +298,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
-    if cfg.mixup < 0:
+    if not (math.isfinite(cfg.mixup) and cfg.mixup >= 0):
         raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
@@ -403,6 +405,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), target, weight=loss_weight,
                                                label_smoothing=cfg.label_smoothing)
+                    if target is not y:  # soft targets: torch averages over N, class indices over the weights
+                        loss = loss / (target @ loss_weight).mean()
+                        y = target.argmax(1)  # train accuracy against each blend's larger part
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)

@@ -104,6 +104,7 @@ def _cli(*args):
     (["--freeze-stages", "9"], "can be frozen (stem + stages; the last group holds the classifier). Use 0..7"),
     (["--layer-decay", "1.5"], "--layer-decay 1.5: use a factor in (0, 1]"),
     (["--mixup", "-1"], "--mixup -1.0: use a Beta alpha > 0"),
+    (["--mixup", "nan"], "--mixup nan: use a Beta alpha > 0"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
@@ -166,5 +167,27 @@ def test_mixup_blends_each_image_with_its_mirror_in_the_batch():
     assert 0 < lam < 1 and lam != 0.5
     assert torch.allclose(mixed[:, 0, 0, 0], lam * torch.arange(4.0) + (1 - lam) * torch.arange(4.0).flip(0))
     assert torch.allclose(target.sum(1), torch.ones(4))
-    assert torch.allclose(target[0], torch.tensor([lam, 0, 1 - lam])) and torch.allclose(target[2], torch.tensor([0, 1 - lam, lam]))
-    assert {float(mixup_batch(x, y, 3, 0.4)[0][0, 0, 0, 0]) for _ in range(5)} != {float(mixed[0, 0, 0, 0])}  # a new lam per batch
+    assert torch.allclose(target[0], torch.tensor([lam, 0, 1 - lam]))
+    assert torch.allclose(target[2], torch.tensor([0, 1 - lam, lam]))
+    again = {float(mixup_batch(x, y, 3, 0.4)[0][0, 0, 0, 0]) for _ in range(5)}
+    assert again != {float(mixed[0, 0, 0, 0])}  # a new lam per batch
+
+
+def test_mixup_reaches_every_training_step(tiny_folder, tmp_path, monkeypatch):
+    """--mixup blends every batch the model trains on (the real function, counted)."""
+    import edge_tl.finetune.train as train
+
+    calls = []
+
+    def counted(x, y, num_classes, alpha):
+        calls.append(len(y))
+        return mixup_batch(x, y, num_classes, alpha)
+
+    monkeypatch.setattr(train, "mixup_batch", counted)
+    finetune(_cfg(tiny_folder, tmp_path / "plain"), progress=False, log=lambda s: None)
+    assert calls == []
+    metrics = finetune(_cfg(tiny_folder, tmp_path / "mixed", mixup=0.4, class_weights="inverse"), progress=False,
+                       log=lambda s: None)
+    assert calls == [8] * (metrics["num_train"] // 8) * QUICK["epochs"]
+    hist = [json.loads(line) for line in (tmp_path / "mixed" / "history.jsonl").read_text().splitlines()]
+    assert all(0 < h["train_loss"] < 5 and 0 <= h["train_accuracy"] <= 1 for h in hist)
