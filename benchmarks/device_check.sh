@@ -40,7 +40,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log status and seconds, keep go
 
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
 step pytest 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_distributed.py tests/test_finetune.py \
-    tests/test_backbones.py -k "not elpv and not lite1 and not lite2"
+    tests/test_backbones.py -k "not elpv and not (real_photos and (lite1 or lite2))"
 step finetune_cuda 75 python3 -m edge_tl finetune --data "$DATA" --out /tmp/run-amp --device cuda --epochs 3 \
     --workers 4 --json
 step finetune_cuda_torchrun 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m edge_tl finetune --data "$DATA" \

@@ -43,7 +43,8 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
         name = f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else "") + f"@{ts.slug(info['gpu'])}"
         art = {"name": name, "file": rel,
                "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
-               "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True), **facts}
+               "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True),
+               "fp32_agreement": src.get("fp32_agreement"), **facts}  # check's golden gate allows for it
         art["val_accuracy"] = None  # measured by `edge-tl check` on the device
         bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["file"] != rel] + [art]
         bundle.add_file(rel)

@@ -62,21 +62,28 @@ def _infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(outs).astype(np.float32)
 
 
-def golden_tolerance(artifact: dict, n: int, min_agreement: float, max_drop: float) -> tuple[float, float]:
+def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreement: float,
+                     max_drop: float) -> tuple[float, float]:
     """(agreement floor, drop limit in points) for ``artifact`` judged on ``n`` golden images.
 
-    An INT8 artifact agrees with FP32 on a fraction p < 1 of images (measured on the validation
-    split at export: the manifest's ``fp32_agreement``). On a few golden images its agreement
-    and accuracy then move by sampling alone: at p = 0.96 on 32 images, a sound export shows 30
-    of 32 (0.938) a third of the time, and one image is 3.1 points. The gate widens to three
-    standard errors of that sampling where they exceed ``min_agreement`` / ``max_drop``, so a
-    sound export is not failed by two flipped images, while a broken deployment (wrong
-    preprocessing, a bad engine: agreement far below p) still fails.
+    An INT8 artifact agrees with FP32 on a fraction p < 1 of the ``population`` validation images
+    export measured it on (the manifest's ``fp32_agreement``); the golden images are drawn from
+    them. On a few golden images its agreement and accuracy then move by sampling alone: at
+    p = 0.96 on 32 images a sound export shows 30 or fewer a third of the time, and one image is
+    3.1 points. The gate widens to three standard errors of that sampling (with the finite-
+    population correction: golden = validation leaves none) where they exceed ``min_agreement`` /
+    ``max_drop``, never more than 0.1 below ``min_agreement``, and only for an export that was
+    accepted: a sound INT8 is not failed by two flipped images, a broken deployment still is.
     """
     p = artifact.get("fp32_agreement")
-    if p is None:
+    if p is None or not artifact.get("accepted", True):
         return min_agreement, max_drop
-    return min(min_agreement, p - 3 * math.sqrt(p * (1 - p) / n)), max(max_drop, 300 * math.sqrt((1 - p) / n))
+    if not 0 < p <= 1:
+        raise UserError(f"manifest artifact {artifact.get('name')}: fp32_agreement {p} is not in (0, 1]. Re-export the bundle.")
+    fpc = math.sqrt(max(population - n, 0) / (population - 1)) if population and population > 1 else 1.0
+    floor = p - 3 * fpc * math.sqrt(p * (1 - p) / n)
+    drop = 300 * fpc * math.sqrt((1 - p) / n)  # net change per image is -1, 0 or +1, nonzero only where top-1 differs
+    return min(min_agreement, max(floor, min_agreement - 0.1)), max(max_drop, drop)
 
 
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
@@ -134,8 +141,10 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             ref, ref_source = accuracies.get("fp32"), "fp32 ONNX on the same images"
         drop = None if ref is None else round((ref - acc) * 100, 3)
         agreement = float((g.argmax(1) == golden_logits.argmax(1)).mean())
-        agreement_floor, golden_drop_limit = golden_tolerance(art, len(golden_logits), min_agreement, max_drop)
-        drop_limit = golden_drop_limit if data is None else max_drop  # --data: enough images for max_drop itself
+        agreement_floor, golden_drop_limit = golden_tolerance(
+            art, len(golden_logits), bundle.manifest.get("validation", {}).get("images"), min_agreement, max_drop)
+        # judged on the golden images against FP32: sampling noise; on --data or against a baseline's same artifact: none
+        drop_limit = golden_drop_limit if data is None and base is None else max_drop
         reasons = []
         if agreement < agreement_floor:
             reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f}")

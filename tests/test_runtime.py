@@ -187,14 +187,18 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
 
 
 def test_golden_tolerance_allows_sampling_noise_of_int8_but_not_a_broken_deployment():
-    # Lite2 INT8 on ELPV (session 9): 96.3 % agreement with FP32 on validation; 30 of 32 golden
-    # images agreed (0.938) and one image more was right (-3.1 pts): a sound export, failed before.
-    floor, limit = golden_tolerance({"fp32_agreement": 0.9628}, 32, 0.95, 1.0)
-    assert 0.80 < floor < 30 / 32 and limit > 100 / 32
-    assert 0.5 < floor  # a wrong preprocessing or engine (agreement near chance) still fails
-    assert golden_tolerance({"fp32_agreement": 0.9628}, 3000, 0.95, 1.0) == pytest.approx((0.95, 1.056), abs=1e-3)  # many images: ~as given
-    assert golden_tolerance({"fp32_agreement": 1.0}, 32, 0.95, 1.0) == (0.95, 1.0)  # exact INT8: gate unchanged
-    assert golden_tolerance({"precision": "fp32"}, 32, 0.95, 1.0) == (0.95, 1.0)  # nothing measured: as given
+    # Lite2 INT8 on ELPV (session 9): 96.3 % agreement with FP32 on 296 validation images; 30 of 32
+    # golden images agreed (0.938) and one image more was right (-3.1 pts): a sound export, failed before.
+    floor, limit = golden_tolerance({"fp32_agreement": 0.9628}, 32, 296, 0.95, 1.0)
+    assert 0.85 < floor < 30 / 32 and limit > 100 / 32
+    assert golden_tolerance({"fp32_agreement": 0.9628}, 3000, 30000, 0.95, 1.0) == pytest.approx((0.95, 1.0), abs=0.06)
+    assert golden_tolerance({"fp32_agreement": 7 / 8}, 8, 8, 0.95, 1.0) == (0.875, 1.0)  # golden = validation: no noise
+    assert golden_tolerance({"fp32_agreement": 0.5}, 32, 296, 0.95, 1.0)[0] == pytest.approx(0.85)  # floor capped
+    assert golden_tolerance({"fp32_agreement": 0.9, "accepted": False}, 32, 296, 0.95, 1.0) == (0.95, 1.0)
+    assert golden_tolerance({"fp32_agreement": 1.0}, 32, 296, 0.95, 1.0) == (0.95, 1.0)  # exact INT8: gate unchanged
+    assert golden_tolerance({"precision": "fp32"}, 32, 296, 0.95, 1.0) == (0.95, 1.0)  # nothing measured: as given
+    with pytest.raises(UserError, match="fp32_agreement 1.5"):
+        golden_tolerance({"name": "int8", "fp32_agreement": 1.5}, 32, 296, 0.95, 1.0)
 
 
 def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path):
