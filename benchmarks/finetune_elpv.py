@@ -20,10 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge_tl.fileio import write_json
-from edge_tl.finetune.data import _decode, _scan_classes
+from edge_tl.finetune.data import _decode, _scan_classes, discover
 from edge_tl.finetune.elpv import write_elpv
 from edge_tl.finetune.train import TrainConfig, confusion_matrix, finetune, load_model, predict_logits
 from edge_tl.runtime.spec import PreprocessSpec
@@ -31,18 +32,34 @@ from edge_tl.runtime.spec import PreprocessSpec
 ROOT = Path(__file__).resolve().parent
 
 
-def test_accuracy(run: Path, data: Path) -> dict:
-    """Accuracy of ``run/best.pt`` on ``data/test`` (4-class and collapsed to binary)."""
+def split_logits(run: Path, data: Path) -> dict:
+    """Logits of ``run/best.pt`` (its own preprocessing) on the validation split it was selected
+    on and on ``data/test``, with labels and class names."""
     model, ckpt = load_model(run / "best.pt")
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    classes = ckpt["classes"]
-    test = _decode(_scan_classes(data / "test"), classes, spec, [], "decode test", True)
-    preds = predict_logits(model, test, spec, torch.device("cpu")).argmax(1).tolist()
+    cfg = ckpt["config"]
+    val = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress=False).val
+    test = _decode(_scan_classes(data / "test"), ckpt["classes"], spec, [], "decode test", True)
+    logits = {name: predict_logits(model, split, spec, torch.device("cpu")).numpy() for name, split in
+              (("val", val), ("test", test))}
+    return {"classes": ckpt["classes"], "logits": logits,
+            "labels": {"val": np.asarray(val.labels), "test": np.asarray(test.labels)}}
+
+
+def binary_accuracy(preds, labels, classes: list[str]) -> float:
+    """Accuracy with ELPV's classes collapsed to functional (p < 0.5) / defective."""
     defective = [int(c[1:]) >= 50 for c in classes]
-    acc4 = sum(p == y for p, y in zip(preds, test.labels)) / len(test)
-    acc2 = sum(defective[p] == defective[y] for p, y in zip(preds, test.labels)) / len(test)
-    return {"num_test": len(test), "test_accuracy_4class": acc4, "test_accuracy_binary": acc2,
-            "test_confusion": confusion_matrix(test.labels, preds, len(classes))}
+    return sum(defective[p] == defective[y] for p, y in zip(preds, labels)) / len(labels)
+
+
+def test_accuracy(run: Path, data: Path) -> dict:
+    """Accuracy of ``run/best.pt`` on ``data/test`` (4-class and collapsed to binary)."""
+    out = split_logits(run, data)
+    preds, labels = out["logits"]["test"].argmax(1).tolist(), out["labels"]["test"].tolist()
+    acc4 = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    return {"num_test": len(labels), "test_accuracy_4class": acc4,
+            "test_accuracy_binary": binary_accuracy(preds, labels, out["classes"]),
+            "test_confusion": confusion_matrix(labels, preds, len(out["classes"]))}
 
 
 def main() -> None:

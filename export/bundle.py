@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import UMASK, write_text
-from edge_tl.finetune.data import Split, discover
+from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GOLDEN, MANIFEST, SCHEMA_VERSION, Bundle
@@ -39,27 +38,6 @@ TARGETS = {
     "gpu": ("fp32,fp16,int8", "tensorrt", "1:8:32", "an NVIDIA GPU: TensorRT engines, or ONNX Runtime's CUDA/TensorRT providers"),
     "jetson": ("fp32,fp16,int8", "tensorrt", "1:1:8", "a Jetson (Orin) with JetPack's TensorRT; engines built on the device"),
 }
-
-
-def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
-    """uint8 N×H×W×3 eval-preprocessed pixels of ``split`` (the ONNX graph's input, before the float cast)."""
-    idx = range(len(split)) if idx is None else idx
-    return np.stack([spec.to_pixels(split.image(i)) for i in idx]) if len(idx) else np.zeros((0, *spec.input_size, 3), np.uint8)
-
-
-def stratified_sample(labels: list[int], n: int, seed: int = 0) -> list[int]:
-    """``n`` indices with the classes in their proportions (all when there are fewer)."""
-    if n >= len(labels):
-        return list(range(len(labels)))
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    picked = []
-    for y, idx in sorted(by_class.items()):
-        rng.shuffle(idx)
-        picked += idx[:max(1, round(n * len(idx) / len(labels)))]
-    return sorted(picked[:n])
 
 
 def versions() -> dict:

@@ -104,6 +104,27 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     return sorted(keep), sorted(held)
 
 
+def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
+    """uint8 N×H×W×3 eval-preprocessed pixels of ``split`` (the ONNX graph's input, before the float cast)."""
+    idx = range(len(split)) if idx is None else idx
+    return np.stack([spec.to_pixels(split.image(i)) for i in idx]) if len(idx) else np.zeros((0, *spec.input_size, 3), np.uint8)
+
+
+def stratified_sample(labels: list[int], n: int, seed: int = 0) -> list[int]:
+    """``n`` indices with the classes in their proportions (all when there are fewer)."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    picked = []
+    for y, idx in sorted(by_class.items()):
+        rng.shuffle(idx)
+        picked += idx[:max(1, round(n * len(idx) / len(labels)))]
+    return sorted(picked[:n])
+
+
 def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15, split_seed: int = 0,
              progress: bool = True) -> ImageFolderData:
     """Read the folder layout, decode every image once, and make the train/val splits."""

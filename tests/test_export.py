@@ -11,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 
 from edge_tl.errors import UserError
-from edge_tl.export.bundle import export_bundle, pixels_of
+from edge_tl.export.bundle import export_bundle
 from edge_tl.export.quantize import layer_damage, prepare, quantize_within_budget, quantized_nodes
-from edge_tl.finetune.data import discover
+from edge_tl.finetune.data import discover, pixels_of
 from edge_tl.finetune.train import load_model
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.bundle import Bundle, BundleError
