@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.fileio import write_json
-from finetune_elpv import binary_accuracy, split_logits
+from finetune_elpv import binary_accuracy, val_test_logits
 
 ROOT = Path(__file__).resolve().parent
 
@@ -41,7 +41,7 @@ def fit_ordinal_thresholds(expected: np.ndarray, labels: np.ndarray, grid: np.nd
         acc = float((np.digitize(expected, t) == labels).mean())
         if acc > best:
             best, cuts = acc, t
-    return tuple(float(c) for c in cuts)
+    return tuple(round(float(c), 4) for c in cuts)
 
 
 def scores(probs: dict, labels: dict, classes: list[str]) -> dict:
@@ -63,13 +63,17 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "elpv_ceiling.json")
     args = ap.parse_args()
 
-    runs = {str(r): split_logits(r, args.data) for r in args.runs}
+    runs = {str(r): val_test_logits(r, args.data) for r in args.runs}
     first = next(iter(runs.values()))
-    classes, labels = first["classes"], first["labels"]
+    classes, labels, paths = first["classes"], first["labels"], first["paths"]
     for name, r in runs.items():
-        if r["classes"] != classes or any(not np.array_equal(r["labels"][s], labels[s]) for s in labels):
+        if r["classes"] != classes or r["paths"] != paths:
             raise SystemExit(f"{name}: other classes or another validation split than {args.runs[0]}; "
                              "compare runs of one data folder, --val-fraction and --split-seed.")
+        recomputed = float((r["logits"]["val"].argmax(1) == labels["val"]).mean())
+        if abs(recomputed - r["checkpoint_val_accuracy"]) > 2.5 / len(labels["val"]):  # bf16 eval in training may flip one or two
+            raise SystemExit(f"{name}: validation accuracy {recomputed:.4f} here, {r['checkpoint_val_accuracy']:.4f} in "
+                             f"best.pt: was it trained on {args.data}?")
     probs = {name: {s: softmax(r["logits"][s]) for s in labels} for name, r in runs.items()}
     result = {"data": str(args.data), "classes": classes, "val_images": len(labels["val"]),
               "test_images": len(labels["test"]), "runs": {n: scores(p, labels, classes) for n, p in probs.items()}}

@@ -32,18 +32,21 @@ from edge_tl.runtime.spec import PreprocessSpec
 ROOT = Path(__file__).resolve().parent
 
 
-def split_logits(run: Path, data: Path) -> dict:
+def val_test_logits(run: Path, data: Path, splits: tuple[str, ...] = ("val", "test")) -> dict:
     """Logits of ``run/best.pt`` (its own preprocessing) on the validation split it was selected
-    on and on ``data/test``, with labels and class names."""
+    on and/or on ``data/test``, with labels, image paths and class names."""
     model, ckpt = load_model(run / "best.pt")
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     cfg = ckpt["config"]
-    val = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress=False).val
-    test = _decode(_scan_classes(data / "test"), ckpt["classes"], spec, [], "decode test", True)
-    logits = {name: predict_logits(model, split, spec, torch.device("cpu")).numpy() for name, split in
-              (("val", val), ("test", test))}
-    return {"classes": ckpt["classes"], "logits": logits,
-            "labels": {"val": np.asarray(val.labels), "test": np.asarray(test.labels)}}
+    images = {}
+    if "val" in splits:
+        images["val"] = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress=False).val
+    if "test" in splits:
+        images["test"] = _decode(_scan_classes(data / "test"), ckpt["classes"], spec, [], "decode test", True)
+    return {"classes": ckpt["classes"], "checkpoint_val_accuracy": ckpt.get("val_accuracy"),
+            "logits": {s: predict_logits(model, split, spec, torch.device("cpu")).numpy() for s, split in images.items()},
+            "labels": {s: np.asarray(split.labels) for s, split in images.items()},
+            "paths": {s: [str(p) for p in split.paths] for s, split in images.items()}}
 
 
 def binary_accuracy(preds, labels, classes: list[str]) -> float:
@@ -54,7 +57,7 @@ def binary_accuracy(preds, labels, classes: list[str]) -> float:
 
 def test_accuracy(run: Path, data: Path) -> dict:
     """Accuracy of ``run/best.pt`` on ``data/test`` (4-class and collapsed to binary)."""
-    out = split_logits(run, data)
+    out = val_test_logits(run, data, ("test",))
     preds, labels = out["logits"]["test"].argmax(1).tolist(), out["labels"]["test"].tolist()
     acc4 = sum(p == y for p, y in zip(preds, labels)) / len(labels)
     return {"num_test": len(labels), "test_accuracy_4class": acc4,

@@ -30,20 +30,17 @@ import numpy as np
 from edge_tl.fileio import write_json
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.runtime.bundle import Bundle
+from edge_tl.runtime.check import infer_all
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ("performance", "mixed")  # NNCF: symmetric activations / asymmetric activations
 
 
-def nchw(pixels: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-
-
-def predictions(path: Path, x: np.ndarray) -> np.ndarray:
+def predictions(path: Path, pixels: np.ndarray) -> np.ndarray:
     runner = OnnxRuntimeRunner(path, "cpu").activate()
     try:
-        return np.concatenate([runner.infer(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
+        return infer_all(runner, pixels).argmax(1)
     finally:
         runner.deactivate()
 
@@ -66,8 +63,14 @@ def main() -> None:
 
     bundle = Bundle.load(args.bundle)
     ds = discover(args.data, bundle.spec, args.val_fraction, args.split_seed)
-    calib = nchw(pixels_of(ds.train, bundle.spec, stratified_sample(ds.train.labels, args.calib_images)))
-    val, val_labels = nchw(pixels_of(ds.val, bundle.spec)), np.asarray(ds.val.labels)
+    calib = pixels_of(ds.train, bundle.spec, stratified_sample(ds.train.labels, args.calib_images))
+    calib = np.ascontiguousarray(calib.transpose(0, 3, 1, 2), dtype=np.float32)
+    exported = bundle.manifest.get("validation", {}), bundle.manifest.get("calibration") or {}
+    if (ds.val_source, len(calib)) != (exported[0].get("source"), exported[1].get("images")):
+        raise SystemExit(f"{args.bundle}: its export validated on '{exported[0].get('source')}' and calibrated on "
+                         f"{exported[1].get('images')} images; here '{ds.val_source}', {len(calib)}: pass the run's "
+                         "--val-fraction/--split-seed and the export's --calib-images so both quantizers see the same images.")
+    val, val_labels = pixels_of(ds.val, bundle.spec), np.asarray(ds.val.labels)
     fp32_path = args.bundle / "model.fp32.onnx"
     model = onnx.load(fp32_path)
     input_name = model.graph.input[0].name

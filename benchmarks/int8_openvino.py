@@ -73,6 +73,8 @@ def main() -> None:
                     help="another INT8 ONNX of the bundle's model to time on OpenVINO beside it (repeatable)")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "int8_openvino.json")
     args = ap.parse_args()
+    if len({name for name, _ in args.extra_int8}) < len(args.extra_int8):
+        ap.error("--extra-int8: each NAME once")
     if OPENVINO not in import_onnxruntime().get_available_providers():
         raise SystemExit("This ONNX Runtime has no OpenVINO provider: run it with .venv-openvino/bin/python "
                          "(`make openvino-env` makes it).")
@@ -109,7 +111,8 @@ def main() -> None:
     for p in PROVIDERS:
         summary[f"{p}_int8_drop_pts"] = 100 * (rows[f"{p}/fp32"]["test_accuracy"] - rows[f"{p}/int8"]["test_accuracy"])
     for name, _ in args.extra_int8:
-        summary[f"openvino_{name}_drop_pts"] = 100 * (rows["cpu/fp32"]["test_accuracy"] - rows[f"openvino/{name}"]["test_accuracy"])
+        summary[f"openvino_{name}_drop_pts"] = 100 * (rows["openvino/fp32"]["test_accuracy"]
+                                                      - rows[f"openvino/{name}"]["test_accuracy"])
     result = {"benchmark": "int8_openvino", "bundle": str(args.bundle), "test_images": int(len(labels)),
               "blocks": args.blocks, "iters_b1": args.iters,
               "extra_int8": {name: str(path) for name, path in args.extra_int8}, "summary": summary, "rows": rows,

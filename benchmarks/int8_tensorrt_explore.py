@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tl.finetune.data import pixels_of, stratified_sample
 from edge_tl.export.quantize import FLAVOURS, histogram_image_limit, onnx_logits, prepare, quantize_int8
 from edge_tl.fileio import write_json
-from edge_tl.finetune.data import discover
+from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.runtime.bench import machine
 from edge_tl.runtime.bundle import Bundle
 

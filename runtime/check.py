@@ -56,7 +56,8 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
 
-def _infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+def infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Float32 logits of NHWC pixels (the bundle's input before the transpose), in batches."""
     outs = [runner.infer(np.ascontiguousarray(pixels[i:i + batch].transpose(0, 3, 1, 2), dtype=np.float32))
             for i in range(0, len(pixels), batch)]
     return np.concatenate(outs).astype(np.float32)
@@ -128,8 +129,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             continue
         t0 = time.perf_counter()
         with make_runner(bundle, art, backend, device) as runner:
-            g = _infer_all(runner, golden_pixels)
-            logits = g if data is None else _infer_all(runner, pixels)
+            g = infer_all(runner, golden_pixels)
+            logits = g if data is None else infer_all(runner, pixels)
             runs_on = runner.describe()
         acc = _accuracy(logits, labels)
         accuracies[art["name"]] = acc
