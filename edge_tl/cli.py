@@ -94,6 +94,7 @@ def finetune(
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),
+    tune_depthwise: bool = typer.Option(D["tune_depthwise"], help="On CPU, time each depthwise convolution's backward once and keep the fastest exact formulation (1.5-1.7x faster EfficientNet-Lite steps on a 2-core AVX-512 CPU)."),
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
 ) -> None:
@@ -114,7 +115,7 @@ def finetune(
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, layer_decay=layer_decay, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       mixup=mixup, class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
-                      compile=compile)
+                      compile=compile, tune_depthwise=tune_depthwise)
     log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
     try:
         metrics = run(cfg, resume=resume, log=log)

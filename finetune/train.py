@@ -40,6 +40,7 @@ from . import distributed
 from .backbones import create_backbone, preprocess_spec
 from .config import TrainConfig
 from .data import Split, discover
+from .depthwise import load_plans, saved_plans, tune_depthwise
 
 CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
 
@@ -322,6 +323,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
     model = model.to(device, memory_format=torch.channels_last)
+    if device.type == "cpu" and cfg.tune_depthwise and not cfg.compile:
+        tune_depthwise(model)  # same parameters and state_dict; only the backward of depthwise convs changes
     optimizer = make_optimizer(model, cfg)
     train_model = model
     if d.world > 1:
@@ -357,13 +360,14 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         history, best = state["history"], state["best"]
         start_epoch, start_step, seconds = state["epoch"], state["step"], state["seconds"]
         partial = tuple(state.get("partial_epoch", partial))  # summed over ranks: the same on every rank
+        load_plans(state.get("depthwise_plans") or {})
 
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
 
     def checkpoint(epoch: int, step: int, partial_epoch=(0.0, 0, 0)) -> dict:
         return {**meta, "epoch": epoch, "step": step, "seconds": seconds, "history": history, "best": best,
-                "partial_epoch": list(partial_epoch),
+                "partial_epoch": list(partial_epoch), "depthwise_plans": saved_plans(),
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
 

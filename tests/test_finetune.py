@@ -14,6 +14,7 @@ import timm
 import torch
 
 from edge_tl.errors import UserError
+from edge_tl.finetune import depthwise
 from edge_tl.finetune.train import (TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer,
                                    mixup_batch)
 from edge_tl.runtime.spec import PreprocessSpec
@@ -42,7 +43,7 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     assert model.get_classifier().out_features == 3
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
+def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     aug = dict(ema=True, vflip=0.5, rot90=1.0, mixup=0.4)  # every random draw must replay on resume
     ref = finetune(_cfg(tiny_folder, tmp_path / "ref", **aug), progress=False, log=lambda s: None)
 
@@ -60,6 +61,10 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path):
     first.rename(first.with_name("zz-other"))
     with pytest.raises(UserError, match="differ from the run's"):
         finetune(_cfg(renamed, tmp_path / "cut"), resume=True, progress=False, log=lambda s: None)
+    assert saved["depthwise_plans"]  # a CPU run: its depthwise convs were tuned; another process may time them
+    monkeypatch.setattr(depthwise, "_plans", {  # differently, so the resumed run must replay the saved plans
+        key: ("flipped" if i == "native" else "native", "float32" if w == "native" else "native")
+        for key, (i, w) in saved["depthwise_plans"].items()})
     resumed = finetune(_cfg(moved, tmp_path / "cut", workers=1), resume=True, progress=False, log=lambda s: None)
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
