@@ -43,7 +43,7 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the training model (CUDA; on CPU it needs a C++ compiler)
-    tune_depthwise: bool = True  # CPU: time each depthwise conv's backward once, keep the fastest exact form (1.5x here)
+    tune_depthwise: bool = True  # CPU: depthwise backward timed per shape, fastest exact form kept (depthwise.py)
     amp: str = "auto"  # auto | off | bf16 | fp16: bf16 on CUDA or CPUs with native bf16 (1.25x here), fp16 on older GPUs
 
     @classmethod

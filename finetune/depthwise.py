@@ -1,25 +1,30 @@
 """Faster CPU training of depthwise convolutions: each backward shape timed once, fastest exact formulation kept.
 
 Why: in a bf16 channels_last training step of EfficientNet-Lite0 on this workplace's CPU, the
-depthwise convolutions took 55 % of the time, almost all in oneDNN's backward: the input gradient
-of a stride-2 depthwise conv ran up to 35x slower than its forward, the weight gradient of a 5x5
+depthwise convolutions took 51-54 % of the time, almost all in oneDNN's backward: the input gradient
+of a stride-2 depthwise conv ran 10-35x slower than its forward, the weight gradient of a 5x5
 one 3-5x slower than in float32 (``benchmarks/train_profile.py``). Both gradients have exact
 equivalents built from better-tuned calls:
 
 * input gradient = a stride-1 depthwise *forward* convolution of the output gradient (zeros
   inserted between its pixels for stride > 1) with the kernel flipped;
-* weight gradient = the same backward call on float32 copies of the (small) tensors.
+* weight gradient = the same backward call on float32 copies of the activation and its gradient
+  (more memory for that call; only used where it is faster).
 
 Which is fastest depends on the CPU, the shape and the dtype, so, like ``cudnn.benchmark``, every
-depthwise shape is timed on its first backward and the native kernel is replaced only where an
-alternative is clearly faster (``MARGIN``), which keeps the choice stable across runs. The
-results agree with the native ones to rounding (bf16 sums in another order, or float32 ones).
-Forward, evaluation and export are untouched: without autograd the modules call ``F.conv2d``.
+depthwise shape a training will meet is timed before its first step (``plan_training``) and the
+native kernel is replaced only where an alternative is clearly faster (``MARGIN``). The results
+agree with the native ones to rounding (bf16 sums in another order, or float32 ones); as with
+``cudnn.benchmark``, two runs with the same seed are bit-identical only if they time the same
+plans, so a checkpoint keeps its plans and ``--resume`` replays them, and ``--no-tune-depthwise``
+gives bit-reproducible runs. Evaluation and export are untouched: without autograd the modules
+call ``F.conv2d``.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +77,8 @@ WEIGHT_GRAD = {"native": _weight_grad_native, "float32": _weight_grad_float32}
 
 def _fastest(methods: dict, args: tuple) -> str:
     """The method to use: 'native' unless another is MARGIN times faster (best of 2 timed calls after a warm-up)."""
+    if len(methods) == 1:
+        return next(iter(methods))
     times = {}
     for name, fn in methods.items():
         fn(*args)
@@ -97,8 +104,13 @@ def plan_for(g, x, w, stride, padding) -> tuple[str, str]:
 
 
 def saved_plans() -> dict[str, list[str]]:
-    """The plans timed so far, for a checkpoint: a resumed run replays them and so computes exactly the same."""
+    """The plans timed so far in this process, for a checkpoint: a resumed run replays them."""
     return {k: list(v) for k, v in _plans.items()}
+
+
+def clear_plans() -> None:
+    """Forget every plan, so the next backward of each shape times it again (benchmarks)."""
+    _plans.clear()
 
 
 def load_plans(plans: dict[str, list[str]]) -> None:
@@ -110,10 +122,10 @@ def load_plans(plans: dict[str, list[str]]) -> None:
 
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, stride, padding):
+    def forward(ctx, x, w, b, stride, padding):
         ctx.save_for_backward(x, w)
         ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, w, None, stride, padding, 1, w.shape[0])
+        return F.conv2d(x, w, b, stride, padding, 1, w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
@@ -123,7 +135,8 @@ class _DepthwiseConv(torch.autograd.Function):
         input_method, weight_method = plan_for(*args)
         gx = INPUT_GRAD[input_method](*args) if ctx.needs_input_grad[0] else None
         gw = WEIGHT_GRAD[weight_method](*args) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None
+        gb = g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
 
 
 class TunedDepthwiseConv2d(torch.nn.Conv2d):
@@ -134,16 +147,14 @@ class TunedDepthwiseConv2d(torch.nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._pad(x)
-        w = self.weight
+        w, b = self.weight, self.bias
         if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            out = F.conv2d(x, w, None, self.stride, padding, 1, self.groups)
-        else:
-            if torch.is_autocast_enabled(x.device.type):  # cast here, so backward sees what the conv computed in
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, w = x.to(dtype), w.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                out = _DepthwiseConv.apply(x, w, tuple(self.stride), padding)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+            return F.conv2d(x, w, b, self.stride, padding, 1, self.groups)
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, so backward sees the conv's inputs
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _DepthwiseConv.apply(x, w, b, tuple(self.stride), padding)
 
 
 class TunedDepthwiseConv2dSame(TunedDepthwiseConv2d):
@@ -176,3 +187,26 @@ def untune_depthwise(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, TunedDepthwiseConv2d):
             m.__class__ = Conv2dSame if type(m) is TunedDepthwiseConv2dSame else torch.nn.Conv2d
+
+
+def plan_training(model: torch.nn.Module, batch_shapes: Iterable[tuple[int, ...]], dtype: torch.dtype | None) -> None:
+    """Time every depthwise shape a training will meet before its first step, so no result depends
+    on when a shape first came up (and the first checkpoint already holds every plan).
+
+    One forward and backward per batch shape on zeros; BatchNorm statistics and the random
+    state stay untouched, gradients are cleared. Shapes with a plan (e.g. loaded from a
+    resumed checkpoint) keep it."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for shape in batch_shapes:
+                x = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = model(x)
+                out.float().sum().backward()
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None

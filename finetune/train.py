@@ -40,7 +40,7 @@ from . import distributed
 from .backbones import create_backbone, preprocess_spec
 from .config import TrainConfig
 from .data import Split, discover
-from .depthwise import load_plans, saved_plans, tune_depthwise
+from .depthwise import load_plans, plan_training, saved_plans, tune_depthwise
 
 CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
 
@@ -289,6 +289,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         given = cfg
         cfg = TrainConfig.from_dict(state["config"])
         cfg.device, cfg.workers, cfg.data = given.device, given.workers, given.data  # the data may have moved
+        cfg.tune_depthwise = state["config"].get("tune_depthwise", False)  # runs from before it existed: off
         log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
     elif (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
@@ -323,7 +324,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
     model = model.to(device, memory_format=torch.channels_last)
-    if device.type == "cpu" and cfg.tune_depthwise and not cfg.compile:
+    tuned = device.type == "cpu" and cfg.tune_depthwise and not cfg.compile
+    if tuned:
         tune_depthwise(model)  # same parameters and state_dict; only the backward of depthwise convs changes
     optimizer = make_optimizer(model, cfg)
     train_model = model
@@ -360,21 +362,25 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         history, best = state["history"], state["best"]
         start_epoch, start_step, seconds = state["epoch"], state["step"], state["seconds"]
         partial = tuple(state.get("partial_epoch", partial))  # summed over ranks: the same on every rank
-        load_plans(state.get("depthwise_plans") or {})
+
+    sizes = _train_sizes(cfg, spec)
+    if tuned:
+        load_plans((state or {}).get("depthwise_plans") or {})  # a resumed run replays its plans
+        plan_training(model, [(cfg.batch_size, 3, s, s) for s in sorted(set(sizes))], dtype)
+        load_plans(d.gather(saved_plans())[0])  # every rank computes with rank 0's plans
 
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
 
     def checkpoint(epoch: int, step: int, partial_epoch=(0.0, 0, 0)) -> dict:
         return {**meta, "epoch": epoch, "step": step, "seconds": seconds, "history": history, "best": best,
-                "partial_epoch": list(partial_epoch), "depthwise_plans": saved_plans(),
+                "partial_epoch": list(partial_epoch), "depthwise_plans": saved_plans() if tuned else {},
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
 
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
-    sizes = _train_sizes(cfg, spec)
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
     eval_model = ema.module if ema is not None else model
     step = start_step
