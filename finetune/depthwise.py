@@ -1,9 +1,9 @@
 """Faster CPU training of depthwise convolutions: each backward shape timed once, fastest exact formulation kept.
 
 Why: in a bf16 channels_last training step of EfficientNet-Lite0 on this workplace's CPU, the
-depthwise convolutions took 51-54 % of the time, almost all in oneDNN's backward: the input gradient
-of a stride-2 depthwise conv ran 10-35x slower than its forward, the weight gradient of a 5x5
-one 3-5x slower than in float32 (``benchmarks/train_profile.py``). Both gradients have exact
+depthwise convolutions took 51-54 % of the time (``benchmarks/train_profile.py``), mostly in
+oneDNN's backward: in probes of single layers the input gradient of a stride-2 depthwise conv
+ran 10-35x slower than its forward, the weight gradient of a 5x5 one 3-5x slower than in float32. Both gradients have exact
 equivalents built from better-tuned calls:
 
 * input gradient = a stride-1 depthwise *forward* convolution of the output gradient (zeros
@@ -14,10 +14,10 @@ equivalents built from better-tuned calls:
 Which is fastest depends on the CPU, the shape and the dtype, so, like ``cudnn.benchmark``, every
 depthwise shape a training will meet is timed before its first step (``plan_training``) and the
 native kernel is replaced only where an alternative is clearly faster (``MARGIN``). The results
-agree with the native ones to rounding (bf16 sums in another order, or float32 ones); as with
-``cudnn.benchmark``, two runs with the same seed are bit-identical only if they time the same
-plans, so a checkpoint keeps its plans and ``--resume`` replays them, and ``--no-tune-depthwise``
-gives bit-reproducible runs. Evaluation and export are untouched: without autograd the modules
+agree with the native ones to rounding (bf16 sums in another order, or float32 ones). As with
+``cudnn.benchmark``, two runs of one seed that time different plans drift apart over the epochs
+like nearby seeds (about 1 pt on ELPV), so a checkpoint keeps its plans and ``--resume`` replays
+them, and ``--no-tune-depthwise`` gives bit-reproducible runs. Evaluation and export are untouched: without autograd the modules
 call ``F.conv2d``.
 """
 

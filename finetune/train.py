@@ -324,9 +324,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
     model = model.to(device, memory_format=torch.channels_last)
-    tuned = device.type == "cpu" and cfg.tune_depthwise and not cfg.compile
-    if tuned:
-        tune_depthwise(model)  # same parameters and state_dict; only the backward of depthwise convs changes
+    # same parameters and state_dict; only the backward of depthwise convs changes
+    tuned = device.type == "cpu" and cfg.tune_depthwise and not cfg.compile and tune_depthwise(model) > 0
     optimizer = make_optimizer(model, cfg)
     train_model = model
     if d.world > 1:
@@ -366,8 +365,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     sizes = _train_sizes(cfg, spec)
     if tuned:
         load_plans((state or {}).get("depthwise_plans") or {})  # a resumed run replays its plans
-        plan_training(model, [(cfg.batch_size, 3, s, s) for s in sorted(set(sizes))], dtype)
-        load_plans(d.gather(saved_plans())[0])  # every rank computes with rank 0's plans
+        if d.is_main:  # the other ranks take rank 0's plans (and leave it the CPU while it times them)
+            plan_training(model, [(cfg.batch_size, len(spec.mean), s, s) for s in sorted(set(sizes))], dtype)
+        load_plans(d.gather(saved_plans())[0])
 
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}

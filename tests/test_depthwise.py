@@ -95,6 +95,11 @@ def test_plan_training_times_every_shape_and_changes_nothing_else(monkeypatch):
     assert net.training and all(p.grad is None for p in net.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BatchNorm statistics too
+    planned = depthwise.saved_plans()
+    for size in ((15, 15), (20, 17)):  # training steps (train mode, channels_last, any batch) time nothing new
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(torch.randn(3, 3, *size).contiguous(memory_format=torch.channels_last)).float().sum().backward()
+    assert depthwise.saved_plans() == planned
 
 
 def test_native_kept_unless_clearly_faster(monkeypatch):

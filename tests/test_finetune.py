@@ -77,6 +77,18 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monk
             (b["train_loss"], b["train_accuracy"], b["val_loss"]), abs=1e-6)
 
 
+def test_runs_from_before_the_tuned_depthwise_backward_resume_without_it(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    finetune(_cfg(tiny_folder, out, epochs=1), progress=False, log=lambda s: None)
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["config"]["tune_depthwise"], state["depthwise_plans"]  # as an older edge-tl wrote it
+    state["config"]["epochs"] = 2
+    torch.save(state, out / "last.pt")
+    finetune(_cfg(tiny_folder, out), resume=True, progress=False, log=lambda s: None)
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"]["tune_depthwise"] is False and resumed["depthwise_plans"] == {}
+
+
 def test_quarter_turns_cover_four_orientations():
     import random
 
