@@ -1,6 +1,8 @@
 """ELPV 4-class fine-tune with the default recipe on this machine; test-split accuracy at the end.
 
-    python benchmarks/finetune_elpv.py [--out runs/bench_elpv] [extra `edge-tl finetune` options]
+    python benchmarks/finetune_elpv.py [--data ELPV_DIR] [--out runs/bench_elpv] [--set KEY=VALUE ...] [--results FILE]
+
+--set overrides fields of the fine-tune's TrainConfig (e.g. --set seed=1 img_size=288).
 
 Writes the ELPV demo split (75/25, stratified, seed 0) if missing, fine-tunes with the
 defaults (model selection on the validation split carved from train), then evaluates
