@@ -17,7 +17,7 @@ from typing import Callable
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
-from edge_tl.finetune.config import TrainConfig
+from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data
 
 SCRATCH_RUN = "run-scratch"
 STAGES = ("data", "finetune", "scratch", "export", "check", "bench", "report")  # scratch: with --compare-scratch
@@ -74,30 +74,35 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     if target not in TARGETS:
         raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
     out = Path(out)
+    data_dir = out / "data" if data == "demo" else Path(data)
+    if data != "demo":
+        if not data_dir.is_dir():
+            raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
+        check_out_beside_data(out, data_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out takes a folder for the build.")
+    run_dir = out / "run"
+    cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir)})
+    check_config(cfg, run_dir)  # a typo fails now, not after the data stage
     out.mkdir(parents=True, exist_ok=True)
     b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
     b.state["compare_scratch"] = compare_scratch  # a run-scratch/ left by an earlier build is shown only when asked
     write_json(b.state_path, b.state)
 
-    data_dir = out / "data" if data == "demo" else Path(data)
     if data == "demo":
         def make_demo() -> None:
             from edge_tl.finetune.elpv import LICENSE_NOTICE, write_elpv
 
             if data_dir.exists():
-                shutil.rmtree(data_dir)
+                _remove_own(data_dir, (data_dir / "dataset.json").is_file(), "demo data written by edge-tl (dataset.json)")
             write_elpv(data_dir, "4class")
             log(f"  demo data: ELPV solar cells in {data_dir}; license: {LICENSE_NOTICE}")
 
         b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
     else:
-        if not data_dir.is_dir():
-            raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
         b.run("data", {"folder": str(data_dir.resolve())}, [data_dir], lambda: None)
     data_fp = folder_fingerprint(data_dir, skip=("test",))  # training never reads test/; the check stage does
 
-    run_dir = out / "run"
-    cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir)})
     train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
                     "data": data_fp,
                     "weights": sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file() else cfg.weights}
@@ -166,10 +171,18 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     key = f"{name}_started"
     resumable = not b.force and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
     if not resumable and run_dir.exists():
-        shutil.rmtree(run_dir)
+        _remove_own(run_dir, key in b.state, f"a run this build started (build.json: {key})")
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
+def _remove_own(path: Path, ours: bool, what: str) -> None:
+    """Delete ``path`` to redo a stage, but only when it is ``what``; anything else is the user's."""
+    if not ours:
+        raise UserError(f"{path}: exists and is not {what}; build would have to delete it. "
+                        "Move it away, or choose another --out.")
+    shutil.rmtree(path)
 
 
 def scratch_comparison(out: Path) -> dict | None:

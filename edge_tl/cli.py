@@ -237,10 +237,12 @@ def predict(
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor
-    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage
+    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, visible_files
 
-    files = [f for path in images for f in (sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+    files = [f for path in images for f in ([q for q in visible_files(path) if q.suffix.lower() in IMAGE_EXTENSIONS]
                                             if path.is_dir() else [path])]
+    if not files:
+        raise UserError(f"{', '.join(map(str, images))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
     failed = 0
     with Predictor.from_bundle(bundle, backend, precision, device) as p:
         typer.echo(f"using {p.describe()}", err=True)
@@ -283,7 +285,7 @@ def bench(
     from edge_tl.runtime.bench import bench_bundle
 
     report = bench_bundle(bundle, _csv(backend), _csv(precision), _ints(batch, "--batch"), warmup, iters,
-                          None if iters else seconds, reference, device, threads, _log_for(json_out))
+                          None if iters is not None else seconds, reference, device, threads, _log_for(json_out))
     if json_out:
         typer.echo(json.dumps(report, indent=2))
 

@@ -25,7 +25,7 @@ from edge_tl.fileio import UMASK, write_text
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import GOLDEN, MANIFEST, SCHEMA_VERSION, Bundle
+from edge_tl.runtime.bundle import GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
@@ -101,7 +101,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     try:
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
                                  calib_method, max_drop, golden_count, log)
-        manifest["run"]["path"], manifest["data"] = str(run), str(data)
+        manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
         bundle = Bundle(tmp, manifest)
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             bundle.add_file(f.relative_to(tmp).as_posix())
@@ -184,7 +184,7 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
     gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
     np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
                         labels=val_labels[gidx])
-    write_text(tmp / "labels.txt", "".join(c + "\n" for c in classes))
+    write_text(tmp / LABELS, "".join(c + "\n" for c in classes))
     h, w = spec.input_size
     return {
         "schema": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from pathlib import Path
+
+from edge_tl.errors import UserError
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 
@@ -53,3 +57,47 @@ class TrainConfig:
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+VAL_FOLDERS = ("val", "valid", "validation")  # the validation split's names in common dataset exports
+CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}
+MIN_IMG_SIZE = 32  # EfficientNet-Lite's total stride: smaller inputs leave nothing to classify
+
+
+def check_config(cfg: TrainConfig, out: Path) -> None:
+    """Every setting a fine-tune can reject, checked before any image is decoded."""
+    def positive(x) -> bool:
+        return math.isfinite(x) and x > 0
+
+    if cfg.epochs < 1 or cfg.batch_size < 1 or not positive(cfg.lr):
+        raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
+    if cfg.img_size is not None and cfg.img_size < MIN_IMG_SIZE:
+        raise UserError(f"--img-size {cfg.img_size}: use at least {MIN_IMG_SIZE} (the network downsamples 32x); "
+                        "the model's pretrained size (224 for tf_efficientnet_lite0) is a good start.")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise UserError(f"--crop-pct {cfg.crop_pct}: the eval center crop is a fraction in (0, 1], e.g. 0.875 or 1.")
+    if not 0 < cfg.scale_min <= 1:
+        raise UserError(f"--scale-min {cfg.scale_min}: the smallest crop area is a fraction in (0, 1], e.g. 0.8.")
+    if not 0 <= cfg.low_res_epochs <= 1:
+        raise UserError(f"--low-res-epochs {cfg.low_res_epochs}: a fraction of the epochs in [0, 1].")
+    if cfg.workers < 0 or cfg.freeze_stages < 0:
+        raise UserError(f"--workers {cfg.workers} / --freeze-stages {cfg.freeze_stages}: neither can be negative.")
+    if cfg.layer_decay is not None and not (positive(cfg.layer_decay) and cfg.layer_decay <= 1):
+        raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
+    if not (math.isfinite(cfg.mixup) and cfg.mixup >= 0):
+        raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
+    if cfg.class_weights not in CLASS_WEIGHT_POWERS:
+        raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out takes a folder for the run.")
+    check_out_beside_data(out, Path(cfg.data))
+
+
+def check_out_beside_data(out: Path, data: Path) -> None:
+    """Refuse an output folder where the data's images are read from (it would become a class)."""
+    data = data.resolve()
+    read = [data / n for n in ("train", *VAL_FOLDERS)] if (data / "train").is_dir() else [data]
+    target = out.resolve()
+    for root in read:
+        if target == root or root in target.parents:
+            raise UserError(f"{out}: is inside {root}, where the training images are read from, so its files "
+                            "would become images or a class. Choose an --out outside it.")

@@ -15,8 +15,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from edge_tl.errors import UserError
-from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, visible_files
 from edge_tl.runtime.spec import PreprocessSpec
+
+from .config import VAL_FOLDERS
 
 
 @dataclass
@@ -52,14 +54,12 @@ class ImageFolderData:
     skipped: list[str] = field(default_factory=list)
 
 
-def _list_images(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder. Pass --data DIR with one sub-folder of images per class.")
-    classes = {d.name: _list_images(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    classes = {d.name: visible_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     if not classes:
         raise UserError(f"{folder}: no class sub-folders. Put each class's images in DIR/<class>/ (or DIR/train/<class>/).")
     return classes
@@ -129,13 +129,14 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
              progress: bool = True) -> ImageFolderData:
     """Read the folder layout, decode every image once, and make the train/val splits."""
     root = Path(root)
-    if not root.exists():
-        raise UserError(f"{root}: no such folder. Pass --data DIR (an ImageFolder), "
-                        "or run `edge-tl data elpv --out DIR` for the demo data.")
+    if not root.is_dir():
+        raise UserError(f"{root}: {'is a file, not a folder' if root.exists() else 'no such folder'}. Pass --data DIR "
+                        "(an ImageFolder), or run `edge-tl data elpv --out DIR` for the demo data.")
     train_dir = root / "train" if (root / "train").is_dir() else root
+    val_dir = next((root / n for n in VAL_FOLDERS if (root / n).is_dir()), None) if train_dir != root else None
     skipped: list[str] = []
     train_files = _scan_classes(train_dir)
-    for reserved in ("test", "val"):
+    for reserved in ("test", *VAL_FOLDERS):
         if train_dir == root and reserved in train_files:
             raise UserError(f"{root / reserved}: a '{reserved}' folder beside the class folders would be trained on as "
                             f"a class. Use the layout DIR/train/<class>/ + DIR/{reserved}/<class>/, or move {reserved}/ "
@@ -148,19 +149,19 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
         where = train_dir / classes[ci]
         if n == 0:
             mine = [line for line in skipped if line.startswith(f"{where}/")]
-            raise UserError(f"{where}: no readable images ({len(mine)} files skipped, e.g. {mine[:1]}). "
-                            "Add images or remove the folder.")
-        if n < 2:
+            found = f"{len(mine)} unreadable files, e.g. {mine[0]}" if mine else "the folder is empty"
+            raise UserError(f"{where}: no readable images ({found}). Add images or remove the folder.")
+        if n < 2 and val_dir is None:
             raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to validate).")
-    if train_dir != root and (root / "val").is_dir():
-        val_files = _scan_classes(root / "val")
+    if val_dir is not None:
+        val_files = _scan_classes(val_dir)
         unknown = sorted(set(val_files) - set(classes))
         if unknown:
-            raise UserError(f"{root / 'val'}: classes {unknown} are not in {train_dir}; val/ must use the train classes.")
+            raise UserError(f"{val_dir}: classes {unknown} are not in {train_dir}; {val_dir.name}/ must use the train classes.")
         val = _decode(val_files, classes, spec, skipped, "decode val", progress)
         if len(val) == 0:
-            raise UserError(f"{root / 'val'}: no readable images. Add images or remove val/ to carve a split from train.")
-        return ImageFolderData(root, classes, full, val, "val/ folder", skipped)
+            raise UserError(f"{val_dir}: no readable images. Add images or remove {val_dir.name}/ to carve a split from train.")
+        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped)
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
     return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped)

@@ -38,7 +38,7 @@ from edge_tl.runtime.spec import PreprocessSpec
 
 from . import distributed
 from .backbones import create_backbone, preprocess_spec
-from .config import TrainConfig
+from .config import CLASS_WEIGHT_POWERS, DEFAULTS, TrainConfig, check_config
 from .data import Split, discover
 from .depthwise import load_plans, plan_training, saved_plans, tune_depthwise
 
@@ -48,8 +48,8 @@ CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch "
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible to torch "
                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use --device cpu or auto.")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"--device {name}: use auto, cpu or cuda.")
@@ -248,7 +248,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}). Delete it and re-run.") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's later lines suggest weights_only=False: never
+        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {first}). Delete it and re-run.") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not an edge-tl checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'}).")
     return ckpt
@@ -290,21 +291,26 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         cfg = TrainConfig.from_dict(state["config"])
         cfg.device, cfg.workers, cfg.data = given.device, given.workers, given.data  # the data may have moved
         cfg.tune_depthwise = state["config"].get("tune_depthwise", False)  # runs from before it existed: off
-        log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
+        ignored = [f"{k}={getattr(given, k)!r} (run: {v!r})" for k, v in asdict(cfg).items()
+                   if k not in ("device", "workers", "data", "out") and getattr(given, k) != DEFAULTS.get(k)
+                   and getattr(given, k) != v]
+        if ignored:
+            log(f"--resume keeps the run's saved settings; ignored: {', '.join(ignored)}")
+        if state["epoch"] >= cfg.epochs:
+            log(f"{out}: already complete ({cfg.epochs}/{cfg.epochs} epochs); nothing left to train")
+        else:
+            log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
     elif (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
     device = resolve_device(cfg.device)
     if d.world > 1 and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
-    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
-        raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
-    if not (math.isfinite(cfg.mixup) and cfg.mixup >= 0):
-        raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
+    check_config(cfg, out)
+    dtype = amp_dtype(cfg.amp, device)
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
+    _frozen_modules(probe, 0 if cfg.scratch else cfg.freeze_stages)  # a bad --freeze-stages fails before decoding
     data = discover(cfg.data, spec, cfg.val_fraction, cfg.split_seed, progress)
     if state is not None and data.classes != state["classes"]:
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
@@ -340,12 +346,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                                        updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     counts = np.asarray(data.train.counts(num_classes), dtype=np.float64)
-    power = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}.get(cfg.class_weights)
-    if power is None:
-        raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
+    power = CLASS_WEIGHT_POWERS[cfg.class_weights]
     weights = (counts.sum() / (num_classes * counts)) ** power
     loss_weight = torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32, device=device)
-    dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     history: list[dict] = []

@@ -118,6 +118,11 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                  seconds: float | None = 2.0, reference: str | None = None, device: str | None = "cpu",
                  threads: int = 0, log=print) -> dict:
     """Time every runnable artifact (filtered by backend and precision) at each batch size."""
+    if warmup < 0 or (iters is not None and iters < 1) or (iters is None and not (seconds and seconds > 0)):
+        raise UserError(f"--warmup {warmup} / --iters {iters} / --seconds {seconds}: warm-up calls >= 0 and "
+                        "either at least one timed call or a positive number of seconds.")
+    if reference not in (None, "torch"):
+        raise UserError(f"--reference {reference}: only 'torch' is supported.")
     bundle = Bundle.load(path)
     golden, _ = bundle.golden()
     spec = bundle.spec
@@ -161,8 +166,6 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                     f"  {row['throughput']:8.1f} img/s  end-to-end p50 {row['e2e_p50_ms']:8.2f} ms")
     if reference == "torch":
         results += _torch_reference(bundle, golden, batches, warmup, iters, seconds, log)
-    elif reference is not None:
-        raise UserError(f"--reference {reference}: only 'torch' is supported.")
     if not results:
         raise UserError(f"{bundle.path}: nothing to time for backend={backends} precision={precisions} on this machine.")
     return {"machine": machine(), "bundle": str(bundle.path), "results": results}

@@ -1,11 +1,15 @@
 """The bundle: one folder whose ``manifest.json`` is the contract between export, runtime and apps.
 
-Loading verifies it: every file the manifest lists must match its sha256, and a manifest
-written by a newer edge-tl (higher ``schema``) is refused rather than misread.
+Loading verifies it: every file the manifest lists must match its sha256, the manifest itself
+must match the ``manifest_sha256`` it was saved with (schema 2; a hand-edited contract is
+refused, not half-followed), its classes and input size must agree with the hashed
+``labels.txt`` and golden outputs, and a manifest written by a newer edge-tl (higher
+``schema``) is refused rather than misread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +21,17 @@ from edge_tl.fileio import sha256_file, write_json
 
 from .spec import PreprocessSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest carries manifest_sha256
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
+LABELS = "labels.txt"
+SELF_DIGEST = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own digest field left out."""
+    body = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class BundleError(UserError):
@@ -55,7 +67,13 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        """Refuse the bundle when a model or golden file is not listed, or a listed file is missing or changed."""
+        """Refuse the bundle when the manifest was edited, a model or golden file is not listed, a listed
+        file is missing or changed, or the manifest disagrees with the files it describes."""
+        mpath = self.path / MANIFEST
+        if self.manifest["schema"] >= 2 and self.manifest.get(SELF_DIGEST) != manifest_digest(self.manifest):
+            raise BundleError(f"{mpath}: changed since edge-tl wrote it (its content does not match "
+                              f"{SELF_DIGEST}). It is the contract the models were checked against, so edge-tl "
+                              "will not follow an edited one: copy the bundle again or re-export it.")
         files = self.manifest.get("files")
         if not isinstance(files, dict):
             raise BundleError(f"{self.path / MANIFEST}: no 'files' list of sha256 digests. Re-export the bundle.")
@@ -72,6 +90,26 @@ class Bundle:
             if sha256_file(f) != digest:
                 raise BundleError(f"{f}: sha256 differs from the manifest (modified or corrupted). "
                                   "Copy the bundle again or re-export it; edge-tl will not run a changed file.")
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        """The manifest's classes and preprocessing against the (hashed) labels.txt and golden outputs."""
+        mpath = self.path / MANIFEST
+        try:
+            spec, classes = self.spec, self.classes
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{mpath}: invalid 'classes' or 'preprocess' ({type(exc).__name__}: {exc}). "
+                              "Re-export the bundle.") from None
+        if not classes or len(set(classes)) != len(classes):
+            raise BundleError(f"{mpath}: 'classes' must be distinct names, got {classes}. Re-export the bundle.")
+        labels = self.path / LABELS
+        if labels.is_file() and labels.read_text(encoding="utf-8").splitlines() != classes:
+            raise BundleError(f"{mpath}: 'classes' {classes} differ from {labels}. Re-export the bundle.")
+        pixels, logits = self.golden()
+        if pixels.shape[1:3] != tuple(spec.input_size) or logits.shape[1:] != (len(classes),):
+            raise BundleError(f"{mpath}: input {list(spec.input_size)} / {len(classes)} classes disagree with the "
+                              f"golden outputs ({pixels.shape[1]}x{pixels.shape[2]} pixels, {logits.shape[1]} "
+                              "logits). Re-export the bundle.")
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -107,4 +145,6 @@ class Bundle:
         self.manifest.setdefault("files", {})[rel] = sha256_file(self.path / rel)
 
     def save(self) -> None:
+        self.manifest["schema"] = SCHEMA_VERSION
+        self.manifest[SELF_DIGEST] = manifest_digest(self.manifest)
         write_json(self.path / MANIFEST, self.manifest)

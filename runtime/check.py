@@ -21,7 +21,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import write_text
 
 from .bundle import Bundle
-from .images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from .images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, visible_files
 from .predictor import make_runner, runnable, tensorrt_available
 
 
@@ -37,7 +37,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
                         "--data needs DIR/<class>/* with the bundle's class names.")
     pixels, labels, paths, skipped = [], [], [], []
     for d in folders:
-        for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for f in visible_files(d):
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             try:

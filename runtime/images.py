@@ -76,5 +76,14 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
         raise
     except FileNotFoundError as exc:
         raise UnreadableImage(f"{name}: no such file") from exc
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"{name}: too large to decode safely ({exc}); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, none hidden at any level below it: no ``.DS_Store``,
+    ``._x.png`` (macOS AppleDouble) or ``.ipynb_checkpoints/`` copies of other images."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))

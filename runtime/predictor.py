@@ -81,6 +81,8 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
             if cands:
                 return cands[0], b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
+    if precision and precision not in {a["precision"] for a in bundle.artifacts}:
+        raise UserError(f"--precision {precision}: {bundle.path} has no {precision} artifact (it has: {have}).")
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
                     f"(bundle has: {have}). Build engines on the device with `edge-tl engine {bundle.path}`.")
 

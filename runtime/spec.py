@@ -50,6 +50,22 @@ class PreprocessSpec:
         d["resize_size"] = self.resize_size
         return d
 
+    def __post_init__(self):
+        """Refuse values no preprocessing can follow (a hand-edited manifest, a corrupt checkpoint)."""
+        size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and x > 0 for x in self.input_size)
+        problems = [what for ok, what in (
+            (size_ok, f"input_size {list(self.input_size)} (two positive integers)"),
+            (0 < self.crop_pct <= 1, f"crop_pct {self.crop_pct} (in (0, 1])"),
+            (self.interpolation in _PIL_INTERPOLATION, f"interpolation {self.interpolation!r} ({', '.join(_PIL_INTERPOLATION)})"),
+            (len(self.mean) == 3 and len(self.std) == 3 and all(x > 0 for x in self.std),
+             f"mean {list(self.mean)} / std {list(self.std)} (three values each, std > 0)"),
+            (self.channel_order == "RGB", f"channel_order {self.channel_order!r} (RGB)"),
+            (self.layout == "NCHW", f"layout {self.layout!r} (NCHW)"),
+            (self.crop_mode == "center", f"crop_mode {self.crop_mode!r} (center)"),
+        ) if not ok]
+        if problems:
+            raise ValueError("preprocessing spec: unsupported " + "; ".join(problems))
+
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         return cls(

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from edge_tl.build import build, format_summary
+from edge_tl.errors import UserError
 from edge_tl.report import open_image_count
 
 from conftest import make_image_folder
@@ -26,6 +27,23 @@ def built(tmp_path_factory):
     summary = build(str(root / "imgs"), "jetson", root / "out", TRAIN, "fp32,int8", bench_batches=(1, 4),
                     bench_seconds=0.2, log=logs.append)
     return root, summary, logs
+
+
+def test_build_never_deletes_folders_it_did_not_make(tmp_path):
+    """An OUT/run or OUT/data that no build made is the user's: refused, kept, before any work."""
+    make_image_folder(tmp_path / "imgs", per_class=4)
+    for data, folder in ((str(tmp_path / "imgs"), "run"), ("demo", "data")):
+        out = tmp_path / f"out-{folder}"
+        (out / folder).mkdir(parents=True)
+        (out / folder / "notes.txt").write_text("mine")
+        with pytest.raises(UserError, match=f"out-{folder}/{folder}: exists and is not"):
+            build(data, "cpu", out, TRAIN, log=lambda s: None)
+        assert (out / folder / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="where the training images are read"):
+        build(str(tmp_path / "imgs"), "cpu", tmp_path / "imgs" / "edge-tl-build", TRAIN, log=lambda s: None)
+    with pytest.raises(UserError, match="--img-size 8"):
+        build(str(tmp_path / "imgs"), "cpu", tmp_path / "o", {**TRAIN, "img_size": 8}, log=lambda s: None)
+    assert not (tmp_path / "imgs" / "edge-tl-build").exists() and not (tmp_path / "o").exists()
 
 
 def test_build_runs_every_stage_and_summarizes(built):

@@ -82,3 +82,23 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
     assert str(root) in str(err.value)
     if case == "all_broken":
         assert "hstripes" not in str(err.value)
+
+
+def test_valid_folder_is_the_validation_split_and_one_training_image_is_enough(tmp_path):
+    """Roboflow/Kaggle exports name it valid/; with a validation folder a class may have one training image."""
+    make_image_folder(tmp_path / "d" / "train", per_class=4)
+    make_image_folder(tmp_path / "d" / "valid", per_class=2, seed=1)
+    for extra in sorted((tmp_path / "d" / "train" / "checker").iterdir())[1:]:
+        extra.unlink()
+    data = discover(tmp_path / "d", SPEC, progress=False)
+    assert data.val_source == "valid/ folder" and data.train.counts(3) == [1, 4, 4] and len(data.val) == 6
+
+
+def test_file_or_empty_class_errors_say_what_is_wrong(tmp_path):
+    make_image_folder(tmp_path / "d", per_class=2)
+    (tmp_path / "d" / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: no readable images \\(the folder is empty\\)"):
+        discover(tmp_path / "d", SPEC, progress=False)
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        discover(tmp_path / "f.png", SPEC, progress=False)

@@ -16,14 +16,14 @@ from edge_tl.export.quantize import layer_damage, prepare, quantize_within_budge
 from edge_tl.finetune.data import discover, pixels_of
 from edge_tl.finetune.train import load_model
 from edge_tl.fileio import sha256_file
-from edge_tl.runtime.bundle import Bundle, BundleError
+from edge_tl.runtime.bundle import Bundle, BundleError, manifest_digest
 from edge_tl.runtime.spec import PreprocessSpec
 
 
 def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
     bundle = Bundle.load(cpu_bundle)
     m = json.loads((cpu_bundle / "manifest.json").read_text())
-    assert bundle.manifest == m and m["schema"] == 1
+    assert bundle.manifest == m and m["schema"] == 2 and m["manifest_sha256"] == manifest_digest(m)
     _, ckpt = load_model(elpv_run / "best.pt")
     assert bundle.spec == PreprocessSpec.from_dict(ckpt["preprocess"]) and bundle.classes == ckpt["classes"]
     assert (cpu_bundle / "labels.txt").read_text().split() == ckpt["classes"]
@@ -130,21 +130,40 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
     with pytest.raises(BundleError, match="newer"):
         Bundle.load(copy)
     (copy / "golden.npz").unlink()
-    m["schema"] = 1
+    m["schema"] = 2
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="missing"):
         Bundle.load(copy)
     shutil.rmtree(copy)
     shutil.copytree(cpu_bundle, copy)
-    # an unlisted model file, a missing file list, or an entry outside the folder: nothing can be verified
+    # a hand edit (here: classes swapped, which would flip every label and still pass a check
+    # against the FP32 model) is refused by the manifest's own digest ...
+    m = json.loads((cpu_bundle / "manifest.json").read_text())
+    m["classes"] = m["classes"][::-1]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="changed since edge-tl wrote it"):
+        Bundle.load(copy)
+    # ... and, re-signed, by its disagreement with the hashed files; an unlisted model file, a
+    # missing file list, or an entry outside the folder: nothing can be verified
     for edit, match in ((lambda m: m["files"].pop("model.int8-cpu.onnx"), "not listed with a sha256"),
                         (lambda m: m.pop("files"), "no 'files' list"),
-                        (lambda m: m["files"].update({"../elsewhere.onnx": "0" * 64}), "outside the bundle")):
+                        (lambda m: m["files"].update({"../elsewhere.onnx": "0" * 64}), "outside the bundle"),
+                        (lambda m: m.update(classes=m["classes"][::-1]), "differ from .*labels.txt"),
+                        (lambda m: m.update(classes=m["classes"][:-1]), "differ from .*labels.txt"),
+                        (lambda m: m["preprocess"].update(input_size=[32, 32]), "disagree with the golden"),
+                        (lambda m: m["preprocess"].update(interpolation="foo"), "invalid 'classes' or 'preprocess'"),
+                        (lambda m: m.pop("preprocess"), "invalid 'classes' or 'preprocess'")):
         m = json.loads((cpu_bundle / "manifest.json").read_text())
         edit(m)
+        m["manifest_sha256"] = manifest_digest(m)
         (copy / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match=match):
             Bundle.load(copy)
+    m = json.loads((cpu_bundle / "manifest.json").read_text())  # a schema-1 bundle (before the digest) still loads
+    m["schema"] = 1
+    del m["manifest_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(copy).classes == m["classes"]
 
 
 def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):

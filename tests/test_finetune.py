@@ -122,6 +122,12 @@ def _cli(*args):
     (["--layer-decay", "1.5"], "--layer-decay 1.5: use a factor in (0, 1]"),
     (["--mixup", "-1"], "--mixup -1.0: use a Beta alpha > 0"),
     (["--mixup", "nan"], "--mixup nan: use a Beta alpha > 0"),
+    (["--img-size", "7"], "--img-size 7: use at least 32"),
+    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in (0, 1]"),
+    (["--lr", "nan"], "--lr nan: all must be positive"),
+    (["--workers", "-1"], "--workers -1 / --freeze-stages 0: neither can be negative"),
+    (["--device", "cuda:0"], "--device cuda:0: no CUDA device"),
+    (["--amp", "xyz"], "--amp xyz: use auto, off, bf16 or fp16"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
@@ -135,6 +141,14 @@ def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
 def test_cli_missing_data_exit_2(tmp_path):
     res = _cli("finetune", "--data", tmp_path / "nope", "--out", tmp_path / "r")
     assert res.returncode == 2 and str(tmp_path / "nope") in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_refuses_an_out_that_is_a_file_or_inside_the_data(tiny_folder, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    for out, match in ((tmp_path / "afile", "is a file"), (tiny_folder / "run", "where the training images are read")):
+        res = _cli("finetune", "--data", tiny_folder, "--out", out, "--img-size", 64, "--epochs", 1)
+        assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert (tmp_path / "afile").read_text() == "mine" and not (tiny_folder / "run").exists()
 
 
 def test_cli_refuses_to_overwrite_a_run(tiny_folder, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_tl.runtime.images import UnreadableImage, load_rgb
+from edge_tl.runtime.images import UnreadableImage, load_rgb, visible_files
 
 
 def _rgb(path):
@@ -79,3 +79,17 @@ def test_broken_files_raise(tmp_path):
     for name in ("zero.png", "text.jpg", "trunc.jpg", "trunc.png", "missing.png"):
         with pytest.raises(UnreadableImage, match=name):
             load_rgb(tmp_path / name)
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit, so Pillow refuses
+    with pytest.raises(UnreadableImage, match="huge.png: too large to decode safely"):
+        load_rgb(tmp_path / "huge.png")
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    for rel in ("a/x.png", "a/sub/y.png", "a/.ipynb_checkpoints/x-checkpoint.png", "a/._x.png", "a/.DS_Store"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == ["a/sub/y.png", "a/x.png"]

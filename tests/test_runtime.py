@@ -232,7 +232,10 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
     for args in (["check", str(tampered)], ["predict", str(cpu_bundle), str(tmp_path / "missing.png")],
                  ["check", str(tmp_path)], ["bench", str(cpu_bundle), "--batch", "0"],
                  ["predict", str(cpu_bundle), str(tampered / "labels.txt")],
-                 ["check", str(cpu_bundle), "--junit", str(tmp_path)]):  # a folder where a file goes
+                 ["check", str(cpu_bundle), "--junit", str(tmp_path)],  # a folder where a file goes
+                 ["predict", str(cpu_bundle), str(tmp_path)],  # a folder without images
+                 ["bench", str(cpu_bundle), "--iters", "0"], ["bench", str(cpu_bundle), "--reference", "tf"],
+                 ["predict", str(cpu_bundle), str(tampered / "labels.txt"), "--precision", "int4"]):
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
