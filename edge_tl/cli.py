@@ -106,7 +106,7 @@ def finetune(
     process and only rank 0 writes.
 
     Examples:\n
-      edge-tl finetune --data demo --out runs/elpv --epochs 10\n
+      edge-tl data elpv --out elpv && edge-tl finetune --data elpv --out runs/elpv --epochs 10\n
       torchrun --nproc-per-node 4 -m edge_tl finetune --data imgs --out runs/ddp --device cuda
     """
     from edge_tl.finetune.train import finetune as run
@@ -309,7 +309,7 @@ def check(
     Exit 0 when all pass, 1 on a regression, 2 on bad input. In CI: run it on each change
     of model or data, with --baseline from the last release.
 
-    Example: edge-tl check bundles/elpv --data demo/test --json
+    Example: edge-tl check bundles/elpv --data elpv/test --json
     """
     from edge_tl.runtime.check import check_bundle, write_junit
 

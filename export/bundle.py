@@ -30,7 +30,7 @@ from edge_tl.runtime.bundle import GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bun
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
-from .quantize import FLAVOURS, accuracy, histogram_image_limit, onnx_logits, quantize_within_budget
+from .quantize import CALIB_METHODS, FLAVOURS, accuracy, histogram_image_limit, onnx_logits, quantize_within_budget
 
 TARGETS = {
     # target: default precisions, INT8 flavour, default batch profile, why
@@ -75,6 +75,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     profile = trt_build.BatchProfile.parse(batch or default_batch)
     if max_drop < 0 or calib_images < 1 or golden_count < 1:
         raise UserError(f"--max-drop {max_drop} / --calib-images {calib_images}: must be >= 0 / >= 1.")
+    if calib_method not in ("auto", *CALIB_METHODS):
+        raise UserError(f"--calib-method {calib_method}: use auto, {', '.join(CALIB_METHODS)}.")
     run, out = Path(run), Path(out)
     if not (run / "best.pt").is_file():
         raise UserError(f"{run}: no best.pt. Pass a run folder made by `edge-tl finetune --out RUN`.")

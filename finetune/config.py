@@ -85,6 +85,8 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
         raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")
     if not (math.isfinite(cfg.mixup) and cfg.mixup >= 0):
         raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
+    if cfg.weights and cfg.scratch:
+        raise UserError(f"--weights {cfg.weights} and --scratch: pick one (pretrained from a file, or random init).")
     if cfg.class_weights not in CLASS_WEIGHT_POWERS:
         raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
     if out.exists() and not out.is_dir():

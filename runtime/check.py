@@ -187,7 +187,8 @@ def _load_baseline(path: str | Path) -> tuple[dict[str, float], list[int] | None
             raise ValueError("artifact accuracies must be numbers between 0 and 1")
         return accuracies, None if counts is None else [int(c) for c in counts]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path}: not a baseline ({exc}); save one with `edge-tl check BUNDLE --json > baseline.json`.") from None
+        why = f"no {exc} field" if isinstance(exc, KeyError) else exc
+        raise UserError(f"{path}: not a baseline ({why}); save one with `edge-tl check BUNDLE --json > baseline.json`.") from None
 
 
 def write_junit(report: dict, path: str | Path) -> Path:

@@ -175,6 +175,8 @@ def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
         export_bundle(elpv_run, tmp_path / "x", target="tpu", progress=False, log=lambda s: None)
     with pytest.raises(UserError, match="MIN:OPT:MAX"):
         export_bundle(elpv_run, tmp_path / "x", batch="8:1:4", progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="--calib-method kl: use auto, minmax"):
+        export_bundle(elpv_run, tmp_path / "x", calib_method="kl", progress=False, log=lambda s: None)
     with pytest.raises(UserError, match="data folder is gone"):
         export_bundle(elpv_run, tmp_path / "x", data=tmp_path / "nowhere", progress=False, log=lambda s: None)
     assert not (tmp_path / "x").exists()

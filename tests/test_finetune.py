@@ -41,6 +41,11 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     model, ckpt = load_model(out / "best.pt")  # weights_only=True inside
     assert ckpt["preprocess"]["input_size"] == [64, 64] and ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert model.get_classifier().out_features == 3
+    logs = []  # --resume keeps the saved settings and says so; a finished run has nothing left
+    finetune(_cfg(tiny_folder, out, epochs=5), resume=True, progress=False, log=logs.append)
+    assert any("ignored: epochs=5 (run: 2)" in line for line in logs), logs
+    assert any("already complete (2/2 epochs)" in line for line in logs), logs
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
@@ -128,6 +133,7 @@ def _cli(*args):
     (["--workers", "-1"], "--workers -1 / --freeze-stages 0: neither can be negative"),
     (["--device", "cuda:0"], "--device cuda:0: no CUDA device"),
     (["--amp", "xyz"], "--amp xyz: use auto, off, bf16 or fp16"),
+    (["--scratch", "--weights", "w.pth"], "--weights w.pth and --scratch: pick one"),
 ])
 def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     if "cuda" in extra and torch.cuda.is_available():
