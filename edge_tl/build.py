@@ -17,16 +17,17 @@ from typing import Callable
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
-from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data
+from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, training_roots
+from edge_tl.runtime.images import visible_files
 
 SCRATCH_RUN = "run-scratch"
 STAGES = ("data", "finetune", "scratch", "export", "check", "bench", "report")  # scratch: with --compare-scratch
 
 
-def folder_fingerprint(root: Path, skip: tuple[str, ...] = ()) -> str:
-    """Hash of every file's relative path, size and modification time under ``root``, top-level ``skip`` folders aside."""
+def folder_fingerprint(root: Path) -> str:
+    """Hash of every visible file's relative path, size and modification time under ``root``."""
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in skip):
+    for f in visible_files(root):
         st = f.stat()
         h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -70,9 +71,13 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     the report shows the transfer-learning gain on this data (start, slope, asymptote).
     """
     from edge_tl.export.bundle import TARGETS
+    from edge_tl.export.tensorrt import parse_precisions
 
     if target not in TARGETS:
         raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
+    parse_precisions(precision or TARGETS[target][0])  # a typo fails now, not after the fine-tune
+    if calib_images < 1:
+        raise UserError(f"--calib-images {calib_images}: must be >= 1.")
     out = Path(out)
     data_dir = out / "data" if data == "demo" else Path(data)
     if data != "demo":
@@ -94,14 +99,14 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
             from edge_tl.finetune.elpv import LICENSE_NOTICE, write_elpv
 
             if data_dir.exists():
-                _remove_own(data_dir, (data_dir / "dataset.json").is_file(), "demo data written by edge-tl (dataset.json)")
+                _remove_own(data_dir, _is_elpv_demo(data_dir), "demo data written by edge-tl (dataset.json)")
             write_elpv(data_dir, "4class")
             log(f"  demo data: ELPV solar cells in {data_dir}; license: {LICENSE_NOTICE}")
 
         b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
     else:
         b.run("data", {"folder": str(data_dir.resolve())}, [data_dir], lambda: None)
-    data_fp = folder_fingerprint(data_dir, skip=("test",))  # training never reads test/; the check stage does
+    data_fp = _hash([folder_fingerprint(r) for r in training_roots(data_dir)])  # not test/ (the check stage's) or OUT
 
     train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
                     "data": data_fp,
@@ -110,7 +115,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"],
           lambda: _finetune_stage(b, "finetune", cfg, train_inputs))
     if compare_scratch:
-        scratch_cfg = replace(cfg, scratch=True, out=str(out / SCRATCH_RUN))
+        scratch_cfg = scratch_twin(cfg, out / SCRATCH_RUN)
         scratch_inputs = {**train_inputs, "scratch": True}
         b.run("scratch", scratch_inputs, [out / SCRATCH_RUN / "metrics.json"],
               lambda: _finetune_stage(b, "scratch", scratch_cfg, scratch_inputs))
@@ -175,6 +180,18 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
+def scratch_twin(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The same recipe from random init (a --weights file is the pretrained side's only)."""
+    return replace(cfg, scratch=True, weights=None, out=str(out))
+
+
+def _is_elpv_demo(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "dataset.json").read_text())["dataset"] == "elpv"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _remove_own(path: Path, ours: bool, what: str) -> None:

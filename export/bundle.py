@@ -129,7 +129,11 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
 def ckpt_spec(ckpt: dict):
     from edge_tl.runtime.spec import PreprocessSpec
 
-    return PreprocessSpec.from_dict(ckpt["preprocess"])
+    try:
+        return PreprocessSpec.from_dict(ckpt["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint of {ckpt.get('model_name')}: invalid preprocessing record ({exc}); "
+                        "re-run the fine-tune.") from None
 
 
 def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images, calib_method,

@@ -123,10 +123,15 @@ def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pc
     if h != w:  # the spec resizes the shorter side; timm stretches non-square sizes, so they would disagree
         raise UserError(f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: its pretrained input is {h}x{w} (not square); "
                         "pass --img-size N to fine-tune and deploy at N x N.")
-    return PreprocessSpec(
-        input_size=(h, w),
-        crop_pct=float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),
-        interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(float(x) for x in cfg["mean"]),
-        std=tuple(float(x) for x in cfg["std"]),
-    )
+    try:
+        return PreprocessSpec(
+            input_size=(h, w),
+            crop_pct=float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875)),
+            interpolation=cfg.get("interpolation", "bicubic"),
+            mean=tuple(float(x) for x in cfg["mean"]),
+            std=tuple(float(x) for x in cfg["std"]),
+        )
+    except ValueError as exc:
+        raise UserError(f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: its pretrained_cfg gives "
+                        f"a {exc}; edge-tl cannot deploy that preprocessing (--img-size / --crop-pct override size "
+                        "and crop).") from None

@@ -59,6 +59,7 @@ class TrainConfig:
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 VAL_FOLDERS = ("val", "valid", "validation")  # the validation split's names in common dataset exports
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}
 MIN_IMG_SIZE = 32  # EfficientNet-Lite's total stride: smaller inputs leave nothing to classify
 
@@ -87,6 +88,8 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
         raise UserError(f"--mixup {cfg.mixup}: use a Beta alpha > 0 (e.g. 0.2), or 0 for no mixup.")
     if cfg.weights and cfg.scratch:
         raise UserError(f"--weights {cfg.weights} and --scratch: pick one (pretrained from a file, or random init).")
+    if cfg.amp not in AMP_MODES:
+        raise UserError(f"--amp {cfg.amp}: use {', '.join(AMP_MODES[:-1])} or {AMP_MODES[-1]}.")
     if cfg.class_weights not in CLASS_WEIGHT_POWERS:
         raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
     if out.exists() and not out.is_dir():
@@ -94,12 +97,17 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
     check_out_beside_data(out, Path(cfg.data))
 
 
+def training_roots(data: Path) -> list[Path]:
+    """The folders a fine-tune reads images from: DIR, or DIR/train and its validation folder."""
+    if not (data / "train").is_dir():
+        return [data]
+    return [data / "train", *[data / n for n in VAL_FOLDERS if (data / n).is_dir()][:1]]
+
+
 def check_out_beside_data(out: Path, data: Path) -> None:
     """Refuse an output folder where the data's images are read from (it would become a class)."""
-    data = data.resolve()
-    read = [data / n for n in ("train", *VAL_FOLDERS)] if (data / "train").is_dir() else [data]
     target = out.resolve()
-    for root in read:
+    for root in training_roots(data.resolve()):
         if target == root or root in target.parents:
             raise UserError(f"{out}: is inside {root}, where the training images are read from, so its files "
                             "would become images or a class. Choose an --out outside it.")

@@ -54,8 +54,6 @@ class ImageFolderData:
     skipped: list[str] = field(default_factory=list)
 
 
-
-
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder. Pass --data DIR with one sub-folder of images per class.")
@@ -136,7 +134,7 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     val_dir = next((root / n for n in VAL_FOLDERS if (root / n).is_dir()), None) if train_dir != root else None
     skipped: list[str] = []
     train_files = _scan_classes(train_dir)
-    for reserved in ("test", *VAL_FOLDERS):
+    for reserved in ("test", "val"):
         if train_dir == root and reserved in train_files:
             raise UserError(f"{root / reserved}: a '{reserved}' folder beside the class folders would be trained on as "
                             f"a class. Use the layout DIR/train/<class>/ + DIR/{reserved}/<class>/, or move {reserved}/ "

@@ -49,7 +49,7 @@ def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None
     if not all(p.is_file() and (p.parent / "history.jsonl").is_file() for p in paths):
         return None
     configs = [json.loads(p.read_text())["config"] for p in paths]
-    same = {k: v for k, v in configs[0].items() if k not in ("scratch", "out", "workers", "device")}
+    same = {k: v for k, v in configs[0].items() if k not in ("scratch", "weights", "out", "workers", "device")}
     if not configs[1]["scratch"] or any(configs[1].get(k) != v for k, v in same.items()):
         return None
     histories = [[json.loads(line) for line in (Path(r) / "history.jsonl").read_text().splitlines() if line]

@@ -103,7 +103,7 @@ class Bundle:
         if not classes or len(set(classes)) != len(classes):
             raise BundleError(f"{mpath}: 'classes' must be distinct names, got {classes}. Re-export the bundle.")
         labels = self.path / LABELS
-        if labels.is_file() and labels.read_text(encoding="utf-8").splitlines() != classes:
+        if labels.is_file() and labels.read_text(encoding="utf-8").removesuffix("\n").split("\n") != classes:
             raise BundleError(f"{mpath}: 'classes' {classes} differ from {labels}. Re-export the bundle.")
         pixels, logits = self.golden()
         if pixels.shape[1:3] != tuple(spec.input_size) or logits.shape[1:] != (len(classes),):

@@ -55,7 +55,7 @@ class PreprocessSpec:
         size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and x > 0 for x in self.input_size)
         problems = [what for ok, what in (
             (size_ok, f"input_size {list(self.input_size)} (two positive integers)"),
-            (0 < self.crop_pct <= 1, f"crop_pct {self.crop_pct} (in (0, 1])"),
+            (0 < self.crop_pct < 10, f"crop_pct {self.crop_pct} (> 0; timm's are 0.8-1.15)"),
             (self.interpolation in _PIL_INTERPOLATION, f"interpolation {self.interpolation!r} ({', '.join(_PIL_INTERPOLATION)})"),
             (len(self.mean) == 3 and len(self.std) == 3 and all(x > 0 for x in self.std),
              f"mean {list(self.mean)} / std {list(self.std)} (three values each, std > 0)"),

@@ -6,11 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
-from edge_tl.build import build, format_summary
+from edge_tl.build import build, folder_fingerprint, format_summary, scratch_twin
 from edge_tl.errors import UserError
+from edge_tl.finetune.config import TrainConfig, check_config, training_roots
+from edge_tl.finetune.transfer import compare_run_folders
 from edge_tl.report import open_image_count
 
 from conftest import make_image_folder
@@ -44,6 +47,33 @@ def test_build_never_deletes_folders_it_did_not_make(tmp_path):
     with pytest.raises(UserError, match="--img-size 8"):
         build(str(tmp_path / "imgs"), "cpu", tmp_path / "o", {**TRAIN, "img_size": 8}, log=lambda s: None)
     assert not (tmp_path / "imgs" / "edge-tl-build").exists() and not (tmp_path / "o").exists()
+
+
+def test_scratch_twin_of_a_weights_run_is_valid_and_a_twin(tmp_path):
+    cfg = TrainConfig(data=str(tmp_path / "imgs"), out=str(tmp_path / "run"), weights="w.pth", epochs=3)
+    twin = scratch_twin(cfg, tmp_path / "run-scratch")
+    check_config(twin, tmp_path / "run-scratch")  # --weights with --scratch is refused; the twin has no weights
+    assert twin.scratch and twin.weights is None and twin.epochs == 3
+    for run, c in (("run", cfg), ("run-scratch", twin)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"config": asdict(c)}))
+        (tmp_path / run / "history.jsonl").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5}) + "\n")
+    assert compare_run_folders(tmp_path / "run", tmp_path / "run-scratch") is not None
+
+
+def test_data_fingerprint_covers_what_training_reads_only(tmp_path):
+    """An --out inside DIR (beside train/), test/ and hidden files must not make a rerun retrain."""
+    data = tmp_path / "d"
+    make_image_folder(data / "train", per_class=2)
+    fingerprint = lambda: [folder_fingerprint(r) for r in training_roots(data)]
+    before = fingerprint()
+    (data / "edge-tl-build").mkdir()
+    (data / "edge-tl-build" / "build.json").write_text("{}")
+    (data / "train" / "checker" / ".DS_Store").write_text("x")
+    make_image_folder(data / "test", per_class=1)
+    assert fingerprint() == before
+    make_image_folder(data / "valid", per_class=1)
+    assert fingerprint() != before
 
 
 def test_build_runs_every_stage_and_summarizes(built):

@@ -102,3 +102,11 @@ def test_file_or_empty_class_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "f.png").write_bytes(b"x")
     with pytest.raises(UserError, match="is a file, not a folder"):
         discover(tmp_path / "f.png", SPEC, progress=False)
+
+
+def test_flat_classes_named_valid_and_invalid_are_classes(tmp_path):
+    make_image_folder(tmp_path / "d", per_class=4, classes=("checker", "hstripes"))
+    for old, new in (("checker", "valid"), ("hstripes", "invalid")):
+        (tmp_path / "d" / old).rename(tmp_path / "d" / new)
+    data = discover(tmp_path / "d", SPEC, progress=False)
+    assert data.classes == ["invalid", "valid"] and data.val_source.startswith("carved from train")

@@ -234,11 +234,15 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
                  ["predict", str(cpu_bundle), str(tampered / "labels.txt")],
                  ["check", str(cpu_bundle), "--junit", str(tmp_path)],  # a folder where a file goes
                  ["predict", str(cpu_bundle), str(tmp_path)],  # a folder without images
-                 ["bench", str(cpu_bundle), "--iters", "0"], ["bench", str(cpu_bundle), "--reference", "tf"],
-                 ["predict", str(cpu_bundle), str(tampered / "labels.txt"), "--precision", "int4"]):
+                 ["bench", str(cpu_bundle), "--iters", "0"]):
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    for args, message in ((["bench", str(cpu_bundle), "--reference", "tf"], "only 'torch' is supported"),
+                          (["predict", str(cpu_bundle), str(tampered / "labels.txt"), "--precision", "int4"],
+                           "has no int4 artifact")):
+        res = _cli(*args)  # refused before any timing or loading, with a message that says why
+        assert res.returncode == 2 and message in res.stderr and "fp32:" not in res.stdout + res.stderr, res.stderr
 
 
 def test_bench_json_is_consistent(cpu_bundle):
