@@ -239,6 +239,8 @@ def predict(
     from edge_tl.runtime import Predictor
     from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, visible_files
 
+    if topk < 1:
+        raise UserError(f"--topk {topk}: show at least one class per image.")
     files = [f for path in images for f in ([q for q in visible_files(path) if q.suffix.lower() in IMAGE_EXTENSIONS]
                                             if path.is_dir() else [path])]
     if not files:

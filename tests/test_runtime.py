@@ -240,9 +240,15 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
     for args, message in ((["bench", str(cpu_bundle), "--reference", "tf"], "only 'torch' is supported"),
                           (["predict", str(cpu_bundle), str(tampered / "labels.txt"), "--precision", "int4"],
-                           "has no int4 artifact")):
+                           "has no int4 artifact"),
+                          (["predict", str(cpu_bundle), str(_images_png(tmp_path)), "--topk", "0"], "--topk 0")):
         res = _cli(*args)  # refused before any timing or loading, with a message that says why
         assert res.returncode == 2 and message in res.stderr and "fp32:" not in res.stdout + res.stderr, res.stderr
+
+
+def _images_png(folder):
+    Image.new("L", (40, 40), 128).save(folder / "gray.png")
+    return folder / "gray.png"
 
 
 def test_bench_json_is_consistent(cpu_bundle):
