@@ -96,6 +96,11 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if ds.classes != ckpt["classes"]:
         raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")
     log(f"export {run} -> {out} (target {target}: {', '.join(wanted)}); validation {len(ds.val)} images ({ds.val_source})")
+    trained_val = ckpt.get("val_split")  # runs from before it was recorded have none
+    if trained_val and trained_val["sha256"] != ds.val.signature(ds.root):
+        log(f"warning: {data} changed since the fine-tune: its validation split is not the one the run was selected "
+            f"on ({trained_val['images']} images then, {len(ds.val)} now), so it may hold images the model trained on "
+            "and the validation figures below may read high. Export with the run's data for figures you can trust.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -6,6 +6,7 @@ A ``DIR/test/`` folder is never read here: the test split is for the final figur
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ class Split:
 
     def counts(self, num_classes: int) -> list[int]:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=num_classes).tolist()
+
+    def signature(self, root: Path) -> str:
+        """sha256 of the split's (path relative to ``root``, label) pairs: which images it holds, not their pixels."""
+        rows = sorted(f"{Path(p).relative_to(root).as_posix()}\t{y}" for p, y in zip(self.paths, self.labels))
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
     def image(self, i: int) -> Image.Image:
         return Image.fromarray(self.arrays[i])

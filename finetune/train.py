@@ -372,7 +372,12 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             plan_training(model, [(cfg.batch_size, len(spec.mean), s, s) for s in sorted(set(sizes))], dtype)
         load_plans(d.gather(saved_plans())[0])
 
+    val_split = {"source": data.val_source, "images": len(data.val), "sha256": data.val.signature(data.root)}
+    if state is not None and state.get("val_split", val_split)["sha256"] != val_split["sha256"]:
+        log(f"warning: the validation split differs from the one this run started with ({state['val_split']['images']} "
+            f"images then, {len(data.val)} now: the data folder changed); best-epoch selection now uses the new one")
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
+            "val_split": val_split,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
 
     def checkpoint(epoch: int, step: int, partial_epoch=(0.0, 0, 0)) -> dict:

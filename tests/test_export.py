@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from edge_tl.errors import UserError
@@ -164,6 +165,20 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
     del m["manifest_sha256"]
     (copy / "manifest.json").write_text(json.dumps(m))
     assert Bundle.load(copy).classes == m["classes"]
+
+
+def test_export_warns_when_the_data_changed_since_the_fine_tune(elpv_run, elpv_small, tmp_path):
+    """The run records its validation split; exporting with changed data says its figures may read high."""
+    ckpt = torch.load(elpv_run / "best.pt", weights_only=True)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    same = discover(elpv_small, spec, progress=False)
+    assert ckpt["val_split"]["sha256"] == same.val.signature(same.root) and ckpt["val_split"]["images"] == len(same.val)
+    changed = shutil.copytree(elpv_small, tmp_path / "changed")
+    for f in same.val.paths:  # the held-out images gone: the carved split takes others, ones the run trained on
+        (changed / f.relative_to(same.root)).unlink()
+    logs: list[str] = []
+    export_bundle(elpv_run, tmp_path / "b", "cpu", "fp32", data=changed, progress=False, log=logs.append)
+    assert any("changed since the fine-tune" in line for line in logs), logs
 
 
 def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):

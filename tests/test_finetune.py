@@ -15,6 +15,7 @@ import torch
 
 from edge_tl.errors import UserError
 from edge_tl.finetune import depthwise
+from edge_tl.finetune.data import discover
 from edge_tl.finetune.train import (TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer,
                                    mixup_batch)
 from edge_tl.runtime.spec import PreprocessSpec
@@ -46,6 +47,11 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     assert any("ignored: epochs=5 (run: 2)" in line for line in logs), logs
     assert any("already complete (2/2 epochs)" in line for line in logs), logs
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    for f in discover(tiny_folder, PreprocessSpec.from_dict(ckpt["preprocess"]), progress=False).val.paths:
+        f.unlink()  # the data changed: the carved validation split is no longer the run's
+    logs.clear()
+    finetune(_cfg(tiny_folder, out), resume=True, progress=False, log=logs.append)
+    assert any("validation split differs" in line for line in logs), logs
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
