@@ -28,7 +28,7 @@ def folder_fingerprint(root: Path) -> str:
     """Hash of every visible file's relative path, size and modification time under ``root``."""
     h = hashlib.sha256()
     for f in visible_files(root):
-        st = f.stat()
+        st = f.stat() if f.exists() else f.lstat()  # a broken link counts as itself
         h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

@@ -8,7 +8,7 @@ as a viewer shows it). Truncated or non-image files raise ``UnreadableImage``.
 from __future__ import annotations
 
 import io
-
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,9 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
     except UnreadableImage:
         raise
     except FileNotFoundError as exc:
+        if not hasattr(path, "read") and name.is_symlink():
+            raise UnreadableImage(f"{name}: broken symbolic link (to {os.readlink(name)}); "
+                                  "point it at an existing image or remove it") from exc
         raise UnreadableImage(f"{name}: no such file") from exc
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"{name}: too large to decode safely ({exc}); downscale it first") from exc
@@ -84,6 +87,10 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
 
 def visible_files(folder: Path) -> list[Path]:
     """Files under ``folder``, sorted, none hidden at any level below it: no ``.DS_Store``,
-    ``._x.png`` (macOS AppleDouble) or ``.ipynb_checkpoints/`` copies of other images."""
+    ``._x.png`` (macOS AppleDouble) or ``.ipynb_checkpoints/`` copies of other images.
+
+    Broken symbolic links are included, so that decoding lists them as skipped instead of a
+    class silently losing images (a dataset of links copied without their targets)."""
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))

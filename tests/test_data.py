@@ -45,8 +45,10 @@ def test_bad_files_skipped_and_listed(tiny_folder):
     (tiny_folder / "checker" / "zero.png").write_bytes(b"")
     (tiny_folder / "checker" / "notes.txt").write_text("hello")
     (tiny_folder / "checker" / "fake.jpg").write_text("hello")
+    (tiny_folder / "checker" / "link.png").symlink_to(tiny_folder / "gone.png")  # a link copied without its target
     data = discover(tiny_folder, SPEC, progress=False)
-    assert len(data.skipped) == 3
+    assert len(data.skipped) == 4
+    assert any("link.png: broken symbolic link (to " in line and "gone.png" in line for line in data.skipped)
     assert sum(data.train.counts(3)) + sum(data.val.counts(3)) == 24
 
 
