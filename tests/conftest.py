@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny generated ImageFolder and a small real ELPV subset."""
+"""Shared fixtures: a tiny generated ImageFolder, a small real ELPV subset and real handwritten digits."""
 
 from __future__ import annotations
 
@@ -45,6 +45,22 @@ def elpv_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("elpv") / "elpv"
     write_elpv(out, "4class", limit_per_class=6, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """Real handwritten digits (scikit-learn's bundled copy of the UCI set, 8x8, 17 grey levels):
+    30 per class, as DIR/digit<k>/*.png."""
+    from sklearn.datasets import load_digits
+
+    digits, rng = load_digits(), np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    for k in range(10):
+        (root / f"digit{k}").mkdir(parents=True)
+        for i in rng.choice(np.flatnonzero(digits.target == k), 30, replace=False):
+            Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8), "L").save(
+                root / f"digit{k}" / f"{i:04d}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

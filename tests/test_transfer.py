@@ -1,9 +1,10 @@
-"""The transfer-learning effects and the pretrained/scratch pairing of run folders."""
+"""The transfer-learning effects, the pretrained/scratch pairing of run folders, and the effects on real digits."""
 
 from __future__ import annotations
 
 import json
 
+from edge_tl.finetune.train import TrainConfig, finetune
 from edge_tl.finetune.transfer import compare_effects, compare_run_folders, effects
 
 
@@ -43,3 +44,20 @@ def test_compare_run_folders_pairs_only_a_scratch_twin(tmp_path):
     assert compare_run_folders(tmp_path / "run", tmp_path / "not_scratch") is None
     (tmp_path / "twin" / "history.jsonl").write_text("")  # a damaged run is no comparison, not a crash
     assert compare_run_folders(tmp_path / "run", tmp_path / "twin") is None
+
+
+def test_pretrained_beats_scratch_on_real_digits(digits_folder, tmp_path):
+    """The core claim on real data the defaults were not chosen on: 210 training images of 10
+    classes, the default recipe at 64 px for 8 epochs (no flips: digits have a handedness).
+    The assertions held for seeds 0-4 when written (pretrained best 0.91-0.93, scratch 0.31-0.51
+    on seeds 0-3)."""
+    runs = {}
+    for name, scratch in (("pretrained", False), ("scratch", True)):
+        cfg = TrainConfig(data=str(digits_folder), out=str(tmp_path / name), img_size=64, epochs=8, hflip=0.0,
+                          val_fraction=0.3, scratch=scratch)
+        finetune(cfg, progress=False, log=lambda s: None)
+        runs[name] = tmp_path / name
+    t = compare_run_folders(runs["pretrained"], runs["scratch"])
+    pre, scr = t["effects"]["pretrained"], t["effects"]["scratch"]
+    assert pre["asymptote"] >= 0.8, t["curves"]
+    assert pre["asymptote"] - scr["asymptote"] >= 0.2 and t["better"]["start"] == "pretrained", t["curves"]
