@@ -130,8 +130,24 @@ def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flav
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[method],
                         extra_options=options)
+        drop_unused_opsets(tmp)
 
     return atomic_write(out_path, write)
+
+
+def drop_unused_opsets(path: Path) -> None:
+    """Remove opset imports no node uses. ONNX Runtime's quantizer stamps every domain its
+    session knows (ai.onnx.ml v5, com.microsoft, ...), and older runtimes refuse a model that
+    imports a domain version they lack (1.17: "ai.onnx.ml is till opset 4"), even unused."""
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | {""}
+    for f in model.functions:
+        used |= {n.domain for n in f.node} | {f.domain}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    if len(keep) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.save(model, str(path))
 
 
 HISTOGRAM_MEMORY_BYTES = 4 << 30
