@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,18 +138,22 @@ class Predictor:
         self.close()
 
     def preprocess(self, image) -> np.ndarray:
-        """Path, encoded bytes, PIL image or H×W×3 uint8 array (any size) -> uint8 H×W×3 at the input size."""
-        if isinstance(image, (str, Path, bytes)):
+        """Path, encoded bytes (or a binary file object: a camera's or a web request's stream), PIL
+        image or H×W×3 uint8 array (any size) -> uint8 H×W×3 at the input size."""
+        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
             image = load_rgb(image, keep_gray=True)
         elif isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise UserError(f"image array of dtype {image.dtype} and shape {image.shape}: "
                                 "expected uint8 H×W×3 RGB (convert grayscale with np.repeat(a[..., None], 3, 2)).")
+            if not image.shape[0] or not image.shape[1]:
+                raise UserError(f"image array of shape {image.shape}: it has no pixels.")
             image = Image.fromarray(image)
         elif isinstance(image, Image.Image):
             image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
         else:
-            raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, a PIL image or a uint8 H×W×3 array.")
+            raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, bytes, a binary file "
+                            "object, a PIL image or a uint8 H×W×3 array.")
         return self.spec.to_pixels(image)
 
     def infer(self, array: np.ndarray) -> np.ndarray:
@@ -176,14 +181,18 @@ class Predictor:
         return self.predict_batch([image], topk)[0]
 
     def predict_batch(self, images, topk: int = 5) -> list[Prediction]:
+        """``predict`` of each image (any iterable), inferred as one batch."""
+        images = list(images)
         pixels = np.stack([self.preprocess(im) for im in images]) if len(images) else np.zeros((0, 1, 1, 3), np.uint8)
         return self.decode(self.infer(pixels) if len(images) else np.zeros((0, len(self.classes))), topk)
 
     def decode(self, logits: np.ndarray, topk: int = 5) -> list[Prediction]:
+        if topk < 1:
+            raise UserError(f"topk={topk}: ask for at least one class per image.")
         z = logits.astype(np.float64)
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        k = max(1, min(topk, len(self.classes)))
+        k = min(topk, len(self.classes))
         out = []
         for row in p:
             order = np.argsort(-row, kind="stable")[:k]

@@ -158,6 +158,8 @@ class OnnxRuntimeRunner(Runner):
         return session
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError(f"{self.path}: runner is closed (use the Predictor inside its `with` block)")
         return self._session_for(x.shape).run(None, {self.input_name: x})[0]
 
     def deactivate(self) -> None:

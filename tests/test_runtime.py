@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -104,11 +105,18 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float64)):
             with pytest.raises(UserError, match="expected uint8"):
                 p.predict(bad)
+        with pytest.raises(UserError, match="it has no pixels"):
+            p.predict(np.zeros((0, 5, 3), np.uint8))
+        with pytest.raises(UserError, match="topk=0: ask for at least one class"):
+            p.predict(paths[0], topk=0)
+        assert [b.label for b in p.predict_batch(x for x in paths)] == [b.label for b in batch]  # any iterable
         for bad in (np.zeros((1, 50, 50, 3), np.uint8), np.zeros((1, 3, 50, 50), np.float32),
                     np.zeros((1, 3, 96, 96), np.int64)):
             with pytest.raises(UserError, match="expected"):
                 p.infer(bad)
         assert golden.shape[1] == 4
+    with pytest.raises(RuntimeError, match="runner is closed"):
+        p.predict(paths[0])
     with Predictor.from_bundle(cpu_bundle, device="cpu") as auto:
         assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
 
@@ -125,7 +133,11 @@ def test_pil_image_preprocessed_like_its_file(cpu_bundle, tmp_path):
         for name in ("turned.jpg", "alpha.png", "deep.png"):
             path = tmp_path / name
             expected = p.preprocess(path)
-            np.testing.assert_array_equal(p.preprocess(path.read_bytes()), expected)
+            data = path.read_bytes()
+            for same in (str(path), data, bytearray(data), memoryview(data), io.BytesIO(data)):
+                np.testing.assert_array_equal(p.preprocess(same), expected, err_msg=f"{name} {type(same).__name__}")
+            with open(path, "rb") as f:
+                np.testing.assert_array_equal(p.preprocess(f), expected)
             with Image.open(path) as img:
                 np.testing.assert_array_equal(p.preprocess(img), expected, err_msg=name)
 
