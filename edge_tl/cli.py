@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -315,14 +317,23 @@ def check(
     """
     from edge_tl.runtime.check import check_bundle, write_junit
 
-    report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, log=_log_for(json_out))
+    try:
+        report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, log=_log_for(json_out))
+    except UserError as exc:  # still leave CI a report that says why, then exit 2
+        if json_out:
+            typer.echo(json.dumps({"passed": False, "error": str(exc)}, indent=2))
+        if junit:
+            with contextlib.suppress(UserError):  # e.g. --junit is a folder: the first error is the one to show
+                write_junit({"passed": False, "error": str(exc)}, junit)
+        raise
     if junit:
         write_junit(report, junit)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(
-            f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]))
+            [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]]
+            + [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]))
     raise typer.Exit(0 if report["passed"] else 1)
 
 
@@ -394,7 +405,8 @@ TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib"}
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2, never a traceback."""
+    """Entry point: user errors print one line and exit 2, never a traceback. Anything else is a bug
+    of edge-tl: traceback and exit 3, so a CI gate never reads a crash as check's 1 (regression)."""
     try:
         app()
     except UserError as exc:
@@ -402,7 +414,15 @@ def main() -> None:
         sys.exit(2)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
-            raise
+            _crashed()
         typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install 'edge-tl[train]' "
                    "(device-side commands predict, bench, check and engine do not).", err=True)
         sys.exit(2)
+    except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden
+        _crashed()
+
+
+def _crashed() -> None:
+    traceback.print_exc()
+    typer.echo("error: edge-tl failed unexpectedly (the traceback above says where); exit code 3.", err=True)
+    sys.exit(3)

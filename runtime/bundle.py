@@ -55,7 +55,7 @@ class Bundle:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{mpath}: unreadable manifest ({exc}). Re-export the bundle.") from None
-        schema = manifest.get("schema")
+        schema = manifest.get("schema") if isinstance(manifest, dict) else None
         if not isinstance(schema, int):
             raise BundleError(f"{mpath}: no integer 'schema' field; this is not an edge-tl manifest.")
         if schema > SCHEMA_VERSION:

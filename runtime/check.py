@@ -192,7 +192,12 @@ def _load_baseline(path: str | Path) -> tuple[dict[str, float], list[int] | None
 
 
 def write_junit(report: dict, path: str | Path) -> Path:
-    """JUnit XML: one test case per artifact, so CI systems show which one regressed."""
+    """JUnit XML: one test case per artifact, so CI systems show which one regressed; a report
+    with an ``error`` (bad input, exit 2) is one erroring case that says why."""
+    if "error" in report:
+        return write_text(path, '<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="1" '
+                          'failures="0" errors="1">\n  <testcase classname="edge-tl.check" name="bundle"><error '
+                          f'message={quoteattr(report["error"])}/></testcase>\n</testsuite>\n')
     cases = []
     for name, r in report["artifacts"].items():
         body = "" if r["passed"] else f"<failure message={quoteattr(r['reason'])}>{escape(json.dumps(r))}</failure>"

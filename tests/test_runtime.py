@@ -226,13 +226,18 @@ def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path)
     gone = {**report, "artifacts": {**report["artifacts"], "int8": report["artifacts"]["fp32"]}}
     res = run(gone, "--json")
     assert res.returncode == 1 and json.loads(res.stdout)["missing"] == ["int8"], res.stderr
+    res = run(gone)
+    assert res.returncode == 1 and res.stdout.strip().endswith("FAILED: int8: in the baseline but not in the bundle")
     other_names = {**report, "artifacts": {"int8": report["artifacts"]["fp32"]}}
     other_data = {**report, "class_counts": [1] * len(report["class_counts"])}
     for base, match in ((other_names, "none of its artifacts"), (other_data, "same --data"),
                         ('{"artifacts": []}', "not a baseline"), ('{"artifacts": {"fp32": {"accuracy": NaN}}}',
                                                                   "between 0 and 1")):
-        res = run(base)
+        res = run(base, "--json", "--junit", str(tmp_path / "junit.xml"))
         assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+        # CI still gets a report that says why: JSON on stdout, an erroring JUnit case
+        assert json.loads(res.stdout) == {"passed": False, "error": res.stderr.strip().removeprefix("error: ")}
+        assert 'errors="1"' in (tmp_path / "junit.xml").read_text() and match in (tmp_path / "junit.xml").read_text()
     res = run(report, "--max-drop", "nan")
     assert res.returncode == 2 and "--max-drop nan" in res.stderr, res.stderr
 
@@ -241,7 +246,10 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
     tampered = tmp_path / "t"
     shutil.copytree(cpu_bundle, tampered)
     (tampered / "labels.txt").write_text("x\n")
-    for args in (["check", str(tampered)], ["predict", str(cpu_bundle), str(tmp_path / "missing.png")],
+    not_a_dict = tmp_path / "l"
+    shutil.copytree(cpu_bundle, not_a_dict)
+    (not_a_dict / "manifest.json").write_text("[1, 2]")
+    for args in (["check", str(tampered)], ["check", str(not_a_dict)], ["predict", str(cpu_bundle), str(tmp_path / "missing.png")],
                  ["check", str(tmp_path)], ["bench", str(cpu_bundle), "--batch", "0"],
                  ["predict", str(cpu_bundle), str(tampered / "labels.txt")],
                  ["check", str(cpu_bundle), "--junit", str(tmp_path)],  # a folder where a file goes
@@ -256,6 +264,18 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
                           (["predict", str(cpu_bundle), str(_images_png(tmp_path)), "--topk", "0"], "--topk 0")):
         res = _cli(*args)  # refused before any timing or loading, with a message that says why
         assert res.returncode == 2 and message in res.stderr and "fp32:" not in res.stdout + res.stderr, res.stderr
+
+
+def test_a_crash_exits_3_never_1_which_check_means_as_regression(monkeypatch, capsys):
+    from edge_tl import cli
+
+    def crash():
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "app", crash)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 3 and "ZeroDivisionError: a bug" in capsys.readouterr().err
 
 
 def _images_png(folder):
