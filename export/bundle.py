@@ -110,6 +110,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
                                  calib_method, max_drop, golden_count, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
         bundle = Bundle(tmp, manifest)
+        # git on Windows (core.autocrlf) would turn labels.txt's line endings into CRLF and break its sha256
+        write_text(tmp / ".gitattributes", "# every file byte-exact: manifest.json holds their sha256\n* -text\n")
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             bundle.add_file(f.relative_to(tmp).as_posix())
         bundle.save()
@@ -120,9 +122,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
             else:
                 log(f"TensorRT engines not built here ({reason.rstrip('.')}). "
                     f"On the device: edge-tl engine {out}   (see {out / 'README.md'})")
-        write_text(tmp / "README.md", bundle_readme(bundle, out))
-        bundle.add_file("README.md")
-        bundle.save()
+        write_text(tmp / "README.md", bundle_readme(bundle, out))  # notes for people: not hashed, may be edited
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

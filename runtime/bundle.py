@@ -88,6 +88,10 @@ class Bundle:
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing. Copy the whole bundle folder again.")
             if sha256_file(f) != digest:
+                if hashlib.sha256(f.read_bytes().replace(b"\r\n", b"\n")).hexdigest() == digest:
+                    raise BundleError(f"{f}: its line endings were changed to CRLF (git's core.autocrlf on "
+                                      "Windows?), so its sha256 differs from the manifest. Keep the bundle "
+                                      "byte-exact: its .gitattributes (`* -text`) does that in git; restore the file.")
                 raise BundleError(f"{f}: sha256 differs from the manifest (modified or corrupted). "
                                   "Copy the bundle again or re-export it; edge-tl will not run a changed file.")
         self._check_consistent()

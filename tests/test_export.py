@@ -33,7 +33,7 @@ def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
     for rel, digest in m["files"].items():
         assert sha256_file(cpu_bundle / rel) == digest
     assert set(m["files"]) >= {"model.fp32.onnx", "model.fp16.onnx", "model.int8-cpu.onnx", "golden.npz",
-                               "labels.txt", "README.md"}
+                               "labels.txt", ".gitattributes"} and "README.md" not in m["files"]
     assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["top1_agreement"] == 1.0
     assert m["calibration"]["source"].startswith("training split")
     assert all(v for k, v in m["versions"].items() if k != "tensorrt")
@@ -124,6 +124,13 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(cpu_bundle, copy)
+    (copy / "README.md").write_text("our notes\n")  # the README is for people: editing it is fine
+    Bundle.load(copy)
+    (copy / "labels.txt").write_bytes((copy / "labels.txt").read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(BundleError, match="line endings were changed to CRLF"):  # git autocrlf, named as such
         Bundle.load(copy)
     shutil.rmtree(copy)
     shutil.copytree(cpu_bundle, copy)
