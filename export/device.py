@@ -56,6 +56,12 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
     return built
 
 
+def source_checkout() -> Path | None:
+    """The edge-tl source folder this package runs from (an editable or source install), else None."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "runtime").is_dir() else None
+
+
 def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
     """(what, command) steps to finish a bundle on its device, TensorRT engine included."""
     b = str(where)
@@ -65,16 +71,24 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
     h, w = bundle.spec.input_size
     profile = trt_build.BatchProfile(**bundle.manifest["batch"])
     steps = [("copy the bundle to the device", f"rsync -a {b}/ DEVICE:~/{Path(b).name}/")]
+    checkout, pkg = source_checkout(), "edge-tl"
+    if checkout is not None:  # edge-tl is not on PyPI: the device installs a wheel of this checkout
+        wheels = f"{Path(b).name}-wheel"
+        steps = [("make a wheel of this edge-tl (not on PyPI) to install on the device",
+                  f"pip wheel --no-deps -w {Path(b).parent / wheels} {checkout}"),
+                 ("copy the bundle and the wheel to the device",
+                  f"rsync -a {b} {Path(b).parent / wheels} DEVICE:~/")]
+        pkg = f"~/{wheels}/edge_tl-*.whl"
     if bundle.manifest["target"] == "cpu":
-        steps.append(("install the runtime", "pip install edge-tl onnxruntime"))
+        steps.append(("install the runtime", f"pip install {pkg} onnxruntime"))
         steps.append(("or, on an x86 CPU with VNNI, in a fresh environment: ONNX Runtime's OpenVINO provider "
                       "(INT8 1.15-1.4x faster here; add --device openvino below)",
-                      "pip install --no-deps edge-tl && pip install numpy pillow typer onnxruntime-openvino"))
+                      f"pip install --no-deps {pkg} && pip install numpy pillow typer onnxruntime-openvino"))
         names = set()
     else:
         steps += [
             ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages)",
-             "pip install edge-tl cuda-python onnxruntime"),
+             f"pip install {pkg} cuda-python onnxruntime"),
             ("build the engines on the device (engines are tied to GPU and TensorRT version)",
              f"edge-tl engine {Path(b).name} --precision {prec}"),
         ]

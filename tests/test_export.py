@@ -82,6 +82,8 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
     readme = (out / "README.md").read_text()
     assert f"edge-tl engine {out.name} --precision int8" in readme
     assert "trtexec --onnx=" in readme and "--stronglyTyped" in readme and "--int8" in readme
+    # edge-tl is not on PyPI: the device installs a wheel of this checkout (made, copied, installed)
+    assert "pip wheel --no-deps -w" in readme and "pip install ~/gpu-wheel/edge_tl-*.whl cuda-python" in readme
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
