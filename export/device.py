@@ -124,6 +124,9 @@ whose sha256 differs from it.
 
 Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size'][1]} RGB pixels 0–255, after resizing the
 shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mean/std are inside the graph.
+The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
+antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
+enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.
 Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |
