@@ -150,7 +150,9 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
             if src:
                 figs.append(f"<figure>{_img(src, 'misclassified', 'thumb')}<figcaption>true {html.escape(classes[check['labels'][i]])}"
                             f"<br>pred {html.escape(classes[arts[deployed]['predictions'][i]])}</figcaption></figure>")
-        parts += [f"<h2>Misclassified by {deployed} ({len(wrong)} of {len(check['labels'])}, first {len(figs)} shown)</h2>",
+        shown = (f"first {len(figs)} shown" if figs or not wrong else
+                 "their image files are no longer where the check read them, so none are shown")
+        parts += [f"<h2>Misclassified by {deployed} ({len(wrong)} of {len(check['labels'])}, {shown})</h2>",
                   f"<div class=\"grid\">{''.join(figs)}</div>"]
     rows = [[r["artifact"], r["backend"], r["precision"], r["batch"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
              r["throughput"], r.get("e2e_p50_ms", "-")] for r in bench["results"]]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from edge_tl.build import build, folder_fingerprint, format_summary, scratch_twi
 from edge_tl.errors import UserError
 from edge_tl.finetune.config import TrainConfig, check_config, training_roots
 from edge_tl.finetune.transfer import compare_run_folders
-from edge_tl.report import open_image_count
+from edge_tl.report import open_image_count, write_report
 
 from conftest import make_image_folder
 
@@ -100,6 +101,21 @@ def test_report_has_the_figures(built):
     # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
     assert open_image_count(page) >= 4
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_report_says_why_misclassified_images_are_missing(built, tmp_path):
+    """Regenerated after the test images moved: the count stays, the page says why none are shown."""
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    check = json.loads((out / "check.json").read_text())
+    check["images"] = [str(tmp_path / "moved" / Path(p).name) for p in check["images"]]
+    for art in check["artifacts"].values():
+        if "predictions" in art:  # every image wrong, so there is something to show
+            art["predictions"] = [(y + 1) % 3 for y in check["labels"]]
+    (out / "check.json").write_text(json.dumps(check))
+    page = write_report(out).read_text()
+    assert f"({len(check['labels'])} of {len(check['labels'])}, their image files are no longer where" in page
 
 
 def test_rerun_skips_and_force_redoes(built):
