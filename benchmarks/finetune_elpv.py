@@ -77,7 +77,7 @@ def main() -> None:
     if not (args.data / "train").is_dir():
         write_elpv(args.data, "4class", 0.25, seed=0)
     shutil.rmtree(args.out, ignore_errors=True)
-    cfg = TrainConfig(data=str(args.data), out=str(args.out), device="cpu")
+    cfg = TrainConfig(data=str(args.data.resolve()), out=str(args.out.resolve()), device="cpu")
     for item in args.set:
         key, value = item.split("=", 1)
         setattr(cfg, key, type(getattr(cfg, key))(value) if getattr(cfg, key) is not None else json.loads(value))

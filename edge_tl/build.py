@@ -84,10 +84,11 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         if not data_dir.is_dir():
             raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
         check_out_beside_data(out, data_dir)
+    data_dir = data_dir.resolve()  # recorded by every stage, so export, --resume and report work from any folder
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out takes a folder for the build.")
     run_dir = out / "run"
-    cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir)})
+    cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir.resolve())})
     check_config(cfg, run_dir)  # a typo fails now, not after the data stage
     out.mkdir(parents=True, exist_ok=True)
     b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
@@ -105,10 +106,11 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
 
         b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
     else:
-        b.run("data", {"folder": str(data_dir.resolve())}, [data_dir], lambda: None)
+        b.run("data", {"folder": str(data_dir)}, [data_dir], lambda: None)
     data_fp = _hash([folder_fingerprint(r) for r in training_roots(data_dir)])  # not test/ (the check stage's) or OUT
 
-    train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out")},
+    # the data is its content's fingerprint, not its path: a moved or differently spelled folder is the same data
+    train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out", "data")},
                     "data": data_fp,
                     "weights": sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file() else cfg.weights}
 

@@ -13,7 +13,9 @@ import pytest
 
 from edge_tl.build import build, folder_fingerprint, format_summary, scratch_twin
 from edge_tl.errors import UserError
+from edge_tl.export.bundle import export_bundle
 from edge_tl.finetune.config import TrainConfig, check_config, training_roots
+from edge_tl.finetune.train import load_checkpoint
 from edge_tl.finetune.transfer import compare_run_folders
 from edge_tl.report import open_image_count, write_report
 
@@ -142,6 +144,25 @@ def test_missing_outputs_rerun_their_stage(built, tmp_path):
     logs: list[str] = []
     build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
     assert any("] finetune ..." in line for line in logs)
+
+
+def test_a_relative_data_path_works_from_any_folder(built, tmp_path, monkeypatch):
+    """`build --data imgs`: the run records the folder absolute (export and --resume work from elsewhere),
+    and the fine-tune stage keys on the data's content, not on how its path is spelled."""
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    monkeypatch.chdir(root)
+    logs: list[str] = []
+    build("imgs", "cpu", out, TRAIN, "fp32", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
+    assert any("] finetune" in line and "up to date" in line for line in logs), logs
+    assert json.loads((out / "check.json").read_text())["data"].startswith(f"{root / 'imgs' / 'test'} (")
+
+    fresh = tmp_path / "fresh"
+    build("imgs", "cpu", fresh, {**TRAIN, "epochs": 1}, "fp32", bench_batches=(1,), bench_seconds=0.1, log=lambda s: None)
+    monkeypatch.chdir(tmp_path)  # elsewhere: "imgs" means nothing here
+    assert Path(load_checkpoint(fresh / "run" / "best.pt")["config"]["data"]) == root / "imgs"
+    export_bundle(fresh / "run", tmp_path / "again", "cpu", "fp32", log=lambda s: None)  # finds the data to validate on
 
 
 def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
