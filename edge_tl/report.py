@@ -7,6 +7,7 @@ per-image predictions) and ``bench.json``; ``edge-tl report OUT`` regenerates it
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -91,11 +92,16 @@ def _latency_png(results: list[dict]) -> str:
     return _png(fig)
 
 
-def _thumb(path: str, size: int = 112) -> str | None:
+def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str | None:
+    """A PNG data URL of an image the check read: a file, or ``golden.npz[i]`` (a check without
+    ``--data`` runs on the bundle's golden images; their pixels are what the model saw)."""
     try:
-        from edge_tl.runtime.images import load_rgb
+        if path.startswith("golden.npz[") and golden_pixels is not None:
+            img = Image.fromarray(golden_pixels[int(path[len("golden.npz["):-1])])
+        else:
+            from edge_tl.runtime.images import load_rgb
 
-        img = load_rgb(path)
+            img = load_rgb(path)
     except Exception:  # noqa: BLE001 - a missing image only drops its thumbnail
         return None
     img.thumbnail((size, size))
@@ -144,9 +150,11 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
                                          for h in ("precision", "recall")] + ["support"],
                             _merge_per_class(check, classes, [n for n in dict.fromkeys(["fp32", deployed]) if n in arts])))
         wrong = [i for i, (y, p) in enumerate(zip(check["labels"], arts[deployed]["predictions"])) if y != p]
-        figs = []
+        figs, golden = [], out / "bundle" / "golden.npz"
+        with np.load(golden) if golden.is_file() else contextlib.nullcontext({}) as z:
+            golden_pixels = z.get("pixels")
         for i in wrong[:max_misclassified]:
-            src = _thumb(check["images"][i])
+            src = _thumb(check["images"][i], golden_pixels)
             if src:
                 figs.append(f"<figure>{_img(src, 'misclassified', 'thumb')}<figcaption>true {html.escape(classes[check['labels'][i]])}"
                             f"<br>pred {html.escape(classes[arts[deployed]['predictions'][i]])}</figcaption></figure>")

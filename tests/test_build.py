@@ -18,6 +18,7 @@ from edge_tl.finetune.config import TrainConfig, check_config, training_roots
 from edge_tl.finetune.train import load_checkpoint
 from edge_tl.finetune.transfer import compare_run_folders
 from edge_tl.report import open_image_count, write_report
+from edge_tl.runtime.check import check_bundle
 
 from conftest import make_image_folder
 
@@ -118,6 +119,22 @@ def test_report_says_why_misclassified_images_are_missing(built, tmp_path):
     (out / "check.json").write_text(json.dumps(check))
     page = write_report(out).read_text()
     assert f"({len(check['labels'])} of {len(check['labels'])}, their image files are no longer where" in page
+
+
+def test_report_shows_golden_images_when_the_check_ran_on_them(built, tmp_path):
+    """A build whose data has no test/ folder checks on the bundle's golden images: their thumbnails
+    come from golden.npz, the pixels the model saw."""
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    check = check_bundle(out / "bundle", None, keep_predictions=True)
+    n = len(check["labels"])
+    for art in check["artifacts"].values():  # every image wrong, so there is something to show
+        art["predictions"] = [(y + 1) % 3 for y in check["labels"]]
+    (out / "check.json").write_text(json.dumps(check))
+    page = write_report(out).read_text()
+    assert f"({n} of {n}, first {min(n, 24)} shown)" in page
+    assert page.count('class="thumb"') == min(n, 24)
 
 
 def test_rerun_skips_and_force_redoes(built):
