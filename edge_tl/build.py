@@ -129,7 +129,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     def export() -> None:
         from edge_tl.export.bundle import export_bundle
 
-        export_bundle(run_dir, bundle_dir, target, precision, calib_images=calib_images, force=True,
+        export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images, force=True,
                       log=lambda s: log(f"  {s}"))
 
     b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)

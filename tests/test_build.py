@@ -182,6 +182,18 @@ def test_a_relative_data_path_works_from_any_folder(built, tmp_path, monkeypatch
     export_bundle(fresh / "run", tmp_path / "again", "cpu", "fp32", log=lambda s: None)  # finds the data to validate on
 
 
+def test_moved_data_is_the_same_data_and_export_reads_it_there(built, tmp_path):
+    """The data folder moved: no retraining, and the re-run export calibrates on the folder given, not the old one."""
+    root, _, _ = built
+    out, moved = tmp_path / "out", tmp_path / "moved-imgs"
+    shutil.copytree(root / "out", out)
+    shutil.copytree(root / "imgs", moved)  # copy2 keeps the files' times: the same content fingerprint
+    logs: list[str] = []
+    build(str(moved), "cpu", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
+    assert any("] finetune" in line and "up to date" in line for line in logs), logs
+    assert json.loads((out / "bundle" / "manifest.json").read_text())["data"] == str(moved)
+
+
 def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
     root, _, _ = built
     out = tmp_path / "out"
