@@ -110,11 +110,12 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
                                  calib_method, max_drop, golden_count, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
         bundle = Bundle(tmp, manifest)
-        # git on Windows (core.autocrlf) would turn labels.txt's line endings into CRLF and break its sha256
-        write_text(tmp / ".gitattributes", "# every file byte-exact: manifest.json holds their sha256\n* -text\n")
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             bundle.add_file(f.relative_to(tmp).as_posix())
         bundle.save()
+        # not hashed (a copy without dotfiles still loads): git on Windows (core.autocrlf) would otherwise
+        # turn labels.txt's line endings into CRLF, which verification then names
+        write_text(tmp / ".gitattributes", "# every file byte-exact: manifest.json holds their sha256\n* -text\n")
         if wanted != ["fp32"] and target in ("gpu", "jetson"):
             reason = ts.missing_reason()
             if reason is None:
@@ -122,7 +123,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
             else:
                 log(f"TensorRT engines not built here ({reason.rstrip('.')}). "
                     f"On the device: edge-tl engine {out}   (see {out / 'README.md'})")
-        write_text(tmp / "README.md", bundle_readme(bundle, out))  # notes for people: not hashed, may be edited
+        write_text(tmp / "README.md", bundle_readme(bundle, out))  # notes for people: not hashed, rewritten by each export
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -33,7 +33,8 @@ def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
     for rel, digest in m["files"].items():
         assert sha256_file(cpu_bundle / rel) == digest
     assert set(m["files"]) >= {"model.fp32.onnx", "model.fp16.onnx", "model.int8-cpu.onnx", "golden.npz",
-                               "labels.txt", ".gitattributes"} and "README.md" not in m["files"]
+                               "labels.txt"} and not {"README.md", ".gitattributes"} & set(m["files"])
+    assert "* -text" in (cpu_bundle / ".gitattributes").read_text()  # git keeps the hashed files byte-exact
     assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["top1_agreement"] == 1.0
     assert m["calibration"]["source"].startswith("training split")
     assert all(v for k, v in m["versions"].items() if k != "tensorrt")
