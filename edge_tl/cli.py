@@ -415,7 +415,7 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
             _crashed()
-        typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install 'edge-tl[train]' "
+        typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install -e '.[train]' in the edge-tl checkout "
                    "(device-side commands predict, bench, check and engine do not).", err=True)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import Bundle
@@ -70,15 +71,17 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
     prec = ",".join(dict.fromkeys(precisions))
     h, w = bundle.spec.input_size
     profile = trt_build.BatchProfile(**bundle.manifest["batch"])
-    steps = [("copy the bundle to the device", f"rsync -a {b}/ DEVICE:~/{Path(b).name}/")]
-    checkout, pkg = source_checkout(), "edge-tl"
-    if checkout is not None:  # edge-tl is not on PyPI: the device installs a wheel of this checkout
-        wheels = f"{Path(b).name}-wheel"
+    # edge-tl is not on PyPI: the device installs a wheel, made here from this checkout, else the one
+    # this machine was installed from (its name is fixed by the version)
+    checkout, pkg = source_checkout(), f"~/edge_tl-{__version__}-py3-none-any.whl"
+    steps = [("copy the bundle and the edge-tl wheel this machine was installed from to the device",
+              f"rsync -a {b} edge_tl-{__version__}-py3-none-any.whl DEVICE:~/")]
+    if checkout is not None:
+        wheels = Path(b).parent / f"{Path(b).name}-wheel"
         steps = [("make a wheel of this edge-tl (not on PyPI) to install on the device",
-                  f"pip wheel --no-deps -w {Path(b).parent / wheels} {checkout}"),
-                 ("copy the bundle and the wheel to the device",
-                  f"rsync -a {b} {Path(b).parent / wheels} DEVICE:~/")]
-        pkg = f"~/{wheels}/edge_tl-*.whl"
+                  f"rm -rf {wheels} && pip wheel --no-deps -w {wheels} {checkout}"),
+                 ("copy the bundle and the wheel to the device", f"rsync -a {b} {wheels} DEVICE:~/")]
+        pkg = f"~/{wheels.name}/edge_tl-*.whl"
     if bundle.manifest["target"] == "cpu":
         steps.append(("install the runtime", f"pip install {pkg} onnxruntime"))
         steps.append(("or, on an x86 CPU with VNNI, in a fresh environment: ONNX Runtime's OpenVINO provider "

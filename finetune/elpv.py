@@ -34,8 +34,8 @@ def _labels() -> tuple[Path, list[tuple[str, float, str]]]:
     try:
         import elpv_dataset
     except ImportError as exc:
-        raise UserError("the demo data needs PyPI elpv-dataset: pip install 'edge-tl[demo]' "
-                        "(or pip install elpv-dataset)") from exc
+        raise UserError("the demo data needs PyPI elpv-dataset: pip install elpv-dataset "
+                        "(or pip install -e '.[demo]' in the edge-tl checkout)") from exc
     csv = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
     rows = []
     for line in csv.read_text().splitlines():

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_tl.errors import UserError
 
-INSTALL_HINT = ("pip install 'edge-tl[tensorrt]' (tensorrt + cuda-python) on a machine with an NVIDIA GPU, "
+INSTALL_HINT = ("pip install tensorrt cuda-python (or pip install -e '.[tensorrt]' in the edge-tl checkout) on a machine with an NVIDIA GPU, "
                 "or on Jetson use JetPack's system TensorRT (python3 -c 'import tensorrt') and pip install cuda-python")
 
 

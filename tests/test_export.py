@@ -91,6 +91,22 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
         assert any("TensorRT engines not built here" in line for line in logs)
 
 
+def test_device_steps_of_a_wheel_install_name_the_wheel_never_pypi(cpu_bundle, monkeypatch):
+    """edge-tl is not on PyPI: installed from a wheel (no source checkout to build one from), the
+    steps copy and install that wheel by its fixed name; from a checkout they make one first."""
+    from edge_tl import __version__
+    from edge_tl.export import device
+
+    bundle = Bundle.load(cpu_bundle)
+    from_checkout = [cmd for _, cmd in device.device_commands(bundle, cpu_bundle)]
+    assert from_checkout[0].startswith("rm -rf ") and " && pip wheel --no-deps -w " in from_checkout[0]
+    monkeypatch.setattr(device, "source_checkout", lambda: None)
+    steps = [cmd for _, cmd in device.device_commands(bundle, cpu_bundle)]
+    wheel = f"edge_tl-{__version__}-py3-none-any.whl"
+    assert wheel in steps[0] and f"pip install ~/{wheel} onnxruntime" in steps
+    assert not any("pip install edge-tl" in cmd for cmd in steps)
+
+
 def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp_path):
     """Calibrating on one black image ruins INT8; max_drop=0 forces layers back to float."""
     _, ckpt = load_model(elpv_run / "best.pt")

@@ -332,7 +332,7 @@ def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_smal
         assert res.returncode == 0, (args, res.stderr[-2000:])
     res = subprocess.run([sys.executable, "-c", blocker, "finetune", "--data", "x", "--out", "y"],
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "pip install 'edge-tl[train]'" in res.stderr, res.stderr
+    assert res.returncode == 2 and "pip install -e '.[train]'" in res.stderr, res.stderr
 
 
 def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
