@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edge_tl.errors import UserError
-from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, visible_files
+from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, class_folders, load_rgb, visible_files
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS
@@ -63,7 +63,7 @@ class ImageFolderData:
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder. Pass --data DIR with one sub-folder of images per class.")
-    classes = {d.name: visible_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    classes = {d.name: visible_files(d) for d in class_folders(folder)}
     if not classes:
         raise UserError(f"{folder}: no class sub-folders. Put each class's images in DIR/<class>/ (or DIR/train/<class>/).")
     return classes
@@ -79,7 +79,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays = [], [], []
     for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if p.suffix.lower() not in IMAGE_EXTENSIONS and p.exists():  # a broken link: load_rgb names it
             skipped.append(f"{p}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
             continue
         try:

@@ -21,7 +21,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import write_text
 
 from .bundle import Bundle
-from .images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb, visible_files
+from .images import IMAGE_EXTENSIONS, UnreadableImage, class_folders, load_rgb, visible_files
 from .predictor import make_runner, runnable, tensorrt_available
 
 
@@ -30,7 +30,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; --data takes an ImageFolder with one sub-folder per class.")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = class_folders(root)
     unknown = [d.name for d in folders if d.name not in classes]
     if not folders or unknown:
         raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "

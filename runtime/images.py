@@ -94,3 +94,15 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
                   if (p.is_file() or (p.is_symlink() and not p.exists()))
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def class_folders(root: Path) -> list[Path]:
+    """An ImageFolder's class folders, sorted, hidden ones left out. A broken link in their place
+    is refused: its class would silently vanish from the class list."""
+    entries = sorted(d for d in root.iterdir() if not d.name.startswith("."))
+    for d in entries:
+        if d.is_symlink() and not d.exists():
+            raise UserError(f"{d}: broken symbolic link (to {os.readlink(d)}) where a class folder is expected; "
+                            "point it at the class's folder or remove it.")
+    return [d for d in entries if d.is_dir()]
+

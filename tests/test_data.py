@@ -46,10 +46,23 @@ def test_bad_files_skipped_and_listed(tiny_folder):
     (tiny_folder / "checker" / "notes.txt").write_text("hello")
     (tiny_folder / "checker" / "fake.jpg").write_text("hello")
     (tiny_folder / "checker" / "link.png").symlink_to(tiny_folder / "gone.png")  # a link copied without its target
+    (tiny_folder / "checker" / "sub").symlink_to(tiny_folder / "gone_dir")  # named as a broken link, not "not an image"
     data = discover(tiny_folder, SPEC, progress=False)
-    assert len(data.skipped) == 4
+    assert len(data.skipped) == 5
     assert any("link.png: broken symbolic link (to " in line and "gone.png" in line for line in data.skipped)
+    assert any("sub: broken symbolic link (to " in line for line in data.skipped)
     assert sum(data.train.counts(3)) + sum(data.val.counts(3)) == 24
+
+
+def test_a_broken_link_in_place_of_a_class_folder_is_refused(tiny_folder, tmp_path):
+    """Training and the check would otherwise lose the class without a word."""
+    from edge_tl.runtime.check import labelled_images
+
+    (tiny_folder / "zebra").symlink_to(tmp_path / "gone")
+    for read in (lambda: discover(tiny_folder, SPEC, progress=False),
+                 lambda: labelled_images(tiny_folder, ["checker", "hstripes", "vstripes"], SPEC)):
+        with pytest.raises(UserError, match=r"zebra: broken symbolic link \(to .*gone\) where a class folder"):
+            read()
 
 
 @pytest.mark.parametrize("case, match", [
