@@ -64,10 +64,18 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
     ``path``: a file path, encoded bytes (e.g. a JPEG from a camera) or a binary file object.
     """
     if isinstance(path, (bytes, bytearray, memoryview)):
+        if not len(path):
+            raise UnreadableImage("<image bytes>: empty (0 bytes)")
         path = io.BytesIO(path)
-    name = "<image bytes>" if hasattr(path, "read") else Path(path)
+    stream = hasattr(path, "read")
+    if stream:  # an open file names itself; bytes and other streams cannot
+        name = path.name if isinstance(getattr(path, "name", None), str) else "<image bytes>"
+    else:
+        name = Path(path)
+    if isinstance(path, io.TextIOBase):
+        raise UnreadableImage(f"{name}: a text-mode file object; open images in binary mode: open(path, 'rb')")
     try:
-        if not hasattr(path, "read") and name.stat().st_size == 0:
+        if not stream and name.stat().st_size == 0:
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
         with Image.open(path if hasattr(path, "read") else name) as img:
             img.load()
@@ -75,7 +83,7 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
     except UnreadableImage:
         raise
     except FileNotFoundError as exc:
-        if not hasattr(path, "read") and name.is_symlink():
+        if not stream and name.is_symlink():
             raise UnreadableImage(f"{name}: broken symbolic link (to {os.readlink(name)}); "
                                   "point it at an existing image or remove it") from exc
         raise UnreadableImage(f"{name}: no such file") from exc

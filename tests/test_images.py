@@ -79,6 +79,13 @@ def test_broken_files_raise(tmp_path):
     for name in ("zero.png", "text.jpg", "trunc.jpg", "trunc.png", "missing.png"):
         with pytest.raises(UnreadableImage, match=name):
             load_rgb(tmp_path / name)
+    with open(tmp_path / "text.jpg", "rb") as f, pytest.raises(UnreadableImage, match="text.jpg: not a readable image"):
+        load_rgb(f)  # an open file is named by its path
+    with open(tmp_path / "trunc.png") as f, pytest.raises(UnreadableImage, match=r"trunc.png: a text-mode .*'rb'"):
+        load_rgb(f)
+    for empty in (b"", bytearray(), memoryview(b"")):
+        with pytest.raises(UnreadableImage, match="empty"):
+            load_rgb(empty)
 
 
 def test_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
