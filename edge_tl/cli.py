@@ -310,7 +310,8 @@ def check(
 ) -> None:
     """Accuracy-parity gate: every artifact runnable here against golden outputs and a reference.
 
-    Exit 0 when all pass, 1 on a regression, 2 on bad input. In CI: run it on each change
+    Exit 0 when all pass, 1 on a regression, 2 on bad input (with --json the output is then
+    {"passed": false, "error": ...}), 3 if edge-tl itself failed. In CI: run it on each change
     of model or data, with --baseline from the last release.
 
     Example: edge-tl check bundles/elpv --data elpv/test --json
@@ -326,14 +327,14 @@ def check(
             with contextlib.suppress(UserError):  # e.g. --junit is a folder: the first error is the one to show
                 write_junit({"passed": False, "error": str(exc)}, junit)
         raise
-    if junit:
-        write_junit(report, junit)
-    if json_out:
+    if json_out:  # printed first: an unwritable --junit (exit 2) does not lose the report
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(
             [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]]
             + [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]))
+    if junit:
+        write_junit(report, junit)
     raise typer.Exit(0 if report["passed"] else 1)
 
 
