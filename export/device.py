@@ -90,7 +90,9 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
         names = set()
     else:
         steps += [
-            ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages)",
+            ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages; "
+             "cuda-python must match the device's CUDA major version: JetPack 6 or a driver older than r580 "
+             "needs 'cuda-python>=12.6,<13')",
              f"pip install {pkg} cuda-python onnxruntime"),
             ("build the engines on the device (engines are tied to GPU and TensorRT version)",
              f"edge-tl engine {Path(b).name} --precision {prec}"),

@@ -137,8 +137,13 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
         log(f"DLA needs one fixed shape: building for batch {batch.opt} (the runtime pads smaller batches "
             "and splits larger ones)")
     profile = builder.create_optimization_profile()
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if input_name not in inputs:
+        raise UserError(f"{onnx_path}: no input named {input_name!r} (it has {inputs}); the bundle manifest and "
+                        "its ONNX file disagree: re-export the bundle")
     profile.set_shape(input_name, *batch.shapes(chw))
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise UserError(f"{onnx_path}: TensorRT rejected the batch profile {batch.to_dict()} for input {input_name!r}")
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     try:
         cache = config.create_timing_cache(cache_bytes)
@@ -156,7 +161,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
     log(f"building TensorRT {trt.__version__} {precision} engine ({mode}ly typed) from {onnx_path.name} ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        cause = logger.messages[-1] if logger.messages else "see the TensorRT log above"
+        cause = logger.cause("see the TensorRT log above")
         raise UserError(f"{onnx_path}: TensorRT {trt.__version__} could not build a {precision} engine ({cause}).")
     atomic_write(engine_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
     cache = config.get_timing_cache()

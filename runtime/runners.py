@@ -199,7 +199,7 @@ class TensorRTRunner(Runner):
             self._runtime.DLA_core = self.dla_core  # else a DLA engine runs on core 0, whatever it was built for
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            cause = self._logger.messages[-1] if self._logger.messages else "no message"
+            cause = self._logger.cause("no message")
             raise UserError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine on {ts.gpu_name(self.device)} "
                             f"({cause}); engines only run on the GPU model and TensorRT version that built them. Rebuild here: "
                             f"edge-tl engine {self.path.parent.parent if self.path.parent.name == 'engines' else self.path.parent}")
@@ -225,7 +225,12 @@ class TensorRTRunner(Runner):
     def _buffers(self, shape: tuple[int, ...], name: str) -> tuple[np.ndarray, int]:
         from edge_tl.runtime import trt_support as ts
 
-        dtype = np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+        trt_dtype = self.engine.get_tensor_dtype(name)
+        try:
+            dtype = np.dtype(self._trt.nptype(trt_dtype))
+        except TypeError:  # BF16, FP8, INT4, FP4: numpy has no such type
+            raise UserError(f"{self.path}: engine tensor {name!r} is {trt_dtype}, which numpy cannot hold; "
+                            "build the engine from an ONNX file with float32 inputs and outputs (edge-tl exports them so)") from None
         host, host_ptr = ts.pinned_array(self._cudart, shape, dtype)
         dev = ts.check(self._cudart.cudaMalloc(host.nbytes))
         self._allocs += [("host", host_ptr), ("dev", dev)]

@@ -14,8 +14,10 @@ import numpy as np
 
 from edge_tl.errors import UserError
 
-INSTALL_HINT = ("pip install tensorrt cuda-python (or pip install -e '.[tensorrt]' in the edge-tl checkout) on a machine with an NVIDIA GPU, "
-                "or on Jetson use JetPack's system TensorRT (python3 -c 'import tensorrt') and pip install cuda-python")
+INSTALL_HINT = ("pip install tensorrt cuda-python (or pip install -e '.[tensorrt]' in the edge-tl checkout) on a machine with an NVIDIA GPU; "
+                "those are CUDA 13 builds, which need driver r580 or newer: with an older driver, "
+                "pip install tensorrt-cu12 'cuda-python>=12.6,<13'. On Jetson use JetPack's system TensorRT "
+                "(python3 -c 'import tensorrt') and the cuda-python of JetPack's CUDA major version (JetPack 6: 'cuda-python>=12.6,<13')")
 
 
 def import_tensorrt():
@@ -23,6 +25,8 @@ def import_tensorrt():
         import tensorrt
     except ImportError:
         raise UserError(f"TensorRT is not installed here: {INSTALL_HINT}.") from None
+    except OSError as exc:  # its libraries are missing (TensorRT's loader raises this on Windows)
+        raise UserError(f"TensorRT is installed but cannot load its libraries ({exc}): {INSTALL_HINT}.") from None
     return tensorrt
 
 
@@ -50,9 +54,10 @@ def handle(obj) -> int:
     """Integer handle of a cuda-python stream/event (``get_cuda_native_handle`` on cuda-bindings ≥ 12.9.1)."""
     try:
         from cuda.bindings.utils import get_cuda_native_handle
-    except ImportError:
+
+        return int(get_cuda_native_handle(obj))
+    except (ImportError, TypeError):  # older cuda-python, or a type it does not list
         return int(obj)
-    return int(get_cuda_native_handle(obj))
 
 
 _LOGGER = None
@@ -61,7 +66,7 @@ _LOGGER = None
 def logger():
     """The process's one TensorRT logger (TensorRT keeps the first one it is given, as
     Polygraphy does). It prints warnings and errors and keeps them, so a failed
-    deserialize/build (which returns None, no exception) can name its cause."""
+    deserialize/build (which returns None, no exception) can name its cause: ``cause()``."""
     global _LOGGER
     if _LOGGER is None:
         trt = import_tensorrt()
@@ -69,12 +74,17 @@ def logger():
         class Logger(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
-                self.messages: list[str] = []
+                self.messages: list[tuple] = []
 
             def log(self, severity, msg):
                 if severity <= trt.ILogger.Severity.WARNING:
-                    self.messages.append(str(msg))
+                    self.messages.append((severity, str(msg)))
                     print(f"[TensorRT] {msg}", file=sys.stderr)
+
+            def cause(self, default: str) -> str:
+                """The last error logged (a later warning, e.g. a deprecation notice, is not the cause)."""
+                errors = [m for s, m in self.messages if s <= trt.ILogger.Severity.ERROR]
+                return (errors or [m for _, m in self.messages] or [default])[-1]
 
         _LOGGER = Logger()
     _LOGGER.messages.clear()
@@ -85,12 +95,22 @@ def missing_reason() -> str | None:
     """None when TensorRT, cuda-python and a CUDA GPU are all present; else what is missing and how to get it."""
     try:
         import_tensorrt()
-        cudart = import_cudart()
+        return cuda_problem(import_cudart())
     except UserError as exc:
         return str(exc)
+
+
+def cuda_problem(cudart) -> str | None:
+    """None when CUDA sees a GPU through these cuda-python bindings; else why not, by CUDA's own error name."""
     err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count == 0:
-        return "TensorRT is installed but no CUDA GPU is visible; run on a machine with an NVIDIA GPU (or a Jetson)."
+    if int(err) != 0:
+        name = cudart.cudaGetErrorName(err)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return (f"CUDA cannot count GPUs ({name}): no NVIDIA driver here, or one older than this cuda-python/TensorRT "
+                "build needs (CUDA 13 builds need driver r580 or newer; with an older driver: "
+                "pip install tensorrt-cu12 'cuda-python>=12.6,<13'). Run on a machine with an NVIDIA GPU (or a Jetson).")
+    if not count:
+        return "CUDA sees no GPU; run on a machine with an NVIDIA GPU (or a Jetson)."
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,13 @@ def test_build_engines_and_run_them(cpu_bundle, elpv_run, tmp_path):
     with pytest.raises(UserError, match="cannot load this engine"):
         Predictor.from_bundle(out, artifact=engine["name"])
     assert np.isfinite(logits).all()
+
+
+def test_cuda_problem_names_the_cuda_error_without_a_driver():
+    """cuda-python's real bindings on a machine without an NVIDIA driver: the reason names CUDA's error and the fix."""
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (the dev extra has it)")
+    if any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvhost-ctrl", "/proc/driver/nvidia/version")):
+        pytest.skip("an NVIDIA driver is present; this checks the message on machines without one")
+    reason = trt_support.cuda_problem(cudart)
+    assert reason is not None and "cudaError" in reason, reason
+    assert "tensorrt-cu12 'cuda-python>=12.6,<13'" in reason
