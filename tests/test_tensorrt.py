@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,162 @@ def test_cuda_problem_names_the_cuda_error_without_a_driver():
     reason = trt_support.cuda_problem(cudart)
     assert reason is not None and "cudaError" in reason, reason
     assert "tensorrt-cu12 'cuda-python>=12.6,<13'" in reason
+
+
+def fake_tensorrt(version: str, build_ok: bool = True, dla_cores: int = 0):
+    """A recording stand-in for the ``tensorrt`` module, shaped like TensorRT 10 or 11's Python API
+    (11 has no FP16/INT8 builder flags). It checks edge-tl's own logic around the builder (flags
+    per generation, profile, cache, errors), not TensorRT, which cannot run here."""
+    import enum
+    import types
+
+    import onnx
+
+    calls: list = []
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    flags = ["GPU_FALLBACK"] + (["FP16", "INT8"] if version.startswith("10.") else [])
+    trt.BuilderFlag = enum.Enum("BuilderFlag", flags)
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
+    trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
+    trt.DeviceType = enum.Enum("DeviceType", ["GPU", "DLA"])
+
+    class ILogger:
+        Severity = enum.IntEnum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3})
+
+        def __init__(self):
+            pass
+
+    class Network:
+        def __init__(self):
+            self.inputs = []
+
+        num_inputs = property(lambda self: len(self.inputs))
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.inputs[i])
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse(self, data):
+            self.network.inputs = [i.name for i in onnx.load_from_string(data).graph.input]
+            return True
+
+    class Config:
+        default_device_type, DLA_core = None, None
+
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", size))
+
+        def set_flag(self, flag):
+            calls.append(("flag", flag.name))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("profile", profile.shapes))
+            return 0
+
+        def create_timing_cache(self, data):
+            if data and not data.startswith(b"cache"):
+                raise RuntimeError("corrupt timing cache")
+            return types.SimpleNamespace(serialize=lambda: b"cache-v1")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls.append(("network_flags", flags))
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            profile = types.SimpleNamespace(shapes={})
+            profile.set_shape = lambda name, *s: profile.shapes.update({name: s})
+            return profile
+
+        def build_serialized_network(self, network, config):
+            if build_ok:
+                return b"engine-bytes"
+            self.logger.log(ILogger.Severity.ERROR, "out of workspace")
+            self.logger.log(ILogger.Severity.WARNING, "weak typing is deprecated")
+            return None
+
+    trt.ILogger, trt.OnnxParser, trt.Builder = ILogger, OnnxParser, Builder
+    return trt, calls
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [x], [y])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize("version, precision, expected_flags, network_flags", [
+    ("10.16.0", "fp16", ["FP16"], 0), ("10.16.0", "int8", ["FP16", "INT8"], 0),
+    ("10.16.0", "fp32", [], 0), ("11.1.0", "fp16", [], 2), ("11.1.0", "int8", [], 2)])
+def test_build_engine_flags_per_tensorrt_generation(monkeypatch, tiny_onnx, tmp_path, version, precision,
+                                                    expected_flags, network_flags):
+    """TensorRT 10: precision flags on a weakly typed network; 11: a strongly typed one, never the
+    flags (11 has none: touching them would raise). Engine and timing cache are written."""
+    from edge_tl.export.tensorrt import build_engine
+
+    trt, calls = fake_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_support, "_LOGGER", None)
+    cache = tmp_path / "timing.cache"
+    facts = build_engine(tiny_onnx, tmp_path / "m.engine", precision, "image", (3, 8, 8), BatchProfile(1, 4, 16),
+                         workspace_mb=64, timing_cache=cache, log=lambda s: None)
+    assert [c[1] for c in calls if c[0] == "flag"] == expected_flags
+    assert ("network_flags", network_flags) in calls and ("workspace", 64 << 20) in calls
+    assert ("profile", {"image": ((1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))}) in calls
+    assert (tmp_path / "m.engine").read_bytes() == b"engine-bytes" and cache.read_bytes() == b"cache-v1"
+    assert facts["typing"] == ("strong" if version.startswith("11") else "weak") and facts["gpu"] == "Fake GPU"
+
+
+def test_build_engine_errors_name_their_cause(monkeypatch, tiny_onnx, tmp_path):
+    """A wrong input name lists the real ones; a failed build names the last error, not a later
+    warning; a corrupt timing cache is replaced; DLA without DLA cores is refused; DLA fixes the batch."""
+    from edge_tl.export.tensorrt import build_engine
+
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
+    args = (tiny_onnx, tmp_path / "m.engine", "fp16")
+    for version, ok, dla in (("10.16.0", True, 0), ("10.16.0", False, 0), ("11.1.0", True, 2)):
+        trt, calls = fake_tensorrt(version, build_ok=ok, dla_cores=dla)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(trt_support, "_LOGGER", None)
+        if ok and not dla:
+            with pytest.raises(UserError, match=r"no input named 'input' \(it has \['image'\]\)"):
+                build_engine(*args, "input", (3, 8, 8), BatchProfile(), log=lambda s: None)
+            with pytest.raises(UserError, match="no DLA cores"):
+                build_engine(*args, "image", (3, 8, 8), BatchProfile(), dla_core=0, log=lambda s: None)
+        elif not ok:
+            with pytest.raises(UserError, match=r"could not build a fp16 engine \(out of workspace\)"):
+                build_engine(*args, "image", (3, 8, 8), BatchProfile(), log=lambda s: None)
+        else:
+            cache, logged = tmp_path / "bad.cache", []
+            cache.write_bytes(b"\x00garbage")
+            build_engine(*args, "image", (3, 8, 8), BatchProfile(1, 4, 16), dla_core=1, timing_cache=cache,
+                         log=logged.append)
+            assert ("profile", {"image": ((4, 3, 8, 8),) * 3}) in calls and ("flag", "GPU_FALLBACK") in calls
+            assert any("unreadable" in line for line in logged) and cache.read_bytes() == b"cache-v1"
