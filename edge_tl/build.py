@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -25,11 +26,13 @@ STAGES = ("data", "finetune", "scratch", "export", "check", "bench", "report")  
 
 
 def folder_fingerprint(root: Path) -> str:
-    """Hash of every visible file's relative path, size and modification time under ``root``."""
+    """Hash of every visible file's relative path and content under ``root``: content, not times, so
+    a `touch`, `cp -r`, `git checkout` or re-unzip of the same images keeps training's progress
+    (reading the bytes costs far less than decoding them, which training does anyway)."""
     h = hashlib.sha256()
     for f in visible_files(root):
-        st = f.stat() if f.exists() else f.lstat()  # a broken link counts as itself
-        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        content = sha256_file(f) if f.exists() else f"link to {os.readlink(f)}"  # a broken link counts as itself
+        h.update(f"{f.relative_to(root).as_posix()}\0{content}\n".encode())
     return h.hexdigest()
 
 

@@ -22,6 +22,7 @@ import torch
 from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import UMASK, write_text
+from edge_tl.finetune.config import check_out_beside_data
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
@@ -90,6 +91,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if not data.exists():
         raise UserError(f"{data}: the run's data folder is gone; pass --data DIR with the same ImageFolder "
                         "(its training split calibrates INT8, its validation split measures accuracy).")
+    check_out_beside_data(out, data)
     if out.exists():
         _check_replaceable(out, run, data)
     ds = discover(data, spec, cfg["val_fraction"], cfg["split_seed"], progress)

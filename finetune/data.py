@@ -140,11 +140,13 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     val_dir = next((root / n for n in VAL_FOLDERS if (root / n).is_dir()), None) if train_dir != root else None
     skipped: list[str] = []
     train_files = _scan_classes(train_dir)
-    for reserved in ("test", "val"):
-        if train_dir == root and reserved in train_files:
-            raise UserError(f"{root / reserved}: a '{reserved}' folder beside the class folders would be trained on as "
-                            f"a class. Use the layout DIR/train/<class>/ + DIR/{reserved}/<class>/, or move {reserved}/ "
-                            "out of DIR.")
+    for name in train_files if train_dir == root else ():
+        subdirs = {d.name for d in (root / name).iterdir() if d.is_dir() and not d.name.startswith(".")}
+        like_classes = sorted(subdirs & set(train_files) - {name})
+        if name in ("test", "val") or like_classes:
+            inside = f" (it holds {', '.join(like_classes)}/ like the class folders)" if like_classes else ""
+            raise UserError(f"{root / name}: a '{name}' folder beside the class folders{inside} would be trained on as a "
+                            f"class. Use the layout DIR/train/<class>/ + DIR/{name}/<class>/, or move {name}/ out of DIR.")
     classes = sorted(train_files)
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")

@@ -50,7 +50,13 @@ class Bundle:
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
-            raise BundleError(f"{path}: not a bundle (no {MANIFEST}). Make one with `edge-tl export RUN --out {path}`.")
+            if (path / "best.pt").is_file():
+                fix = f"it is a fine-tune run; export it first: `edge-tl export {path} --out BUNDLE`, then pass BUNDLE"
+            elif path.is_file():
+                fix = "it is a file; pass the bundle folder first (e.g. `edge-tl predict BUNDLE IMAGE`)"
+            else:
+                fix = f"make one with `edge-tl export RUN --out {path}`"
+            raise BundleError(f"{path}: not a bundle (no {MANIFEST}); {fix}.")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -55,9 +55,10 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                     device: str | None = None) -> tuple[dict, str]:
     """(artifact, backend) per the "auto" rule: a TensorRT engine for this GPU, else ONNX Runtime.
 
-    Precision None takes the fastest accepted one (int8, fp16 on GPUs, fp32); an artifact made
-    for the chosen backend (``artifact["backend"]``) wins over one made for another, so ONNX
-    Runtime on CPU takes the CPU INT8 flavour, not the TensorRT Q/DQ one.
+    Precision None takes the fastest accepted one (int8, fp16 on GPUs, fp32) among artifacts made
+    for the chosen backend's flavour or for any (``artifact["backend"]``): ONNX Runtime on CPU
+    takes the CPU INT8 flavour, and never the TensorRT Q/DQ one (a gpu/jetson bundle before
+    `edge-tl engine` runs FP32 there). An explicit precision takes what the bundle has.
     """
     if backend not in ("auto", "tensorrt", "onnxruntime"):
         raise UserError(f"--backend {backend}: use auto, tensorrt or onnxruntime.")
@@ -76,8 +77,10 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
         flavour = "tensorrt" if b == "tensorrt" else _ort_flavour(device)
         wanted = [precision] if precision else [p for p in PRECISION_PREFERENCE if p != "fp16" or flavour == "tensorrt"]
         for p in wanted:
+            # left to choose, only files made for this backend's flavour (or for any): the TensorRT
+            # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
             cands = [a for a in bundle.artifacts if a["precision"] == p and runnable(a, b)
-                     and (precision or a.get("accepted", True))]
+                     and (precision or (a.get("accepted", True) and a.get("backend", "any") in (flavour, "any")))]
             cands.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
             if cands:
                 return cands[0], b

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,12 @@ def test_data_fingerprint_covers_what_training_reads_only(tmp_path):
     (data / "train" / "checker" / ".DS_Store").write_text("x")
     make_image_folder(data / "test", per_class=1)
     assert fingerprint() == before
+    some = next((data / "train" / "checker").glob("*.png"))
+    os.utime(some, (1, 1))  # touched, copied or re-unzipped: the same bytes, so training's progress is kept
+    assert fingerprint() == before
+    some.write_bytes(some.read_bytes() + b"\0")
+    assert fingerprint() != before
+    before = fingerprint()
     make_image_folder(data / "valid", per_class=1)
     assert fingerprint() != before
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from edge_tl.errors import UserError
 from edge_tl.export.bundle import export_bundle
 from edge_tl.export.quantize import layer_damage, prepare, quantize_within_budget, quantized_nodes
 from edge_tl.finetune.data import discover, pixels_of
-from edge_tl.finetune.train import load_model
+from edge_tl.finetune.train import load_checkpoint, load_model
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.bundle import Bundle, BundleError, manifest_digest
 from edge_tl.runtime.spec import PreprocessSpec
@@ -89,6 +90,11 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
 
     if importlib.util.find_spec("tensorrt") is None:
         assert any("TensorRT engines not built here" in line for line in logs)
+    # before `edge-tl engine`, ONNX Runtime on CPU leaves the TensorRT Q/DQ file alone unless asked for it
+    from edge_tl.runtime import Predictor
+
+    assert Predictor.from_bundle(out, device="cpu").artifact["name"] == "fp32"
+    assert Predictor.from_bundle(out, device="cpu", precision="int8").artifact["name"] == "int8"
 
 
 def test_device_steps_of_a_wheel_install_name_the_wheel_never_pypi(cpu_bundle, monkeypatch):
@@ -223,6 +229,12 @@ def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
     with pytest.raises(UserError, match="data folder is gone"):
         export_bundle(elpv_run, tmp_path / "x", data=tmp_path / "nowhere", progress=False, log=lambda s: None)
     assert not (tmp_path / "x").exists()
+    data = Path(load_checkpoint(elpv_run / "best.pt")["config"]["data"])
+    with pytest.raises(UserError, match="where the training images are read from"):  # it would become a class
+        export_bundle(elpv_run, data / "train" / "bundle", progress=False, log=lambda s: None)
+    assert not (data / "train" / "bundle").exists()
+    with pytest.raises(UserError, match="it is a fine-tune run; export it first"):
+        Bundle.load(elpv_run)
 
 
 def test_force_replaces_only_a_bundle(elpv_run, elpv_small, tmp_path):
