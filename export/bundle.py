@@ -103,6 +103,13 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         log(f"warning: {data} changed since the fine-tune: its validation split is not the one the run was selected "
             f"on ({trained_val['images']} images then, {len(ds.val)} now), so it may hold images the model trained on "
             "and the validation figures below may read high. Export with the run's data for figures you can trust.")
+    history = run / "history.jsonl"
+    epochs_done = len(history.read_text().splitlines()) if history.is_file() else None
+    finished = (run / "metrics.json").is_file()
+    if not finished:
+        log(f"warning: {run} has not finished (no metrics.json; {epochs_done or 'an unknown number of'} of "
+            f"{cfg['epochs']} epochs ran): this exports its best epoch so far, epoch {ckpt.get('epoch')}. "
+            f"`edge-tl finetune --data {data} --out {run} --resume` finishes it.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -111,6 +118,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
                                  calib_method, max_drop, golden_count, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
+        manifest["run"].update(finished=finished, epochs_done=epochs_done, epochs_planned=cfg["epochs"])
         bundle = Bundle(tmp, manifest)
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             bundle.add_file(f.relative_to(tmp).as_posix())

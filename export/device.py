@@ -105,7 +105,9 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
                 continue
             cmd = trt_build.trtexec_command(f"{Path(b).name}/{ONNX_FILES[source]}", f"{Path(b).name}/model.{p}.engine",
                                             p, bundle.manifest["input"]["name"], (3, h, w), profile, mode)
-            steps.append((f"or with trtexec, {p}, {tag}", trt_build.format_command(cmd)))
+            steps.append((f"or with trtexec, {p}, {tag} (the manifest does not record its engine, so check and "
+                          "bench below see only what `edge-tl engine` built; load it with the TensorRT API yourself)",
+                          trt_build.format_command(cmd)))
     steps += [("check accuracy against the golden outputs and the manifest", f"edge-tl check {Path(b).name}"),
               ("measure latency", f"edge-tl bench {Path(b).name} --batch 1,8")]
     return steps

@@ -249,3 +249,19 @@ def test_force_replaces_only_a_bundle(elpv_run, elpv_small, tmp_path):
     with pytest.raises(UserError, match="not a bundle"):
         export_bundle(elpv_run, other, force=True, progress=False, log=lambda s: None)
     assert sorted(p.name for p in elpv_run.iterdir()) == run_files and (other / "keep.txt").exists()
+
+
+def test_export_of_an_unfinished_run_says_so(elpv_run, tmp_path):
+    """A run stopped by Ctrl-C has best.pt but no metrics.json: export works, warns, and the manifest records it."""
+    run = tmp_path / "run"
+    shutil.copytree(elpv_run, run)
+    (run / "metrics.json").unlink()
+    lines = (run / "history.jsonl").read_text().splitlines(keepends=True)
+    (run / "history.jsonl").write_text(lines[0])
+    logs: list[str] = []
+    export_bundle(run, tmp_path / "b", "cpu", "fp32", progress=False, log=logs.append)
+    planned = load_checkpoint(run / "best.pt")["config"]["epochs"]
+    assert any(f"has not finished (no metrics.json; 1 of {planned} epochs ran)" in line and "--resume" in line
+               for line in logs), logs
+    run_info = json.loads((tmp_path / "b" / "manifest.json").read_text())["run"]
+    assert run_info["finished"] is False and run_info["epochs_done"] == 1 and run_info["epochs_planned"] == planned
