@@ -264,7 +264,8 @@ def format_summary(summary: dict) -> str:
         for key, label in (("start", "start (epoch 1)"), ("slope_epochs_to_90pct_of_best", "epochs to 90 % of best"),
                            ("asymptote", "best")):
             win = w["slope" if key.startswith("slope") else key]
-            lines.append(f"  {label:<24} {e['pretrained'][key]:>7.4g} vs {e['scratch'][key]:>7.4g}  {win}")
+            vals = [f"{e[k][key]:>7.4g}" if e[k][key] is not None else "  never (at chance)" for k in ("pretrained", "scratch")]
+            lines.append(f"  {label:<24} {vals[0]} vs {vals[1]}  {win}")
     if summary["not_run_here"]:
         lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
     lines += ["", f"next, on the {summary['target']} device:"]

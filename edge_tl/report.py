@@ -192,7 +192,7 @@ def _transfer_section(out: Path) -> list[str]:
     draw_transfer(ax, {k: [v] for k, v in t["curves"].items()}, "validation accuracy")
     ax.set(title="pretrained vs scratch, same recipe and epochs")
     e, w = t["effects"], t["better"]
-    rows = [[label, e["pretrained"][key], e["scratch"][key], w[win]]
+    rows = [[label, *("never above chance" if e[k][key] is None else e[k][key] for k in ("pretrained", "scratch")), w[win]]
             for key, label, win in (("start", "start: accuracy after epoch 1", "start"),
                                     ("slope_epochs_to_90pct_of_best", "slope: epochs to 90 % of own best", "slope"),
                                     ("asymptote", "asymptote: best accuracy", "asymptote"))]

@@ -1,7 +1,9 @@
 """The three effects of transfer learning, measured on two accuracy-per-epoch curves.
 
 start     = accuracy after epoch 1 (higher start)
-slope     = epochs to reach 90 % of the curve's own best (fewer = steeper)
+slope     = epochs to reach 90 % of the curve's own best (fewer = steeper); none for a curve
+            whose best never rises above chance (the majority class's share): it never learned,
+            and reaching 90 % of a flat curve in one epoch is no slope
 asymptote = best accuracy over the epochs (higher asymptote)
 """
 
@@ -11,10 +13,11 @@ import json
 from pathlib import Path
 
 
-def effects(curve: list[float]) -> dict:
+def effects(curve: list[float], chance: float | None = None) -> dict:
     best = max(curve)
-    return {"start": curve[0], "slope_epochs_to_90pct_of_best": next(i + 1 for i, a in enumerate(curve) if a >= 0.9 * best),
-            "asymptote": best}
+    learned = chance is None or best > chance
+    slope = next(i + 1 for i, a in enumerate(curve) if a >= 0.9 * best) if learned else None
+    return {"start": curve[0], "slope_epochs_to_90pct_of_best": slope, "asymptote": best}
 
 
 def _better(a: float, b: float, higher_is_better: bool = True) -> str:
@@ -27,18 +30,20 @@ def compare_effects(pretrained: dict, scratch: dict) -> dict:
     """Which curve is better on each effect ("pretrained", "scratch" or "tie"; ``effects`` dicts),
     and whether pretrained wins all three (a tie in slope counts: both reach it in one epoch)."""
     better = {"start": _better(pretrained["start"], scratch["start"]),
-              "slope": _better(pretrained["slope_epochs_to_90pct_of_best"], scratch["slope_epochs_to_90pct_of_best"],
+              "slope": _better(*(float("inf") if e["slope_epochs_to_90pct_of_best"] is None  # never learned: slowest
+                                 else e["slope_epochs_to_90pct_of_best"] for e in (pretrained, scratch)),
                                higher_is_better=False),
               "asymptote": _better(pretrained["asymptote"], scratch["asymptote"])}
     return {**better, "all_three": better["start"] == better["asymptote"] == "pretrained"
             and better["slope"] in ("pretrained", "tie")}
 
 
-def compare_runs(pretrained_history: list[dict], scratch_history: list[dict]) -> dict:
-    """Effects of two fine-tunes' validation curves (``history.jsonl`` rows)."""
+def compare_runs(pretrained_history: list[dict], scratch_history: list[dict], chance: float | None = None) -> dict:
+    """Effects of two fine-tunes' validation curves (``history.jsonl`` rows); ``chance``: the
+    validation split's majority-class share."""
     curves = {"pretrained": [h["val_accuracy"] for h in pretrained_history],
               "scratch": [h["val_accuracy"] for h in scratch_history]}
-    eff = {k: effects(v) for k, v in curves.items()}
+    eff = {k: effects(v, chance) for k, v in curves.items()}
     return {"curves": curves, "effects": eff, "better": compare_effects(eff["pretrained"], eff["scratch"])}
 
 
@@ -48,7 +53,8 @@ def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None
     paths = [Path(r) / "metrics.json" for r in (run, scratch_run)]
     if not all(p.is_file() and (p.parent / "history.jsonl").is_file() for p in paths):
         return None
-    configs = [json.loads(p.read_text())["config"] for p in paths]
+    metrics = [json.loads(p.read_text()) for p in paths]
+    configs = [m["config"] for m in metrics]
     same = {k: v for k, v in configs[0].items() if k not in ("scratch", "weights", "out", "workers", "device")}
     if not configs[1]["scratch"] or any(configs[1].get(k) != v for k, v in same.items()):
         return None
@@ -56,4 +62,7 @@ def compare_run_folders(run: str | Path, scratch_run: str | Path) -> dict | None
                  for r in (run, scratch_run)]
     if not all(histories):
         return None
-    return {**compare_runs(*histories), "epochs": configs[0]["epochs"], "metric": "validation accuracy"}
+    counts = metrics[0].get("val_class_counts")
+    chance = max(counts) / sum(counts) if counts else None
+    return {**compare_runs(*histories, chance=chance), "epochs": configs[0]["epochs"], "metric": "validation accuracy",
+            "chance": chance}

@@ -24,6 +24,14 @@ def test_compare_effects_judges_each_effect_separately():
     assert compare_effects(pre, pre)["start"] == "tie" and not compare_effects(pre, pre)["all_three"]
 
 
+def test_a_curve_that_never_beats_chance_has_no_slope():
+    """Scratch stuck at the majority share reaches "90 % of its own best" at epoch 1: that is no slope."""
+    flat, learned = effects([0.5, 0.5, 0.5], chance=0.5), effects([0.5, 0.65, 0.6], chance=0.5)
+    assert flat["slope_epochs_to_90pct_of_best"] is None and learned["slope_epochs_to_90pct_of_best"] == 2
+    assert compare_effects(learned, flat)["slope"] == "pretrained"
+    assert compare_effects(flat, flat)["slope"] == "tie"
+
+
 def _run(folder, curve, **config):
     folder.mkdir()
     cfg = {"epochs": len(curve), "lr": 0.002, "scratch": False, "out": str(folder), "device": "cpu", **config}
