@@ -167,6 +167,11 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
         val = _decode(val_files, classes, spec, skipped, "decode val", progress)
         if len(val) == 0:
             raise UserError(f"{val_dir}: no readable images. Add images or remove {val_dir.name}/ to carve a split from train.")
+        absent = [c for c, n in zip(classes, val.counts(len(classes))) if n == 0]
+        if absent:
+            raise UserError(f"{val_dir}: no readable images of {', '.join(absent)}, so validation (which picks the best "
+                            f"epoch) would never see {'that class' if len(absent) == 1 else 'those classes'}. Add some to "
+                            f"{val_dir.name}/<class>/, or remove {val_dir.name}/ to carve a stratified split from train.")
         return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped)
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"

@@ -72,6 +72,7 @@ def test_a_broken_link_in_place_of_a_class_folder_is_refused(tiny_folder, tmp_pa
     ("one_image", "only 1 readable image"),
     ("all_broken", "no readable images"),
     ("flat_with_test", "would be trained on as a class"),
+    ("val_without_a_class", "val: no readable images of hstripes, so validation"),
     ("flat_with_Valid", r"'Valid' folder beside the class folders \(it holds checker/ like the class folders\) would be"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
@@ -93,6 +94,11 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_folder, case, match):
             p.write_bytes(b"\x00garbage")
     elif case == "flat_with_test":
         shutil.copytree(root / "checker", root / "test" / "checker")
+    elif case == "val_without_a_class":
+        root = tmp_path / "split"
+        shutil.copytree(tiny_folder, root / "train")
+        for c in ("checker", "vstripes"):
+            shutil.copytree(tiny_folder / c, root / "val" / c)
     elif case == "flat_with_Valid":  # any name: a folder of folders named like the classes is a split
         shutil.copytree(root / "checker", root / "Valid" / "checker")
     with pytest.raises(UserError, match=match) as err:
