@@ -18,7 +18,7 @@ from edge_tl.errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")  # .jfif: Windows saves JPEGs so
 
 
 class UnreadableImage(UserError, ValueError):

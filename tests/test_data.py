@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from PIL import Image
 
 from edge_tl.errors import UserError
 from edge_tl.finetune.data import discover, stratified_split
@@ -39,6 +40,14 @@ def test_split_is_deterministic_and_keeps_one_of_each():
     keep, held = stratified_split(labels, 0.2, 0)
     assert sorted(keep + held) == list(range(12))
     assert [labels[i] for i in held].count(1) == 1 and [labels[i] for i in keep].count(1) == 1
+
+
+def test_jpeg_spellings_are_images(tiny_folder):
+    """Windows saves JPEGs as .jfif: they train like .jpg, not skipped as 'not an image file'."""
+    for i, p in enumerate(sorted((tiny_folder / "checker").iterdir())[:2]):
+        Image.open(p).convert("RGB").save(tiny_folder / "checker" / f"photo{i}.{('jfif', 'jpe')[i]}", format="JPEG")
+    data = discover(tiny_folder, SPEC, progress=False)
+    assert not data.skipped and sum(data.train.counts(3)) + sum(data.val.counts(3)) == 26
 
 
 def test_bad_files_skipped_and_listed(tiny_folder):
