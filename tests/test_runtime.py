@@ -260,7 +260,13 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
     res = _cli("check", str(cpu_bundle), "--json", "--junit", str(tmp_path))
     assert res.returncode == 2 and "artifacts" in json.loads(res.stdout), res.stdout  # the report, before --junit failed
+    moved_run = tmp_path / "moved_run"  # the run the bundle came from, no longer where the manifest says
+    shutil.copytree(cpu_bundle, moved_run)
+    moved = Bundle.load(moved_run)
+    moved.manifest["run"]["path"] = str(tmp_path / "gone")
+    moved.save()
     for args, message in ((["bench", str(cpu_bundle), "--reference", "tf"], "only 'torch' is supported"),
+                          (["bench", str(moved_run), "--reference", "torch"], "gone/best.pt not found (moved"),
                           (["predict", str(cpu_bundle), str(tampered / "labels.txt"), "--precision", "int4"],
                            "has no int4 artifact"),
                           (["predict", str(cpu_bundle), str(_images_png(tmp_path)), "--topk", "0"], "--topk 0")):
