@@ -159,6 +159,17 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+@contextlib.contextmanager
+def _errors_as_json(json_out: bool):
+    """With --json a refused input also prints {"error": ...} on stdout, for scripts; the exit status stays 2."""
+    try:
+        yield
+    except UserError as exc:
+        if json_out:
+            typer.echo(json.dumps({"error": str(exc)}))
+        raise
+
+
 def _log_for(json_out: bool):
     return (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
 
@@ -255,7 +266,9 @@ def predict(
     if not files:
         raise UserError(f"{', '.join(map(str, images))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
     failed = 0
-    with Predictor.from_bundle(bundle, backend, precision, device) as p:
+    with _errors_as_json(json_out):
+        p = Predictor.from_bundle(bundle, backend, precision, device)
+    with p:
         typer.echo(f"using {p.describe()}", err=True)
         for path in files:
             try:
@@ -266,7 +279,7 @@ def predict(
                            err=not json_out)
                 continue
             if json_out:
-                typer.echo(json.dumps({"image": str(path), **pred.to_dict()}))
+                typer.echo(json.dumps({"image": str(path), **pred.to_dict(), "artifact": p.artifact["name"]}))
             else:
                 typer.echo(f"{path}: {pred.label} {pred.score:.3f}  (" +
                            ", ".join(f"{k} {s:.3f}" for k, s in pred.topk) + ")")
@@ -295,8 +308,9 @@ def bench(
     """
     from edge_tl.runtime.bench import bench_bundle
 
-    report = bench_bundle(bundle, _csv(backend), _csv(precision), _ints(batch, "--batch"), warmup, iters,
-                          None if iters is not None else seconds, reference, device, threads, _log_for(json_out))
+    with _errors_as_json(json_out):
+        report = bench_bundle(bundle, _csv(backend), _csv(precision), _ints(batch, "--batch"), warmup, iters,
+                              None if iters is not None else seconds, reference, device, threads, _log_for(json_out))
     if json_out:
         typer.echo(json.dumps(report, indent=2))
 
@@ -323,7 +337,7 @@ def check(
 
     Example: edge-tl check bundles/elpv --data elpv/test --json
     """
-    from edge_tl.runtime.check import check_bundle, write_junit
+    from edge_tl.runtime.check import check_bundle, failures, write_junit
 
     try:
         report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, log=_log_for(json_out))
@@ -337,9 +351,7 @@ def check(
     if json_out:  # printed first: an unwritable --junit (exit 2) does not lose the report
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(
-            [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]]
-            + [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]))
+        typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(failures(report)))
     if junit:
         write_junit(report, junit)
     raise typer.Exit(0 if report["passed"] else 1)

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime
 import timm
 import torch
+from PIL import Image
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
@@ -204,24 +205,42 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         artifacts.append(art)
 
     gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
+    sources = preprocess_sources(spec, [ds.val.arrays[i] for i in gidx[:len(SOURCE_SHAPES)]])
     np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
-                        labels=val_labels[gidx])
+                        labels=val_labels[gidx], source_pixels=np.stack([spec.to_pixels(Image.fromarray(a)) for a in sources]),
+                        **{f"source_{i}": a for i, a in enumerate(sources)})
     write_text(tmp / LABELS, "".join(c + "\n" for c in classes))
     h, w = spec.input_size
     return {
         "schema": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": ckpt["model_name"], "pretrained": ckpt.get("pretrained"), "classes": classes, "target": target,
-        "preprocess": spec.to_dict(),
+        "preprocess": {**spec.to_dict(), "steps": spec.steps()},
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW",
+                  "channel_order": "RGB", "value_range": [0, 255], "normalized_in_graph": True,
                   "range": "RGB pixels 0-255 after resize + center crop; mean/std are inside the graph"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32", "meaning": "logits"},
         "batch": profile.to_dict(),
         "run": {"best_val_accuracy": ckpt.get("val_accuracy"), "best_epoch": ckpt.get("epoch")},
         "validation": {"images": len(val_labels), "source": ds.val_source},
         "parity": parity, "calibration": calibration, "artifacts": artifacts,
-        "golden": {"file": GOLDEN, "count": int(len(gidx)), "reference": "PyTorch FP32 logits of best.pt"},
+        "golden": {"file": GOLDEN, "count": int(len(gidx)), "reference": "PyTorch FP32 logits of best.pt",
+                   "keys": {"pixels": "uint8 N×H×W×3 model inputs (validation images)", "logits": "their float32 logits",
+                            "labels": "their int64 labels", "source_<i>": "uint8 H×W×3 RGB images of other sizes",
+                            "source_pixels": "uint8 N×H×W×3: source_<i> after preprocess.steps (a port's test vectors)"}},
         "versions": versions(), "files": {},
     }
+
+
+# (width, height) of the preprocessing test sources, from the shorter-side size R and the input (h, w):
+# landscape and portrait downscales whose crops land on half pixels, and an upscale
+SOURCE_SHAPES = (lambda r, h, w: (r + 37, r + 11), lambda r, h, w: (r + 3, 2 * r + 1), lambda r, h, w: (w // 2 + 1, h // 2 + 7))
+
+
+def preprocess_sources(spec, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Real images resized to the odd shapes of ``SOURCE_SHAPES``: inputs whose expected pixels test a preprocessing port."""
+    h, w = spec.input_size
+    return [np.asarray(Image.fromarray(a).convert("RGB").resize(shape(spec.resize_size, h, w), Image.Resampling.BILINEAR))
+            for a, shape in zip(arrays, SOURCE_SHAPES)]
 
 
 def _artifact(name: str, precision: str, backend: str, acc: float, fp32_acc: float) -> dict:

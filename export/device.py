@@ -134,6 +134,8 @@ shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mea
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
 enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.
+An app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds
+half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`.
 Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |

@@ -22,7 +22,7 @@ from edge_tl.errors import UserError
 
 from .bundle import Bundle
 from .images import load_rgb
-from .predictor import make_runner, runnable, tensorrt_available
+from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
 
 def machine() -> dict:
@@ -137,7 +137,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
             log(f"{art['name']}: skipped (not runnable on this machine)")
             continue
         with make_runner(bundle, art, backend, device, threads) as runner:
-            log(f"{art['name']}: {runner.describe()}")
+            log(f"{art['name']}: {runner.describe()}" + (f" ({why})" if (why := flavour_mismatch(art, runner)) else ""))
             for b in batches:
                 x = np.ascontiguousarray(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2),
                                          dtype=np.float32)
@@ -169,7 +169,9 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     if checkpoint:
         results += _torch_reference(checkpoint, bundle, golden, batches, warmup, iters, seconds, log)
     if not results:
-        raise UserError(f"{bundle.path}: nothing to time for backend={backends} precision={precisions} on this machine.")
+        raise UserError(f"{bundle.path}: nothing to time on this machine for backend {', '.join(backends or ['any'])}, "
+                        f"precision {', '.join(precisions or ['any'])} (it has: "
+                        f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
     return {"machine": machine(), "bundle": str(bundle.path), "results": results}
 
 

@@ -150,6 +150,14 @@ class Bundle:
         with np.load(f) as z:
             return z["pixels"], z["logits"]
 
+    def preprocess_vectors(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 RGB source image, its expected model input) pairs from golden.npz; none in bundles older than them."""
+        with np.load(self.path / GOLDEN) as z:
+            if "source_pixels" not in z.files:
+                return []
+            expected = z["source_pixels"]
+            return [(z[f"source_{i}"], expected[i]) for i in range(len(expected))]
+
     def add_file(self, rel: str) -> None:
         """Record ``rel``'s sha256 in the manifest (in memory; call :meth:`save`)."""
         self.manifest.setdefault("files", {})[rel] = sha256_file(self.path / rel)

@@ -16,6 +16,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
+from PIL import Image
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import write_text
@@ -50,6 +51,21 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     if not pixels:
         raise UserError(f"{root}: no readable images in its class folders.")
     return np.stack(pixels), np.asarray(labels), paths, skipped
+
+
+PREPROCESS_TOLERANCE = 2  # grey levels: another Pillow build may round differently; another resize differs far more
+
+
+def preprocess_parity(bundle: Bundle) -> dict | None:
+    """This machine's preprocessing of golden.npz's source images against the export machine's (None: no sources)."""
+    vectors = bundle.preprocess_vectors()
+    if not vectors:
+        return None
+    diff = max(int(np.abs(bundle.spec.to_pixels(Image.fromarray(src)).astype(np.int16) - want).max()) for src, want in vectors)
+    passed = diff <= PREPROCESS_TOLERANCE
+    return {"images": len(vectors), "max_abs_diff": diff, "tolerance": PREPROCESS_TOLERANCE, "passed": passed,
+            "reason": "ok" if passed else f"resize/crop here differs from export's by up to {diff} grey levels "
+            f"(> {PREPROCESS_TOLERANCE}): another Pillow build? Install the Pillow of the manifest's versions"}
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -117,6 +133,10 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         raise UserError(f"{baseline}: none of its artifacts ({', '.join(unknown) or 'none'}) is in {bundle.path}; "
                         "the baseline must come from `edge-tl check --json` on a bundle of the same target.")
     log(f"check {bundle.path} on {source}")
+    preprocess = preprocess_parity(bundle)
+    if preprocess:
+        log(f"  preprocess: {'PASS' if preprocess['passed'] else 'FAIL'} {preprocess['images']} source images, max |diff| "
+            f"{preprocess['max_abs_diff']} grey levels" + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
     results, accuracies = {}, {}
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
@@ -169,12 +189,23 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     skipped = [a["name"] for a in bundle.artifacts if a["name"] not in results]
     for name in unknown:  # in the baseline, gone from the bundle: a regression, not a silent pass
         log(f"  {name}: FAIL: in the baseline but not in the bundle")
-    report = {"passed": all(r["passed"] for r in results.values()) and not unknown, "bundle": str(bundle.path),
+    passed = all(r["passed"] for r in results.values()) and not unknown and (preprocess or {}).get("passed", True)
+    report = {"passed": passed, "bundle": str(bundle.path),
               "data": source, "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
-              "tensorrt_available": tensorrt_available(), "skipped": skipped, "missing": unknown, "artifacts": results}
+              "tensorrt_available": tensorrt_available(), "skipped": skipped, "missing": unknown, "artifacts": results,
+              "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
     return report
+
+
+def failures(report: dict) -> list[str]:
+    """One line per failed part of a check report: artifact, baseline artifact gone, preprocessing."""
+    lines = [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]]
+    lines += [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]
+    if (pre := report.get("preprocess")) and not pre["passed"]:
+        lines.append(f"preprocess: {pre['reason']}")
+    return lines
 
 
 def _load_baseline(path: str | Path) -> tuple[dict[str, float], list[int] | None]:
@@ -205,10 +236,14 @@ def write_junit(report: dict, path: str | Path) -> Path:
     for name in report.get("missing", []):
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><failure message="in the baseline '
                      f'but not in the bundle"/></testcase>')
+    if pre := report.get("preprocess"):
+        body = "" if pre["passed"] else f"<failure message={quoteattr(pre['reason'])}/>"
+        cases.append(f'  <testcase classname="edge-tl.check" name="preprocess">{body}</testcase>')
     for name in report["skipped"]:
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message="not runnable on '
                      f'this machine"/></testcase>')
-    failures = sum(not r["passed"] for r in report["artifacts"].values()) + len(report.get("missing", []))
+    failures = (sum(not r["passed"] for r in report["artifacts"].values()) + len(report.get("missing", []))
+                + (not (report.get("preprocess") or {}).get("passed", True)))
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="{len(cases)}" '
            f'failures="{failures}" skipped="{len(report["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n")
     return write_text(path, xml)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=
 
 @dataclass
 class Prediction:
+    """One image's answer: the top class (``label``, its ``index`` in ``Predictor.classes``, softmax
+    ``score``) and the ``topk`` (label, score) pairs, best first."""
+
     label: str
     index: int
     score: float
@@ -29,6 +33,42 @@ class Prediction:
         d = asdict(self)
         d["topk"] = [{"label": k, "score": s} for k, s in self.topk]
         return d
+
+
+def _check_array(a: np.ndarray) -> None:
+    """Refuse an image array that is not uint8 H×W×3, with the conversion that fixes it."""
+    shape = a.shape
+    if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+        if not shape[0] or not shape[1]:
+            raise UserError(f"image array of shape {shape}: it has no pixels.")
+        return
+    if a.ndim == 4:
+        fix = "a batch: pass a list of H×W×3 images to predict_batch, or preprocessed N×H×W×3 pixels to infer"
+    elif a.ndim == 3 and a.shape[0] == 3 and a.shape[2] != 3:
+        fix = "channels first (C×H×W): pass a.transpose(1, 2, 0)"
+    elif a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 1):
+        fix = "grayscale: pass np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2), or Image.fromarray(a)"
+    elif a.ndim == 3 and a.shape[2] == 4:
+        fix = "RGBA/BGRA: pass Image.fromarray(a) (composited on white, as files are), or a[..., :3]"
+    elif a.ndim == 3 and a.shape[2] == 3 and np.issubdtype(a.dtype, np.floating):
+        fix = "floats: pass (a * 255).round().astype(np.uint8) for values 0–1, a.astype(np.uint8) for 0–255"
+    elif a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint16:
+        fix = "16-bit: pass (a // 257).astype(np.uint8), as files are read"
+    else:
+        fix = "expected uint8 H×W×3"
+    raise UserError(f"image array of dtype {a.dtype} and shape {shape}: {fix}.")
+
+
+def flavour_mismatch(artifact: dict, runner: Runner) -> str | None:
+    """Why ``artifact`` does not suit ``runner`` (e.g. the TensorRT Q/DQ INT8 file on ONNX Runtime's CPU
+    provider: several times slower than FP32 there), or None."""
+    session = getattr(runner, "session", None)
+    gpu = isinstance(runner, TensorRTRunner) or (
+        session is not None and session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    made_for = artifact.get("backend", "any")
+    if made_for in ("any", "tensorrt" if gpu else "onnxruntime"):
+        return None
+    return f"made for {made_for}: it may run several times slower here than the fp32 file"
 
 
 def tensorrt_available() -> bool:
@@ -61,7 +101,8 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
     `edge-tl engine` runs FP32 there). An explicit precision takes what the bundle has.
     """
     if backend not in ("auto", "tensorrt", "onnxruntime"):
-        raise UserError(f"--backend {backend}: use auto, tensorrt or onnxruntime.")
+        raise UserError(f"backend {backend!r}: use auto, tensorrt or onnxruntime.")
+    precision = precision.lower() if precision else None
     backends = ["tensorrt", "onnxruntime"] if backend == "auto" else [backend]
     if device in ("cpu", "openvino") and backend == "auto":
         backends = ["onnxruntime"]
@@ -86,7 +127,7 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                 return cands[0], b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
     if precision and precision not in {a["precision"] for a in bundle.artifacts}:
-        raise UserError(f"--precision {precision}: {bundle.path} has no {precision} artifact (it has: {have}).")
+        raise UserError(f"precision {precision!r}: {bundle.path} has no {precision} artifact (it has: {have}).")
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
                     f"(bundle has: {have}). Build engines on the device with `edge-tl engine {bundle.path}`.")
 
@@ -109,17 +150,30 @@ def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None
 
 
 class Predictor:
-    """Classify images with one artifact of a bundle. Safe to share between threads."""
+    """Classify images with one artifact of a bundle. Safe to share between threads.
+
+    ``artifact`` is the manifest entry it runs (name, file, precision, the ``backend`` it was made
+    for, validation accuracy); ``classes`` the labels in output order; ``spec`` the preprocessing.
+    """
 
     def __init__(self, bundle: Bundle, artifact: dict, runner: Runner):
         self.bundle, self.artifact, self.runner = bundle, artifact, runner
         self.spec, self.classes = bundle.spec, bundle.classes
         self.input_shape = (3, *self.spec.input_size)
+        self.mismatch = flavour_mismatch(artifact, runner)
+        if self.mismatch:
+            warnings.warn(f"{bundle.path}: {artifact['name']} is {self.mismatch}", stacklevel=3)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", precision: str | None = None,
                     device: str | None = None, threads: int = 0, artifact: str | None = None) -> "Predictor":
-        """Load and verify ``path``; pick an artifact (by name, or by backend and precision) and activate it."""
+        """Load and verify ``path``; pick an artifact (by name, or by backend and precision) and activate it.
+
+        ``backend``: auto (a TensorRT engine built for this GPU, else ONNX Runtime), tensorrt or onnxruntime.
+        ``precision``: fp32, fp16 or int8; None takes the fastest accepted one made for the backend.
+        ``device``: ONNX Runtime's execution provider: auto, cpu, openvino or cuda (or a GPU index for
+        TensorRT). ``threads``: ONNX Runtime intra-op threads (0: all cores).
+        """
         bundle = Bundle.load(path)
         if artifact is not None:
             art = bundle.artifact(artifact)
@@ -129,9 +183,19 @@ class Predictor:
         return cls(bundle, art, make_runner(bundle, art, chosen_backend, device, threads).activate())
 
     def describe(self) -> str:
-        return f"{self.artifact['name']} ({self.artifact['precision']}, {self.artifact['file']}) on {self.runner.describe()}"
+        """What runs: artifact, precision, file, and the runner (backend, provider, threads)."""
+        return (f"{self.artifact['name']} ({self.artifact['precision']}, {self.artifact['file']}"
+                f"{'; ' + self.mismatch if self.mismatch else ''}) on {self.runner.describe()}")
+
+    def warmup(self, batch_sizes=(1,)) -> None:
+        """Run each batch size once on the golden images, so the first real call is not the slow one
+        (TensorRT and OpenVINO set up each new input shape on its first call)."""
+        pixels, _ = self.bundle.golden()
+        for b in batch_sizes:
+            self.infer(np.stack([pixels[i % len(pixels)] for i in range(int(b))]))
 
     def close(self) -> None:
+        """Release the runner (sessions, GPU memory); the ``with`` block does it. Idempotent."""
         self.runner.deactivate()
 
     def __enter__(self) -> "Predictor":
@@ -140,18 +204,20 @@ class Predictor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def preprocess(self, image) -> np.ndarray:
+    def preprocess(self, image, channel_order: str = "RGB") -> np.ndarray:
         """Path, encoded bytes (or a binary file object: a camera's or a web request's stream), PIL
-        image or H×W×3 uint8 array (any size) -> uint8 H×W×3 at the input size."""
+        image or H×W×3 uint8 array (any size) -> uint8 H×W×3 RGB at the input size.
+
+        ``channel_order`` is that of an array: "RGB" (Pillow, imageio) or "BGR" (OpenCV's imread and
+        VideoCapture); files, bytes and PIL images say their own.
+        """
+        if channel_order not in ("RGB", "BGR"):
+            raise UserError(f"channel_order {channel_order!r}: use 'RGB', or 'BGR' for OpenCV arrays.")
         if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
             image = load_rgb(image, keep_gray=True)
         elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise UserError(f"image array of dtype {image.dtype} and shape {image.shape}: "
-                                "expected uint8 H×W×3 RGB (convert grayscale with np.repeat(a[..., None], 3, 2)).")
-            if not image.shape[0] or not image.shape[1]:
-                raise UserError(f"image array of shape {image.shape}: it has no pixels.")
-            image = Image.fromarray(image)
+            _check_array(image)
+            image = Image.fromarray(image[..., ::-1] if channel_order == "BGR" else image)
         elif isinstance(image, Image.Image):
             image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
         else:
@@ -180,16 +246,19 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32)
         return self.runner.infer(np.ascontiguousarray(x))
 
-    def predict(self, image, topk: int = 5) -> Prediction:
-        return self.predict_batch([image], topk)[0]
+    def predict(self, image, topk: int = 5, channel_order: str = "RGB") -> Prediction:
+        """Classify one image (anything ``preprocess`` takes); ``topk`` classes with softmax scores."""
+        return self.predict_batch([image], topk, channel_order)[0]
 
-    def predict_batch(self, images, topk: int = 5) -> list[Prediction]:
+    def predict_batch(self, images, topk: int = 5, channel_order: str = "RGB") -> list[Prediction]:
         """``predict`` of each image (any iterable), inferred as one batch."""
         images = list(images)
-        pixels = np.stack([self.preprocess(im) for im in images]) if len(images) else np.zeros((0, 1, 1, 3), np.uint8)
+        pixels = (np.stack([self.preprocess(im, channel_order) for im in images]) if len(images)
+                  else np.zeros((0, 1, 1, 3), np.uint8))
         return self.decode(self.infer(pixels) if len(images) else np.zeros((0, len(self.classes))), topk)
 
     def decode(self, logits: np.ndarray, topk: int = 5) -> list[Prediction]:
+        """Predictions from N×classes logits (``infer``'s output): softmax, then the ``topk`` best."""
         if topk < 1:
             raise UserError(f"topk={topk}: ask for at least one class per image.")
         z = logits.astype(np.float64)

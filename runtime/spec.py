@@ -50,6 +50,28 @@ class PreprocessSpec:
         d["resize_size"] = self.resize_size
         return d
 
+    def steps(self) -> dict:
+        """Each step exactly, for apps that preprocess without this code (C++, another language).
+
+        golden.npz's ``source_<i>`` images with their expected ``source_pixels`` test such a port
+        (``edge-tl check`` tests this machine's Pillow with them).
+        """
+        h, w = self.input_size
+        return {
+            "decode": "8-bit RGB: EXIF orientation applied, alpha composited on white, a grayscale image's "
+                      "channel repeated 3 times, 16-bit values // 257",
+            "resize": {"side": "shorter", "to": self.resize_size, "longer_to": f"floor({self.resize_size} * longer / shorter)",
+                       "skip_when": f"shorter == {self.resize_size}",
+                       "filter": f"Pillow Image.resize {self.interpolation}: separable convolution whose support "
+                                 "widens by the shrink factor when downscaling (antialiased; bicubic a = -0.5); "
+                                 "OpenCV INTER_CUBIC and torch without antialias differ"},
+            "crop": {"height": h, "width": w, "top": f"round_half_even((resized_height - {h}) / 2)",
+                     "left": f"round_half_even((resized_width - {w}) / 2)",
+                     "rounding": "half to even, as Python's round() and C's nearbyint() in the default rounding mode"},
+            "to_input": f"float32 {self.layout} {self.channel_order} values 0-255 (uint8 cast); "
+                        "(x / 255 - mean) / std is inside the ONNX graph: do not normalize",
+        }
+
     def __post_init__(self):
         """Refuse values no preprocessing can follow (a hand-edited manifest, a corrupt checkpoint)."""
         size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and x > 0 for x in self.input_size)

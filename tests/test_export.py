@@ -18,6 +18,7 @@ from edge_tl.export.quantize import layer_damage, prepare, quantize_within_budge
 from edge_tl.finetune.data import discover, pixels_of
 from edge_tl.finetune.train import load_checkpoint, load_model
 from edge_tl.fileio import sha256_file
+from edge_tl.runtime import Predictor
 from edge_tl.runtime.bundle import Bundle, BundleError, manifest_digest
 from edge_tl.runtime.spec import PreprocessSpec
 
@@ -91,10 +92,11 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert any("TensorRT engines not built here" in line for line in logs)
     # before `edge-tl engine`, ONNX Runtime on CPU leaves the TensorRT Q/DQ file alone unless asked for it
-    from edge_tl.runtime import Predictor
-
     assert Predictor.from_bundle(out, device="cpu").artifact["name"] == "fp32"
-    assert Predictor.from_bundle(out, device="cpu", precision="int8").artifact["name"] == "int8"
+    with pytest.warns(UserWarning, match="int8 is made for tensorrt: it may run several times slower"):
+        p = Predictor.from_bundle(out, precision="int8", device="cpu")  # asked for: given, with the reason to reconsider
+    with p:
+        assert p.artifact["name"] == "int8" and "made for tensorrt" in p.describe()
 
 
 def test_device_steps_of_a_wheel_install_name_the_wheel_never_pypi(cpu_bundle, monkeypatch):

@@ -102,9 +102,21 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         assert p.predict(pil).label == p.predict(np.asarray(pil.convert("RGB"))).label == single[0].label
         assert abs(sum(s for _, s in p.predict(paths[0], topk=4).topk) - 1) < 1e-5
         _, golden = Bundle.load(cpu_bundle).golden()
-        for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float64)):
-            with pytest.raises(UserError, match="expected uint8"):
+        for bad, fix in ((np.zeros((8, 8), np.uint8), "grayscale: pass np.repeat"),
+                         (np.zeros((8, 8, 1), np.uint8), "grayscale"), (np.zeros((8, 8, 4), np.uint8), "RGBA/BGRA"),
+                         (np.zeros((8, 8, 3), np.float64), r"floats: pass \(a \* 255\)"),
+                         (np.zeros((8, 8, 3), np.uint16), "16-bit: pass"), (np.zeros((3, 8, 9), np.uint8), "channels first"),
+                         (np.zeros((2, 8, 8, 3), np.uint8), "a batch"), (np.zeros((8, 8, 5), np.uint8), "expected uint8")):
+            with pytest.raises(UserError, match=fix):
                 p.predict(bad)
+        rgb = np.asarray(Image.open(paths[1]).convert("RGB")).copy()
+        rgb[..., 0] //= 3  # channels that differ, so their order matters
+        bgr = np.ascontiguousarray(rgb[..., ::-1])  # what OpenCV hands an app
+        np.testing.assert_array_equal(p.preprocess(bgr, channel_order="BGR"), p.preprocess(rgb))
+        assert p.predict(bgr, channel_order="BGR").topk == p.predict(rgb).topk != p.predict(bgr).topk
+        with pytest.raises(UserError, match="channel_order 'bgr'"):
+            p.predict(bgr, channel_order="bgr")
+        p.warmup((1, 3))
         with pytest.raises(UserError, match="it has no pixels"):
             p.predict(np.zeros((0, 5, 3), np.uint8))
         with pytest.raises(UserError, match="topk=0: ask for at least one class"):
@@ -119,6 +131,8 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         p.predict(paths[0])
     with Predictor.from_bundle(cpu_bundle, device="cpu") as auto:
         assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
+    with Predictor.from_bundle(cpu_bundle, precision="INT8", device="cpu") as upper:
+        assert upper.artifact["name"] == "int8-cpu" and not upper.mismatch
 
 
 def test_pil_image_preprocessed_like_its_file(cpu_bundle, tmp_path):
@@ -165,8 +179,45 @@ def test_check_on_real_images_runs_every_artifact(cpu_bundle, elpv_small, tmp_pa
     fp32 = report["artifacts"]["fp32"]
     assert fp32["agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3 and fp32["drop"] == 0.0
     assert report["artifacts"]["fp16"]["max_abs_diff"] < 0.05
+    assert report["preprocess"] == {"images": 3, "max_abs_diff": 0, "tolerance": 2, "passed": True, "reason": "ok"}
     junit = write_junit(report, tmp_path / "check.xml").read_text()
-    assert junit.count("<testcase") == 3 and 'failures="0"' in junit
+    assert junit.count("<testcase") == 4 and 'name="preprocess"' in junit and 'failures="0"' in junit
+
+
+def test_manifest_steps_alone_reproduce_the_preprocessing_test_vectors(cpu_bundle):
+    """A port that follows the manifest's preprocess.steps (numpy + Pillow here, no edge-tl code) gets
+    golden.npz's source_pixels exactly; the sources put the crop on half pixels, so rounding matters."""
+    manifest = json.loads((cpu_bundle / "manifest.json").read_text())
+    steps, interpolation = manifest["preprocess"]["steps"], manifest["preprocess"]["interpolation"]
+    to, h, w = steps["resize"]["to"], steps["crop"]["height"], steps["crop"]["width"]
+    assert manifest["input"]["normalized_in_graph"] and manifest["input"]["value_range"] == [0, 255]
+    with np.load(cpu_bundle / "golden.npz") as z:
+        expected = z["source_pixels"]
+        sources = [z[f"source_{i}"] for i in range(len(expected))]
+    halves = 0
+    for src, want in zip(sources, expected):
+        img = Image.fromarray(src)
+        short, long = sorted(img.size)
+        if short != to:  # "skip_when"
+            longer = to * long // short  # "longer_to": floor(to * longer / shorter)
+            img = img.resize((to, longer) if img.width <= img.height else (longer, to),
+                             getattr(Image.Resampling, interpolation.upper()))
+        top, left = round((img.height - h) / 2), round((img.width - w) / 2)  # Python's round: half to even
+        halves += ((img.height - h) % 2) + ((img.width - w) % 2)
+        assert np.array_equal(np.asarray(img)[top:top + h, left:left + w], want)
+    assert len(sources) == 3 and halves >= 2 and {s.shape[0] > s.shape[1] for s in sources} == {True, False}
+
+
+def test_check_fails_when_this_machines_resize_differs_from_the_exports(cpu_bundle, monkeypatch, tmp_path):
+    from edge_tl.runtime import spec
+    from edge_tl.runtime.check import failures
+
+    monkeypatch.setitem(spec._PIL_INTERPOLATION, "bicubic", Image.Resampling.NEAREST)  # as another resize would
+    report = check_bundle(cpu_bundle, max_drop=100, min_agreement=0, log=lambda s: None)
+    assert all(r["passed"] for r in report["artifacts"].values())  # golden pixels need no resize
+    assert not report["passed"] and report["preprocess"]["max_abs_diff"] > 2
+    assert any(line.startswith("preprocess: resize/crop here differs") for line in failures(report))
+    assert 'name="preprocess"><failure' in write_junit(report, tmp_path / "check.xml").read_text()
 
 
 def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_path):
@@ -308,6 +359,10 @@ def test_cli_predict_json(cpu_bundle, elpv_small):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(lines) == 2 and all(len(x["topk"]) == 2 and x["label"] == x["topk"][0]["label"] for x in lines)
+    assert {x["artifact"] for x in lines} == {"int8-cpu"}
+    for command in (["predict", str(cpu_bundle.parent), str(_images(elpv_small)[0])], ["bench", str(cpu_bundle.parent)]):
+        res = _cli(*command, "--json")  # a refused bundle: scripts get the reason as JSON too
+        assert res.returncode == 2 and "not a bundle" in json.loads(res.stdout)["error"], res.stdout
 
 
 def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp_path):
