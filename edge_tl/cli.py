@@ -240,6 +240,25 @@ def engine(
 
 
 @app.command()
+def slim(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    keep: str = typer.Option(..., help="Comma list of artifact names to keep (see the bundle README), e.g. int8-cpu."),
+    out: Path = typer.Option(..., help="New folder for the slimmed bundle."),
+) -> None:
+    """Copy a bundle with only some artifacts, for a device with little storage (torch-free).
+
+    The copy is a complete, verified bundle: labels, golden outputs and manifest (re-signed,
+    recording what was dropped) stay, so predict, bench and check work on it. Without the fp32
+    artifact, `check --data` has no same-images reference: give it --baseline.
+
+    Example: edge-tl slim bundles/elpv --keep int8-cpu --out bundles/elpv-int8
+    """
+    from edge_tl.export.device import slim_bundle
+
+    slim_bundle(bundle, _csv(keep) or [], out)
+
+
+@app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     images: list[Path] = typer.Argument(..., help="Image files, or folders (their images, sorted)."),
@@ -445,7 +464,7 @@ def main() -> None:
         if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
             _crashed()
         typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install -e '.[train]' in the edge-tl checkout "
-                   "(device-side commands predict, bench, check and engine do not).", err=True)
+                   "(device-side commands predict, bench, check, slim and engine do not).", err=True)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden
         _crashed()

@@ -3,10 +3,14 @@ engines into the bundle, and the bundle README with the exact device commands.""
 
 from __future__ import annotations
 
+import copy
+import shutil
+import tempfile
 from pathlib import Path
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
+from edge_tl.fileio import write_text
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import Bundle
 
@@ -55,6 +59,43 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
     bundle.manifest["versions"]["tensorrt"] = trt.__version__
     bundle.save()
     return built
+
+
+def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -> Bundle:
+    """Copy the bundle to ``out`` with only the ``keep`` artifacts (names), manifest re-signed.
+
+    For a device with little storage: the copy is a complete bundle (labels, golden outputs and
+    test vectors stay, every file still verified), not a partial one that loads half-checked.
+    """
+    bundle = Bundle.load(path)
+    names = [a["name"] for a in bundle.artifacts]
+    if not keep or (unknown := [k for k in keep if k not in names]):
+        raise UserError(f"--keep {','.join(keep) or '(nothing)'}: name artifacts of {bundle.path} ({', '.join(names)}).")
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out}: already exists; choose a new folder for the slimmed bundle.")
+    dropped = [a for a in bundle.artifacts if a["name"] not in keep]
+    gone = {a["file"] for a in dropped}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for rel in [*bundle.manifest["files"], ".gitattributes"]:
+            if rel not in gone and (bundle.path / rel).is_file():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(bundle.path / rel, tmp / rel)
+        slim = Bundle(tmp, copy.deepcopy(bundle.manifest))
+        slim.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] in keep]
+        slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items() if k not in gone}
+        slim.manifest["slimmed"] = {"from": str(bundle.path.resolve()), "dropped": [a["name"] for a in dropped]}
+        slim.save()
+        write_text(tmp / "README.md", bundle_readme(slim, out))
+        Bundle.load(tmp)  # verified before it takes the name
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept_mb = sum((out / a["file"]).stat().st_size for a in slim.artifacts) / 1e6
+    log(f"{out}: {', '.join(keep)} ({kept_mb:.1f} MB of models); dropped {', '.join(a['name'] for a in dropped) or 'nothing'}")
+    return Bundle.load(out)
 
 
 def source_checkout() -> Path | None:

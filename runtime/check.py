@@ -173,7 +173,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {drop_limit:.2f})")
         results[art["name"]] = {
             "precision": art["precision"], "backend": backend, "runs_on": runs_on, "file": art["file"], "accuracy": acc,
-            "reference_accuracy": ref, "reference": ref_source if ref is not None else "none (not in baseline)",
+            "reference_accuracy": ref, "reference": ref_source if ref is not None else
+            ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
             "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,

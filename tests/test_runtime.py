@@ -378,8 +378,8 @@ def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp
     assert all("label" in x for x in lines[1:])
 
 
-def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_small):
-    """predict, check and bench work when torch, timm, onnx, tqdm and matplotlib cannot be imported."""
+def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_small, tmp_path):
+    """predict, check, bench and slim work when torch, timm, onnx, tqdm and matplotlib cannot be imported."""
     blocker = ("import sys, runpy\n"
                "class Block:\n"
                "    def find_spec(self, name, path=None, target=None):\n"
@@ -389,13 +389,37 @@ def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_smal
                "sys.argv = ['edge-tl'] + sys.argv[1:]\n"
                "runpy.run_module('edge_tl', run_name='__main__')\n")
     image = str(_images(elpv_small)[0])
+    slim = tmp_path / "slim"
     for args in (["predict", str(cpu_bundle), image], ["check", str(cpu_bundle), "--min-agreement", "0", "--max-drop", "100"],
-                 ["bench", str(cpu_bundle), "--batch", "1", "--iters", "3"]):
+                 ["bench", str(cpu_bundle), "--batch", "1", "--iters", "3"],
+                 ["slim", str(cpu_bundle), "--keep", "int8-cpu", "--out", str(slim)],
+                 ["check", str(slim), "--data", str(elpv_small / "test"), "--min-agreement", "0"]):
         res = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, (args, res.stderr[-2000:])
     res = subprocess.run([sys.executable, "-c", blocker, "finetune", "--data", "x", "--out", "y"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "pip install -e '.[train]'" in res.stderr, res.stderr
+
+
+def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tmp_path):
+    from edge_tl.export.device import slim_bundle
+
+    slim = slim_bundle(cpu_bundle, ["int8-cpu"], tmp_path / "slim", log=lambda s: None)
+    assert [a["name"] for a in slim.artifacts] == ["int8-cpu"] and not (slim.path / "model.fp32.onnx").exists()
+    assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
+    assert set(slim.manifest["files"]) == {"model.int8-cpu.onnx", "golden.npz", "labels.txt"}
+    assert "model.fp32.onnx" not in (slim.path / "README.md").read_text()
+    report = check_bundle(slim.path, elpv_small / "test", min_agreement=0, log=lambda s: None)
+    assert report["passed"] and report["artifacts"]["int8-cpu"]["reference"] == "none (the bundle has no fp32 artifact)"
+    assert report["preprocess"]["passed"]
+    with Predictor.from_bundle(slim.path, device="cpu") as p, Predictor.from_bundle(cpu_bundle, device="cpu") as full:
+        image = _images(elpv_small)[0]
+        assert p.predict(image).topk == full.predict(image).topk
+    for keep, out, message in ((["int4"], tmp_path / "x", "--keep int4: name artifacts of"), ([], tmp_path / "y", "(nothing)"),
+                               (["fp32"], slim.path, "already exists")):
+        with pytest.raises(UserError, match=message):
+            slim_bundle(cpu_bundle, keep, out, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slim"]  # refusals leave nothing behind
 
 
 def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
