@@ -135,6 +135,10 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
         [[n, r["precision"], r["backend"], r["accuracy"], r["reference_accuracy"] if r["reference_accuracy"] is not None
           else "-", "-" if r["drop"] is None else f"{r['drop']:+.2f}", r["agreement"], "ok" if r["passed"] else r["reason"]]
          for n, r in arts.items()])]
+    if pre := check.get("preprocess"):
+        parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} test images: max |Δ| "
+                     f"{pre['max_abs_diff']} grey levels: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
+                     f"{html.escape(pre['reason'])}</b></p>")
     if check["skipped"]:
         parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "
                      f"{html.escape(', '.join(check['skipped']))}</p>")

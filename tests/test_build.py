@@ -108,6 +108,7 @@ def test_report_has_the_figures(built):
     for section in ("Accuracy per artifact", "Learning curve", "Confusion matrix", "precision", "Misclassified",
                     "Latency", "Environment"):
         assert section in page, section
+    assert "on golden.npz's 3 test images: max |Δ| 0 grey levels" in page  # preprocessing here = at export
     # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
     assert open_image_count(page) >= 4
     assert "http://" not in page and "https://" not in page  # self-contained
