@@ -69,12 +69,47 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     return classes
 
 
+def available_memory() -> int | None:
+    """Bytes that can still be allocated without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class DecodeBudget:
+    """Stops the decoding early, with the numbers, when all images would not fit in memory:
+    an out-of-memory kill after minutes of decoding says nothing."""
+
+    SHARE = 0.7  # of the memory available at the start; training needs the rest
+    SAMPLE = 64  # images decoded before projecting their mean size onto all
+
+    def __init__(self, root: Path, files: int, spec: PreprocessSpec, available: int | None):
+        self.root, self.files, self.spec, self.available = root, files, spec, available
+        self.used = self.done = 0
+
+    def add(self, array: np.ndarray) -> None:
+        self.used, self.done = self.used + array.nbytes, self.done + 1
+        if not self.available or self.done < self.SAMPLE:
+            return
+        need, limit = self.used / self.done * self.files, self.available * self.SHARE
+        if need > limit:
+            raise UserError(f"{self.root}: its {self.files} images would take about {need / 1e9:.1f} GB decoded "
+                            f"({self.used / self.done / 1e3:.0f} kB each at the {self.spec.resize_size} px eval resize), more "
+                            f"than the {limit / 1e9:.1f} GB this machine can spare ({self.available / 1e9:.1f} GB available). "
+                            "Use a smaller --img-size, a subset of the images, or a machine with more memory.")
+
+
 def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
-            desc: str, progress: bool) -> Split:
+            desc: str, progress: bool, budget: DecodeBudget | None = None) -> Split:
     """Decode every file once (this is also the check); unreadable ones go to ``skipped``.
 
     Decoding a JPEG every epoch costs more CPU than a small model on small images; a
-    dataset of a few thousand images, resized, fits in a few hundred MB.
+    dataset of a few thousand images, resized, fits in a few hundred MB (``budget`` refuses
+    one that would not fit).
     """
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays = [], [], []
@@ -87,6 +122,8 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
         except UnreadableImage as exc:
             skipped.append(str(exc))
             continue
+        if budget:
+            budget.add(arrays[-1])
         paths.append(p)
         labels.append(ci)
     return Split(paths, labels, arrays)
@@ -150,7 +187,9 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     classes = sorted(train_files)
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
-    full = _decode(train_files, classes, spec, skipped, "decode train", progress)
+    val_files = _scan_classes(val_dir) if val_dir is not None else {}
+    budget = DecodeBudget(root, sum(map(len, [*train_files.values(), *val_files.values()])), spec, available_memory())
+    full = _decode(train_files, classes, spec, skipped, "decode train", progress, budget)
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]
         if n == 0:
@@ -160,11 +199,10 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
         if n < 2 and val_dir is None:
             raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to validate).")
     if val_dir is not None:
-        val_files = _scan_classes(val_dir)
         unknown = sorted(set(val_files) - set(classes))
         if unknown:
             raise UserError(f"{val_dir}: classes {unknown} are not in {train_dir}; {val_dir.name}/ must use the train classes.")
-        val = _decode(val_files, classes, spec, skipped, "decode val", progress)
+        val = _decode(val_files, classes, spec, skipped, "decode val", progress, budget)
         if len(val) == 0:
             raise UserError(f"{val_dir}: no readable images. Add images or remove {val_dir.name}/ to carve a split from train.")
         absent = [c for c, n in zip(classes, val.counts(len(classes))) if n == 0]

@@ -145,3 +145,20 @@ def test_flat_classes_named_valid_and_invalid_are_classes(tmp_path):
         (tmp_path / "d" / old).rename(tmp_path / "d" / new)
     data = discover(tmp_path / "d", SPEC, progress=False)
     assert data.classes == ["invalid", "valid"] and data.val_source.startswith("carved from train")
+
+
+def test_images_that_would_not_fit_in_memory_are_refused_early(tmp_path, monkeypatch):
+    """An out-of-memory kill after minutes of decoding says nothing: the projection after 64 images does."""
+    from edge_tl.finetune import data as data_module
+
+    root = make_image_folder(tmp_path / "d", per_class=30)  # 90 images of 32×32 RGB: 3 kB each decoded
+    decoded = []
+    real_load = data_module.load_rgb
+    monkeypatch.setattr(data_module, "load_rgb", lambda p: decoded.append(p) or real_load(p))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 300_000)  # 0.3 MB: room for ~70 of them at 70 %
+    with pytest.raises(UserError, match=r"its 90 images would take about 0\.0 GB decoded \(3 kB each at the 32 px "
+                                        r"eval resize\), more than the 0\.0 GB .* smaller --img-size"):
+        discover(root, SPEC, progress=False)
+    assert len(decoded) == 64  # stopped at the projection, not after decoding everything
+    monkeypatch.setattr(data_module, "available_memory", lambda: 400_000)  # room for all: trains
+    assert len(discover(root, SPEC, progress=False).train) > 60
