@@ -180,9 +180,12 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
 
     run_dir = Path(cfg.out)
     key = f"{name}_started"
-    resumable = not b.force and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
+    lost_best = (run_dir / "metrics.json").is_file() and not (run_dir / "best.pt").is_file()
+    resumable = not b.force and not lost_best and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
     if not resumable and run_dir.exists():
-        if (run_dir / "last.pt").is_file() and not b.force:
+        if lost_best:
+            b.log(f"  {run_dir}: finished but its best.pt is gone, so it trains afresh")
+        elif (run_dir / "last.pt").is_file() and not b.force:
             b.log(f"  {run_dir}: its data or settings changed since it started, so it trains afresh "
                   "(its progress would not fit the new inputs)")
         _remove_own(run_dir, key in b.state, f"a run this build started (build.json: {key})")

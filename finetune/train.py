@@ -296,6 +296,14 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                    and getattr(given, k) != v]
         if ignored:
             log(f"--resume keeps the run's saved settings; ignored: {', '.join(ignored)}")
+        if not (out / "best.pt").is_file() and state["best"]["epoch"] > 0:  # deleted, or lost in a partial copy
+            if state["epoch"] >= cfg.epochs:
+                raise UserError(f"{out / 'best.pt'}: missing, and the run is complete, so its best epoch "
+                                f"({state['best']['epoch']}) is lost. Train afresh into a new --out "
+                                "(`edge-tl build` does that by itself).")
+            log(f"warning: {out / 'best.pt'} is missing (best epoch {state['best']['epoch']} lost): the best of the "
+                "epochs still to train takes its place")
+            state["best"] = {"val_accuracy": -1.0, "epoch": -1}
         if state["epoch"] >= cfg.epochs:
             log(f"{out}: already complete ({cfg.epochs}/{cfg.epochs} epochs); nothing left to train")
         else:

@@ -161,14 +161,30 @@ def test_rerun_skips_and_force_redoes(built):
     assert json.loads((root / "out" / "bench.json").read_text())["results"][0]["batch"] == 1
 
 
-def test_missing_outputs_rerun_their_stage(built, tmp_path):
+@pytest.mark.parametrize("gone", ["run", "run/best.pt", "run/metrics.json", "bundle", "check.json"])
+def test_missing_outputs_rerun_their_stage(built, tmp_path, gone):
     root, _, _ = built
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    (out / "run").rename(out / "run_old")  # outputs gone -> stage reruns even with same inputs
+    shutil.move(out / gone, tmp_path / "moved")  # outputs gone -> stage reruns even with same inputs
     logs: list[str] = []
     build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
-    assert any("] finetune ..." in line for line in logs)
+    stage = {"run": "finetune", "bundle": "export", "check.json": "check"}[gone.split("/")[0]]
+    assert any(f"] {stage} ..." in line for line in logs) and (out / gone).exists()
+    if gone == "run/best.pt":  # the finished run's best epoch is lost: retrained, not "resumed" into nothing
+        assert any("best.pt is gone, so it trains afresh" in line for line in logs)
+
+
+def test_resume_without_best_pt_says_what_is_lost(built, tmp_path):
+    from edge_tl.finetune.train import finetune
+
+    root, _, _ = built
+    run = tmp_path / "run"
+    shutil.copytree(root / "out" / "run", run)
+    (run / "best.pt").unlink()
+    cfg = TrainConfig(data=str(root / "imgs"), out=str(run), **TRAIN)
+    with pytest.raises(UserError, match="best.pt: missing, and the run is complete, so its best epoch .* is lost"):
+        finetune(cfg, resume=True, progress=False, log=lambda s: None)
 
 
 def test_a_relative_data_path_works_from_any_folder(built, tmp_path, monkeypatch):
