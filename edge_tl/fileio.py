@@ -5,20 +5,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from edge_tl.errors import UserError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _fresh(parent: Path, prefix: str, make: Callable[[Path], None]) -> Path:
+    """A new, uniquely named temp file or folder in ``parent``, made by ``make`` (which fails if it exists)."""
+    for _ in range(100):
+        path = parent / f".{prefix}.{secrets.token_hex(4)}.tmp"
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free temporary name for {prefix}")
 
 
-UMASK = _umask()
+def temp_folder(beside: Path) -> Path:
+    """A new empty folder next to ``beside`` with the permissions the umask gives (mkdtemp's are 0700:
+    bundles are copied to devices and shared)."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    return _fresh(beside.parent, beside.name, lambda p: os.mkdir(p, 0o777))
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Give the finished folder ``new`` the name ``out``, replacing an old one with no moment when
+    neither exists whole: the old one is renamed aside, and deleted only once ``new`` took its place."""
+    old = out.with_name(f".{out.name}.old.{secrets.token_hex(4)}") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -27,12 +54,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a file path to write to.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # made 0666 less the umask by the kernel (mkstemp's 0600 would keep a bundle from others on a device)
+    tmp_path = _fresh(path.parent, path.name, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     try:
         write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600; bundles are copied to devices and shared
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -7,10 +7,8 @@ end, so an interrupted export never leaves a half bundle behind.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from PIL import Image
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
-from edge_tl.fileio import UMASK, write_text
+from edge_tl.fileio import replace_folder, temp_folder, write_text
 from edge_tl.finetune.config import check_out_beside_data
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
@@ -112,9 +110,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
             f"{cfg['epochs']} epochs ran): this exports its best epoch so far, epoch {ckpt.get('epoch')}. "
             f"`edge-tl finetune --data {data} --out {run} --resume` finishes it.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~UMASK)
+    tmp = temp_folder(out)
     try:
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
                                  calib_method, max_drop, golden_count, log)
@@ -135,9 +131,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
                 log(f"TensorRT engines not built here ({reason.rstrip('.')}). "
                     f"On the device: edge-tl engine {out}   (see {out / 'README.md'})")
         write_text(tmp / "README.md", bundle_readme(bundle, out))  # notes for people: not hashed, rewritten by each export
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)  # an interrupted --force keeps the old bundle whole (renamed aside at worst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Bundle.load(out)

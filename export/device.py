@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
-from edge_tl.fileio import write_text
+from edge_tl.fileio import temp_folder, write_text
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import Bundle
 
@@ -76,8 +75,7 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
         raise UserError(f"{out}: already exists; choose a new folder for the slimmed bundle.")
     dropped = [a for a in bundle.artifacts if a["name"] not in keep]
     gone = {a["file"] for a in dropped}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         for rel in [*bundle.manifest["files"], ".gitattributes"]:
             if rel not in gone and (bundle.path / rel).is_file():

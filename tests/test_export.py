@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -267,3 +268,38 @@ def test_export_of_an_unfinished_run_says_so(elpv_run, tmp_path):
                for line in logs), logs
     run_info = json.loads((tmp_path / "b" / "manifest.json").read_text())["run"]
     assert run_info["finished"] is False and run_info["epochs_done"] == 1 and run_info["epochs_planned"] == planned
+
+
+def test_replacing_a_bundle_never_leaves_none_and_files_follow_the_umask(tmp_path, monkeypatch):
+    """--force renames the old bundle aside before the new one takes its name, and puts it back if that
+    fails; files and folders get the umask's permissions (not mkstemp's 0600: devices share bundles)."""
+    from edge_tl import fileio
+
+    out, new = tmp_path / "bundle", tmp_path / "new"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self == new:
+            raise KeyboardInterrupt  # Ctrl-C at the worst moment
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.replace_folder(new, out)
+    assert (out / "manifest.json").read_text() == "old"  # the old bundle is back, whole
+    monkeypatch.setattr(Path, "rename", real_rename)
+    fileio.replace_folder(new, out)
+    assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+    for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o077, 0o600, 0o700)):
+        previous = os.umask(mask)
+        try:
+            written = fileio.write_text(tmp_path / f"f{mask}.txt", "x")
+            folder = fileio.temp_folder(tmp_path / f"d{mask}")
+        finally:
+            os.umask(previous)
+        assert (written.stat().st_mode & 0o777, folder.stat().st_mode & 0o777) == (file_mode, dir_mode)
