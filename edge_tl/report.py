@@ -142,7 +142,10 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     if check["skipped"]:
         parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "
                      f"{html.escape(', '.join(check['skipped']))}</p>")
-    parts += ["<h2>Learning curve</h2>", _img(_png(out / "run" / "learning_curve.png"), "learning curve")]
+    curve = out / "run" / "learning_curve.png"  # written after metrics.json: an interrupted run may lack it
+    parts += ["<h2>Learning curve</h2>", _img(_png(curve), "learning curve") if curve.is_file() else
+              f"<p>{html.escape(str(curve))} is missing (the fine-tune stopped while plotting): "
+              "<code>edge-tl finetune --resume</code> on the run draws it again.</p>"]
     parts += _transfer_section(out)
     if "labels" in check:
         parts.append("<h2>Confusion matrix and per-class precision / recall</h2>")

@@ -185,12 +185,11 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         calibration = {"images": len(idx), "source": "training split (stratified)", "method": calib_method,
                        "class_counts": np.bincount([ds.train.labels[i] for i in idx], minlength=len(classes)).tolist(),
                        "preprocessing": "eval (resize + center crop)"}
-        name = "int8" if flavour == "tensorrt" else "int8-cpu"
+        name = FLAVOURS[flavour].artifact
         log(f"int8 ({flavour} flavour): calibrating on {len(idx)} training images ({calib_method})")
         record = quantize_within_budget(fp32, tmp / ONNX_FILES[name], calib, val_pixels, val_labels, fp32_logits,
                                         flavour, calib_method, max_drop, log)
-        art = _artifact(name, "int8", "tensorrt" if flavour == "tensorrt" else "onnxruntime",
-                        record["val_accuracy"], fp32_acc)
+        art = _artifact(name, "int8", FLAVOURS[flavour].backend, record["val_accuracy"], fp32_acc)
         art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
                    fp32_agreement=record["fp32_agreement"], tries=record["tries"])
         if not record["accepted"]:

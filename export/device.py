@@ -50,9 +50,15 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
                "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True),
                "fp32_agreement": src.get("fp32_agreement"), **facts}  # check's golden gate allows for it
         art["val_accuracy"] = None  # measured by `edge-tl check` on the device
-        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["file"] != rel] + [art]
+        # one engine per name: one built by an earlier TensorRT (another file) cannot run on this one
+        stale = [a["file"] for a in bundle.artifacts if a["name"] == name and a["file"] != rel]
+        bundle.manifest["artifacts"] = [a for a in bundle.artifacts if a["file"] != rel and a["name"] != name] + [art]
+        bundle.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items() if k not in stale}
         bundle.add_file(rel)
         bundle.save()  # at once: the engine file on disk and its recorded sha256 never disagree
+        for old in stale:
+            (bundle.path / old).unlink(missing_ok=True)
+            log(f"replaced {old} (built by another TensorRT version)")
         built.append(art)
         log(f"engine {rel} ({facts['gpu']}, sm {facts['compute_capability']}, TensorRT {facts['tensorrt']})")
     bundle.manifest["versions"]["tensorrt"] = trt.__version__
@@ -132,7 +138,11 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
             ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages; "
              "cuda-python must match the device's CUDA major version: JetPack 6 or a driver older than r580 "
              "needs 'cuda-python>=12.6,<13')",
-             f"pip install {pkg} cuda-python onnxruntime"),
+             f"pip install {pkg} cuda-python onnxruntime")
+            if bundle.manifest["target"] == "jetson" else
+            ("install the runtime with TensorRT (PyPI's tensorrt and cuda-python are CUDA 13 builds for driver "
+             "r580 or newer; with an older driver: tensorrt-cu12 'cuda-python>=12.6,<13')",
+             f"pip install {pkg} tensorrt cuda-python onnxruntime"),
             ("build the engines on the device (engines are tied to GPU and TensorRT version)",
              f"edge-tl engine {Path(b).name} --precision {prec}"),
         ]

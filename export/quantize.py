@@ -40,8 +40,8 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 class Flavour:
     """How one INT8 flavour is quantized, and why."""
 
-    name: str
-    backend: str
+    artifact: str  # its name in a bundle
+    backend: str  # what runs it: the bundle artifact's "backend"
     activation_signed: bool
     symmetric_activations: bool
     quantize_bias: bool
@@ -55,10 +55,10 @@ class Flavour:
 
 
 FLAVOURS = {
-    "tensorrt": Flavour("tensorrt", "tensorrt", True, True, False, ("Conv", "Gemm", "MatMul"),
+    "tensorrt": Flavour("int8", "tensorrt", True, True, False, ("Conv", "Gemm", "MatMul"),
                         "TensorRT explicit quantization: symmetric int8 Q/DQ on Conv/Gemm/MatMul inputs, "
                         "per-channel weights, float bias", quantize_outputs=False),
-    "cpu": Flavour("cpu", "onnxruntime", False, False, True, None,
+    "cpu": Flavour("int8-cpu", "onnxruntime", False, False, True, None,
                    "ONNX Runtime CPU: u8 activations / s8 per-channel weights, fastest on VNNI"),
 }
 
@@ -196,18 +196,22 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
     """
     import onnxruntime as ort
 
-    nodes = quantized_nodes(onnx.load(str(int8_path)), op_types)
-    fp32_names = {o for n in onnx.load(str(prepared)).graph.node for o in n.output}
-    fp32_names |= {i.name for i in onnx.load(str(prepared)).graph.input}
+    int8 = onnx.load(str(int8_path))
+    nodes = quantized_nodes(int8, op_types)
+    fp32 = onnx.load(str(prepared))
+    fp32_names = {o for n in fp32.graph.node for o in n.output} | {i.name for i in fp32.graph.input}
+    q_in = {n.output[0]: n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"}
+    float_source = {n.output[0]: q_in.get(n.input[0], n.input[0])  # a Q→DQ pair's output -> its float input
+                    for n in int8.graph.node if n.op_type == "DequantizeLinear"}
     pairs = []
     for n in nodes:
-        ins = [_float_source(n, i, int8_path) for i in n.input]
+        ins = [float_source.get(i, i) for i in n.input]
         ins = [i for i in ins if i in fp32_names]
         out = n.output[0].removesuffix("_QuantizeLinear_Input")  # a quantized graph output is renamed so
         if out in fp32_names and ins:
             pairs.append((n.name, ins, out))
     names = sorted({t for _, ins, out in pairs for t in (*ins, out)})
-    int8_names = {o for n in onnx.load(str(int8_path)).graph.node for o in n.output}
+    int8_names = {o for n in int8.graph.node for o in n.output}
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
@@ -230,18 +234,6 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
     ranked = {name for name, _ in scores}
     return scores + [(n.name, float("nan")) for n in nodes if n.name not in ranked]  # unmatched ones last
 
-
-_DQ_CACHE: dict[Path, dict[str, str]] = {}
-
-
-def _float_source(node: onnx.NodeProto, tensor: str, int8_path: Path) -> str:
-    """The float tensor behind ``tensor`` when it is the output of a Q→DQ pair, else ``tensor``."""
-    if int8_path not in _DQ_CACHE:
-        model = onnx.load(str(int8_path))
-        q_in = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-        _DQ_CACHE[int8_path] = {n.output[0]: q_in.get(n.input[0], n.input[0])
-                                for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return _DQ_CACHE[int8_path].get(tensor, tensor)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -154,16 +154,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, device: torch.device,
-                   batch_size: int = 64, workers: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Float32 logits of ``model`` for every image of ``split`` with the eval transform."""
+                   batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+    """Float32 logits of ``model`` for every image of ``split`` with the eval transform (in float32:
+    validation picks the best epoch and export compares against it)."""
     model.eval()
     loader = torch.utils.data.DataLoader(_EvalView(split, eval_transform(spec)), batch_size=batch_size,
                                          num_workers=workers)
     out = []
     for x, _ in loader:
         x = x.to(device, memory_format=torch.channels_last)
-        with _autocast(device, dtype):
-            out.append(model(x).float().cpu())
+        out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -124,6 +124,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                         "either at least one timed call or a positive number of seconds.")
     if reference not in (None, "torch"):
         raise UserError(f"--reference {reference}: only 'torch' is supported.")
+    precisions = [p.lower() for p in precisions] if precisions else precisions  # as Predictor takes them
     bundle = Bundle.load(path)
     checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()

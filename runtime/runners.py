@@ -186,6 +186,8 @@ class TensorRTRunner(Runner):
         self._lock = threading.Lock()
         self.last_timings: dict[str, float] = {}
         self._allocs: list = []
+        self._events: list = []
+        self._stream = self._cudart = self.engine = self.context = None
 
     def activate(self) -> "TensorRTRunner":
         from edge_tl.runtime import trt_support as ts
@@ -193,6 +195,13 @@ class TensorRTRunner(Runner):
         trt, cudart = ts.import_tensorrt(), ts.import_cudart()
         ts.check(cudart.cudaSetDevice(self.device))
         self._trt, self._cudart = trt, cudart
+        try:
+            return self._load(trt, cudart, ts)
+        except BaseException:
+            self.deactivate()  # a failure half-way (e.g. an output numpy cannot hold) frees what was allocated
+            raise
+
+    def _load(self, trt, cudart, ts) -> "TensorRTRunner":
         self._logger = ts.logger()
         self._runtime = trt.Runtime(self._logger)
         if self.dla_core is not None:
@@ -215,7 +224,8 @@ class TensorRTRunner(Runner):
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))[1:]
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
         self._stream = ts.check(cudart.cudaStreamCreate())
-        self._events = [ts.check(cudart.cudaEventCreate()) for _ in range(4)]
+        for _ in range(4):
+            self._events.append(ts.check(cudart.cudaEventCreate()))  # one at a time: deactivate frees those made
         self._host_in, self._dev_in = self._buffers((self.max_batch, *in_shape), self.input_name)
         self._host_out, self._dev_out = self._buffers((self.max_batch, *out_shape), self.output_name)
         self.context.set_tensor_address(self.input_name, self._dev_in)
@@ -275,15 +285,16 @@ class TensorRTRunner(Runner):
 
     def deactivate(self) -> None:
         with self._lock:  # never free buffers under a running infer
-            if not self._allocs:
-                return
             cudart = self._cudart
+            if cudart is None:
+                return
             for kind, ptr in self._allocs:
                 (cudart.cudaFreeHost if kind == "host" else cudart.cudaFree)(ptr)
             for e in self._events:
                 cudart.cudaEventDestroy(e)
-            cudart.cudaStreamDestroy(self._stream)
-            self._allocs, self._events, self.context, self.engine = [], [], None, None
+            if self._stream is not None:
+                cudart.cudaStreamDestroy(self._stream)
+            self._allocs, self._events, self._stream, self.context, self.engine = [], [], None, None, None
 
     def describe(self) -> str:
         from edge_tl.runtime import trt_support as ts

@@ -129,6 +129,14 @@ def test_report_says_why_misclassified_images_are_missing(built, tmp_path):
     assert f"({len(check['labels'])} of {len(check['labels'])}, their image files are no longer where" in page
 
 
+def test_report_without_the_learning_curve_says_how_to_draw_it(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "run" / "learning_curve.png").unlink()  # a fine-tune stopped between metrics.json and its plots
+    assert "learning_curve.png is missing" in write_report(out).read_text()
+
+
 def test_report_shows_golden_images_when_the_check_ran_on_them(built, tmp_path):
     """A build whose data has no test/ folder checks on the bundle's golden images: their thumbnails
     come from golden.npz, the pixels the model saw."""

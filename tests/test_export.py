@@ -88,6 +88,12 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
     assert "trtexec --onnx=" in readme and "--stronglyTyped" in readme and "--int8" in readme
     # edge-tl is not on PyPI: the device installs a wheel of this checkout (made, copied, installed)
     assert "pip wheel --no-deps -w" in readme and "pip install ~/gpu-wheel/edge_tl-*.whl cuda-python" in readme
+    from edge_tl.export.device import device_commands
+
+    as_gpu = Bundle.load(out)
+    as_gpu.manifest["target"] = "gpu"  # a desktop GPU has no system TensorRT: its steps install it
+    assert "pip install ~/gpu-wheel/edge_tl-*.whl tensorrt cuda-python onnxruntime" in dict(
+        (c, w) for w, c in device_commands(as_gpu, out))
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:

@@ -263,3 +263,30 @@ def test_build_engine_errors_name_their_cause(monkeypatch, tiny_onnx, tmp_path):
                          log=logged.append)
             assert ("profile", {"image": ((4, 3, 8, 8),) * 3}) in calls and ("flag", "GPU_FALLBACK") in calls
             assert any("unreadable" in line for line in logged) and cache.read_bytes() == b"cache-v1"
+
+
+def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkeypatch, cpu_bundle, tmp_path):
+    """`edge-tl engine` after a TensorRT upgrade: one `trt-fp16@gpu` artifact, the old file gone (it could
+    not run on the new version), the manifest still verifying. Builder: the stand-in above."""
+    import shutil
+
+    from edge_tl.export.device import build_engines
+    from edge_tl.runtime.bundle import Bundle
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(cpu_bundle, bundle_dir)
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: None)  # no GPU here: the stand-in is the TensorRT
+    files = []
+    for version in ("10.16.0", "10.17.0"):
+        trt, _ = fake_tensorrt(version)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(trt_support, "_LOGGER", None)
+        logs = []
+        (art,) = build_engines(Bundle.load(bundle_dir), ["fp16"], log=logs.append)
+        files.append(art["file"])
+    bundle = Bundle.load(bundle_dir)  # verifies every listed file
+    engines = [a for a in bundle.artifacts if a["format"] == "engine"]
+    assert [(a["name"], a["tensorrt"]) for a in engines] == [("trt-fp16@fake-gpu", "10.17.0")]
+    assert files[0] != files[1] and not (bundle_dir / files[0]).exists() and files[0] not in bundle.manifest["files"]
+    assert any(f"replaced {files[0]}" in line for line in logs)
