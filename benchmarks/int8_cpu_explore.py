@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_tl.export.quantize import FLAVOURS, accuracy, onnx_logits, prepare, quantize_int8
+from edge_tl.export.quantize import FLAVOURS, onnx_logits, prepare, quantize_int8
+from edge_tl.runtime.check import accuracy
 from edge_tl.fileio import write_json
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.runtime.bench import interleaved_blocks, machine, paired_ratio, stats

@@ -2,7 +2,8 @@
 
 Each stage records a fingerprint of its inputs in ``OUT/build.json``; a rerun skips stages
 whose inputs are unchanged and whose outputs exist, and a fine-tune stopped half-way
-resumes from ``last.pt``. ``force`` redoes every stage.
+resumes from ``last.pt`` (a finished one whose ``best.pt`` is gone trains afresh). ``force``
+redoes every stage.
 """
 
 from __future__ import annotations

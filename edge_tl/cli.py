@@ -125,7 +125,7 @@ def finetune(
                       lr=lr, layer_decay=layer_decay, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       mixup=mixup, class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
                       compile=compile, tune_depthwise=tune_depthwise)
-    log = (lambda s: typer.echo(s, err=True)) if json_out else typer.echo
+    log = _log_for(json_out)
     try:
         metrics = run(cfg, resume=resume, log=log)
     except KeyboardInterrupt:
@@ -276,12 +276,11 @@ def predict(
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor
-    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, visible_files
+    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, image_files
 
     if topk < 1:
         raise UserError(f"--topk {topk}: show at least one class per image.")
-    files = [f for path in images for f in ([q for q in visible_files(path) if q.suffix.lower() in IMAGE_EXTENSIONS]
-                                            if path.is_dir() else [path])]
+    files = [f for path in images for f in (image_files(path) if path.is_dir() else [path])]
     if not files:
         raise UserError(f"{', '.join(map(str, images))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
     failed = 0

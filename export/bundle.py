@@ -26,11 +26,12 @@ from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
+from edge_tl.runtime.check import accuracy
 
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
-from .quantize import CALIB_METHODS, FLAVOURS, accuracy, histogram_image_limit, onnx_logits, quantize_within_budget
+from .quantize import CALIB_METHODS, FLAVOURS, histogram_image_limit, onnx_logits, quantize_within_budget
 
 TARGETS = {
     # target: default precisions, INT8 flavour, default batch profile, why

@@ -1,4 +1,4 @@
-"""INT8 by static post-training quantization to explicit Q/DQ ONNX, and FP16 ONNX.
+"""INT8 by static post-training quantization to explicit Q/DQ ONNX.
 
 Two INT8 flavours, different files for good reason (measured on a 2-core AVX-512-VNNI EPYC):
 
@@ -28,6 +28,8 @@ import onnx
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write
+from edge_tl.runtime.check import accuracy
+from edge_tl.runtime.images import to_input
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -66,7 +68,7 @@ FLAVOURS = {
 def batches(pixels: np.ndarray, size: int = 32):
     """uint8 N×H×W×3 -> float32 N×3×H×W chunks (the ONNX graph's pixel input)."""
     for i in range(0, len(pixels), size):
-        yield np.ascontiguousarray(pixels[i:i + size].transpose(0, 3, 1, 2), dtype=np.float32)
+        yield to_input(pixels[i:i + size])
 
 
 def onnx_logits(path: str | Path, pixels: np.ndarray, threads: int = 0) -> np.ndarray:
@@ -234,10 +236,6 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
     ranked = {name for name, _ in scores}
     return scores + [(n.name, float("nan")) for n in nodes if n.name not in ranked]  # unmatched ones last
 
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
 
 def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.ndarray, val_pixels: np.ndarray,

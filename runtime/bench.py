@@ -1,7 +1,7 @@
 """``edge-tl bench``: latency and throughput per backend × precision × batch, inference and end to end.
 
-Inference alone times ``runner.infer`` on preprocessed pixels; end to end adds JPEG decode
-and the manifest's resize/crop, timed apart. TensorRT runs also report the CUDA-event times
+Inference alone times ``runner.infer`` on preprocessed pixels; end to end times JPEG decode,
+the manifest's resize/crop and inference together (``preprocess_p50_ms`` is their difference). TensorRT runs also report the CUDA-event times
 of the host→device copy, compute and device→host copy. ``--reference torch`` times the
 run's PyTorch model (eager, channels_last) in the same process; only then is torch imported.
 """
@@ -21,7 +21,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import load_rgb
+from .images import load_rgb, to_input
 from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
 
@@ -140,8 +140,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
         with make_runner(bundle, art, backend, device, threads) as runner:
             log(f"{art['name']}: {runner.describe()}" + (f" ({why})" if (why := flavour_mismatch(art, runner)) else ""))
             for b in batches:
-                x = np.ascontiguousarray(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2),
-                                         dtype=np.float32)
+                x = to_input(np.stack([golden[i % len(golden)] for i in range(b)]))
                 row = {"artifact": art["name"], "backend": backend, "precision": art["precision"], "batch": b,
                        "runner": runner.describe()}
                 transfers = []
@@ -159,7 +158,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
 
                 def end_to_end():
                     pix = np.stack([spec.to_pixels(load_rgb(f, keep_gray=True)) for f in files])
-                    runner.infer(np.ascontiguousarray(pix.transpose(0, 3, 1, 2), dtype=np.float32))
+                    runner.infer(to_input(pix))
 
                 e2e = stats(time_calls(end_to_end, max(1, warmup // 2), iters, seconds), b)
                 row["e2e_p50_ms"], row["e2e_mean_ms"] = e2e["p50_ms"], e2e["mean_ms"]
@@ -199,7 +198,7 @@ def _torch_reference(checkpoint: Path, bundle: Bundle, golden: np.ndarray, batch
     model = PixelInput(model, bundle.spec).eval().to(memory_format=torch.channels_last)
     rows = []
     for b in batches:
-        x = torch.from_numpy(np.stack([golden[i % len(golden)] for i in range(b)]).transpose(0, 3, 1, 2).astype(np.float32))
+        x = torch.from_numpy(to_input(np.stack([golden[i % len(golden)] for i in range(b)])))
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             row = {"artifact": "torch", "backend": "torch", "precision": "fp32", "batch": b,

@@ -22,7 +22,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import write_text
 
 from .bundle import Bundle
-from .images import IMAGE_EXTENSIONS, UnreadableImage, class_folders, load_rgb, visible_files
+from .images import UnreadableImage, class_folders, image_files, load_rgb, to_input
 from .predictor import make_runner, runnable, tensorrt_available
 
 
@@ -38,9 +38,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
                         "--data needs DIR/<class>/* with the bundle's class names.")
     pixels, labels, paths, skipped = [], [], [], []
     for d in folders:
-        for f in visible_files(d):
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+        for f in image_files(d):
             try:
                 pixels.append(spec.to_pixels(load_rgb(f, keep_gray=True)))
             except UnreadableImage as exc:
@@ -68,14 +66,14 @@ def preprocess_parity(bundle: Bundle) -> dict | None:
             f"(> {PREPROCESS_TOLERANCE}): another Pillow build? Install the Pillow of the manifest's versions"}
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean())
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of N×classes logits (NaN for no images)."""
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
 
 def infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     """Float32 logits of NHWC pixels (the bundle's input before the transpose), in batches."""
-    outs = [runner.infer(np.ascontiguousarray(pixels[i:i + batch].transpose(0, 3, 1, 2), dtype=np.float32))
-            for i in range(0, len(pixels), batch)]
+    outs = [runner.infer(to_input(pixels[i:i + batch])) for i in range(0, len(pixels), batch)]
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -152,12 +150,12 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             g = infer_all(runner, golden_pixels)
             logits = g if data is None else infer_all(runner, pixels)
             runs_on = runner.describe()
-        acc = _accuracy(logits, labels)
+        acc = accuracy(logits, labels)
         accuracies[art["name"]] = acc
         if base is not None:
             ref, ref_source = base.get(art["name"]), f"baseline {baseline}"
         elif data is None:
-            ref, ref_source = _accuracy(golden_logits, labels), "PyTorch FP32 on golden images"
+            ref, ref_source = accuracy(golden_logits, labels), "PyTorch FP32 on golden images"
         else:
             ref, ref_source = accuracies.get("fp32"), "fp32 ONNX on the same images"
         drop = None if ref is None else round((ref - acc) * 100, 3)

@@ -22,6 +22,16 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
+def to_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×3 pixels -> the models' input: contiguous float32 N×3×H×W, values 0–255."""
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """A folder's image files (by extension, hidden ones left out), sorted."""
+    return [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
+
+
 class UnreadableImage(UserError, ValueError):
     """The file is not a decodable image (zero bytes, truncated, corrupt or another format)."""
 

@@ -13,7 +13,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import load_rgb, to_rgb
+from .images import load_rgb, to_input, to_rgb
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
 
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=None
@@ -234,7 +234,7 @@ class Predictor:
             if x.ndim != 4 or x.shape[1:] != (h, w, 3):
                 raise UserError(f"uint8 array of shape {array.shape}: expected N×{h}×{w}×3 (resize and crop with "
                                 "Predictor.preprocess first).")
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+            x = to_input(x)
         elif array.dtype == np.float32:
             x = array
             if x.ndim != 4 or x.shape[1:] != self.input_shape:
