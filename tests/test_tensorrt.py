@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edge_tl.errors import UserError
@@ -58,10 +57,13 @@ def test_engine_names_carry_precision_version_and_gpu():
 def test_missing_tensorrt_is_a_clear_error(cpu_bundle):
     if TRT_MISSING is None:
         pytest.skip("TensorRT is installed here; this checks the message on machines without it")
-    assert "pip install" in TRT_MISSING or "GPU" in TRT_MISSING
+    import re
+
+    # what is missing and its fix: the install line, or CUDA's own error (a GPU-less or too old driver)
+    assert "pip install tensorrt cuda-python" in TRT_MISSING or "cudaError" in TRT_MISSING, TRT_MISSING
     from edge_tl.runtime import Predictor
 
-    with pytest.raises(UserError, match="--backend tensorrt"):
+    with pytest.raises(UserError, match="--backend tensorrt: " + re.escape(TRT_MISSING[:60])):
         Predictor.from_bundle(cpu_bundle, backend="tensorrt")
 
 
@@ -93,7 +95,6 @@ def test_build_engines_and_run_them(cpu_bundle, elpv_run, tmp_path):
     bundle.save()
     with pytest.raises(UserError, match="cannot load this engine"):
         Predictor.from_bundle(out, artifact=engine["name"])
-    assert np.isfinite(logits).all()
 
 
 def test_cuda_problem_names_the_cuda_error_without_a_driver():
