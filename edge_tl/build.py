@@ -181,7 +181,7 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
 
     run_dir = Path(cfg.out)
     key = f"{name}_started"
-    lost_best = (run_dir / "metrics.json").is_file() and not (run_dir / "best.pt").is_file()
+    lost_best = _finished_without_best(run_dir)
     resumable = not b.force and not lost_best and (run_dir / "last.pt").is_file() and b.state.get(key) == _hash(inputs)
     if not resumable and run_dir.exists():
         if lost_best:
@@ -193,6 +193,20 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
+def _finished_without_best(run_dir: Path) -> bool:
+    """A run that trained all its epochs but whose best.pt is gone: resuming would train nothing."""
+    from edge_tl.finetune.train import load_checkpoint
+
+    if (run_dir / "best.pt").is_file():
+        return False
+    if (run_dir / "metrics.json").is_file():
+        return True
+    if not (run_dir / "last.pt").is_file():
+        return False
+    state = load_checkpoint(run_dir / "last.pt")
+    return state["epoch"] >= state["config"]["epochs"]
 
 
 def scratch_twin(cfg: TrainConfig, out: Path) -> TrainConfig:

@@ -28,8 +28,11 @@ def _fresh(parent: Path, prefix: str, make: Callable[[Path], None]) -> Path:
 def temp_folder(beside: Path) -> Path:
     """A new empty folder next to ``beside`` with the permissions the umask gives (mkdtemp's are 0700:
     bundles are copied to devices and shared)."""
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    return _fresh(beside.parent, beside.name, lambda p: os.mkdir(p, 0o777))
+    try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        return _fresh(beside.parent, beside.name, lambda p: os.mkdir(p, 0o777))
+    except OSError as exc:
+        raise UserError(f"{beside}: cannot create a folder beside it ({exc.strerror or exc}). Choose another --out.") from None
 
 
 def replace_folder(new: Path, out: Path) -> None:

@@ -172,6 +172,9 @@ def bundle_readme(bundle: Bundle, where: str | Path) -> str:
                      f"{_fmt(a.get('val_accuracy'))} | {len(a.get('float_nodes', []))} |" for a in m["artifacts"])
     steps = "\n".join(f"# {what}\n{cmd}\n" for what, cmd in device_commands(bundle, where))
     p = m["preprocess"]
+    port = ("\nAn app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds\n"
+            "half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`."
+            if "steps" in p else "")  # bundles exported before they existed
     return f"""# edge-tl bundle: {m['model']} ({len(m['classes'])} classes), target {m['target']}
 
 `manifest.json` is the contract: classes, preprocessing, input/output, artifacts with sha256,
@@ -182,9 +185,7 @@ Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size
 shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mean/std are inside the graph.
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
-enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.
-An app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds
-half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`.
+enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{port}
 Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |

@@ -121,7 +121,7 @@ def _hub_backbone(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
     hint = (f"Pass --weights FILE (a local state dict), use one with offline weights ({', '.join(OFFLINE_WEIGHTS)}; "
             f"default {DEFAULT_MODEL}), or --scratch.")
     cached = _cached_hub_weights(cfg)
-    if cached is None and (why := _unreachable(_weights_url(cfg))):
+    if cached is None and (why := _unreachable(_weights_url(cfg), hub=bool(cfg.get("hf_hub_id")))):
         raise UserError(f"--model {name}: no offline weights, none in the local hub caches, and {why}. {hint}")
     overlay = {"file": cached} if cached else None
     try:
@@ -129,8 +129,8 @@ def _hub_backbone(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
     except Exception as exc:  # noqa: BLE001 - offline hubs fail in many ways
         raise UserError(f"--model {name}: no offline weights and timm's pretrained weights could not be "
                         f"{'read from ' + cached if cached else 'fetched'} ({type(exc).__name__}: {exc}). {hint}") from exc
-    where = f"cached {Path(cached).name}" if cached else cfg.get("hf_hub_id") or cfg.get("url") or name
-    return model, f"imagenet (timm hub: {where})"
+    where = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return model, f"imagenet (timm hub: {where}{', from the local cache' if cached else ''})"
 
 
 def _cached_hub_weights(cfg: dict) -> str | None:
@@ -156,11 +156,12 @@ def _weights_url(cfg: dict) -> str:
     return cfg.get("url") or ""
 
 
-def _unreachable(url: str) -> str | None:
+def _unreachable(url: str, hub: bool) -> str | None:
     """Why ``url``'s host cannot be reached in 5 s, or None (also behind a proxy, which only a real request tests)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+    if hub and offline:  # torch.hub (URL-only weights) does not read it
         return "HF_HUB_OFFLINE is set"
     parsed = urlparse(url)
     if not parsed.hostname or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):

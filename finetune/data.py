@@ -7,8 +7,10 @@ A ``DIR/test/`` folder is never read here: the test split is for the final figur
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +97,13 @@ class DecodeBudget:
         self.used, self.done = self.used + array.nbytes, self.done + 1
         if not self.available or self.done < self.SAMPLE:
             return
-        need, limit = self.used / self.done * self.files, self.available * self.SHARE
+        # under torchrun every process on this machine decodes the whole dataset
+        copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        need, limit = self.used / self.done * self.files * copies, self.available * self.SHARE
         if need > limit:
             raise UserError(f"{self.root}: its {self.files} images would take about {need / 1e9:.1f} GB decoded "
-                            f"({self.used / self.done / 1e3:.0f} kB each at the {self.spec.resize_size} px eval resize), more "
+                            f"({self.used / self.done / 1e3:.0f} kB each at the {self.spec.resize_size} px eval resize"
+                            f"{f', in each of {copies} processes' if copies > 1 else ''}), more "
                             f"than the {limit / 1e9:.1f} GB this machine can spare ({self.available / 1e9:.1f} GB available). "
                             "Use a smaller --img-size, a subset of the images, or a machine with more memory.")
 
@@ -188,7 +193,8 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
     val_files = _scan_classes(val_dir) if val_dir is not None else {}
-    budget = DecodeBudget(root, sum(map(len, [*train_files.values(), *val_files.values()])), spec, available_memory())
+    images = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in chain(*train_files.values(), *val_files.values()))
+    budget = DecodeBudget(root, images, spec, available_memory())
     full = _decode(train_files, classes, spec, skipped, "decode train", progress, budget)
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]

@@ -190,6 +190,8 @@ class Predictor:
     def warmup(self, batch_sizes=(1,)) -> None:
         """Run each batch size once on the golden images, so the first real call is not the slow one
         (TensorRT and OpenVINO set up each new input shape on its first call)."""
+        if any(int(b) < 1 for b in batch_sizes):
+            raise UserError(f"warmup batch sizes {list(batch_sizes)}: each must be at least 1.")
         pixels, _ = self.bundle.golden()
         for b in batch_sizes:
             self.infer(np.stack([pixels[i % len(pixels)] for i in range(int(b))]))

@@ -242,8 +242,9 @@ class TensorRTRunner(Runner):
             raise UserError(f"{self.path}: engine tensor {name!r} is {trt_dtype}, which numpy cannot hold; "
                             "build the engine from an ONNX file with float32 inputs and outputs (edge-tl exports them so)") from None
         host, host_ptr = ts.pinned_array(self._cudart, shape, dtype)
+        self._allocs.append(("host", host_ptr))  # before cudaMalloc, which may fail: deactivate frees it
         dev = ts.check(self._cudart.cudaMalloc(host.nbytes))
-        self._allocs += [("host", host_ptr), ("dev", dev)]
+        self._allocs.append(("dev", dev))
         return host, dev
 
     def infer(self, x: np.ndarray) -> np.ndarray:

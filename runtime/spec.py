@@ -67,7 +67,8 @@ class PreprocessSpec:
                                  "OpenCV INTER_CUBIC and torch without antialias differ"},
             "crop": {"height": h, "width": w, "top": f"round_half_even((resized_height - {h}) / 2)",
                      "left": f"round_half_even((resized_width - {w}) / 2)",
-                     "rounding": "half to even, as Python's round() and C's nearbyint() in the default rounding mode"},
+                     "rounding": "half to even, as Python's round() and C's nearbyint() in the default rounding mode",
+                     "outside": "where the crop reaches past the resized image (crop_pct > 1): 0, black"},
             "to_input": f"float32 {self.layout} {self.channel_order} values 0-255 (uint8 cast); "
                         "(x / 255 - mean) / std is inside the ONNX graph: do not normalize",
         }

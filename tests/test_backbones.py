@@ -114,7 +114,7 @@ def test_hub_model_loads_weights_an_earlier_download_cached(empty_hub):
     src = timm.create_model("resnet10t").state_dict()
     save_file(src, repo / "snapshots" / "c0ffee" / "model.safetensors")
     model, source = create_backbone("resnet10t", 2)
-    assert source == "imagenet (timm hub: cached model.safetensors)"
+    assert source == f"imagenet (timm hub: {hub_id}, from the local cache)"
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], src["layer4.0.conv2.weight"])
     assert model.get_classifier().out_features == 2
 

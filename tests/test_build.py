@@ -169,17 +169,19 @@ def test_rerun_skips_and_force_redoes(built):
     assert json.loads((root / "out" / "bench.json").read_text())["results"][0]["batch"] == 1
 
 
-@pytest.mark.parametrize("gone", ["run", "run/best.pt", "run/metrics.json", "bundle", "check.json"])
+@pytest.mark.parametrize("gone", ["run", "run/best.pt", "run/metrics.json", "run/best.pt+run/metrics.json", "bundle",
+                                  "check.json"])
 def test_missing_outputs_rerun_their_stage(built, tmp_path, gone):
     root, _, _ = built
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    shutil.move(out / gone, tmp_path / "moved")  # outputs gone -> stage reruns even with same inputs
+    for i, path in enumerate(gone.split("+")):  # outputs gone -> stage reruns even with same inputs
+        shutil.move(out / path, tmp_path / f"moved{i}")
     logs: list[str] = []
     build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
     stage = {"run": "finetune", "bundle": "export", "check.json": "check"}[gone.split("/")[0]]
-    assert any(f"] {stage} ..." in line for line in logs) and (out / gone).exists()
-    if gone == "run/best.pt":  # the finished run's best epoch is lost: retrained, not "resumed" into nothing
+    assert any(f"] {stage} ..." in line for line in logs) and all((out / p).exists() for p in gone.split("+"))
+    if gone.startswith("run/best.pt"):  # the finished run's best epoch is lost: retrained, not "resumed" into nothing
         assert any("best.pt is gone, so it trains afresh" in line for line in logs)
 
 

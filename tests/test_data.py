@@ -161,4 +161,9 @@ def test_images_that_would_not_fit_in_memory_are_refused_early(tmp_path, monkeyp
         discover(root, SPEC, progress=False)
     assert len(decoded) == 64  # stopped at the projection, not after decoding everything
     monkeypatch.setattr(data_module, "available_memory", lambda: 400_000)  # room for all: trains
+    for image in list((root / "checker").iterdir()):
+        (root / "checker" / f"{image.stem}.xml").write_text("<annotation/>")  # sidecar files take no memory
     assert len(discover(root, SPEC, progress=False).train) > 60
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: each process on this machine holds all images
+    with pytest.raises(UserError, match="its 90 images .* in each of 2 processes"):
+        discover(root, SPEC, progress=False)

@@ -117,6 +117,8 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         with pytest.raises(UserError, match="channel_order 'bgr'"):
             p.predict(bgr, channel_order="bgr")
         p.warmup((1, 3))
+        with pytest.raises(UserError, match="each must be at least 1"):
+            p.warmup((0,))
         with pytest.raises(UserError, match="it has no pixels"):
             p.predict(np.zeros((0, 5, 3), np.uint8))
         with pytest.raises(UserError, match="topk=0: ask for at least one class"):
@@ -206,6 +208,14 @@ def test_manifest_steps_alone_reproduce_the_preprocessing_test_vectors(cpu_bundl
         halves += ((img.height - h) % 2) + ((img.width - w) % 2)
         assert np.array_equal(np.asarray(img)[top:top + h, left:left + w], want)
     assert len(sources) == 3 and halves >= 2 and {s.shape[0] > s.shape[1] for s in sources} == {True, False}
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    wide = PreprocessSpec((64, 64), crop_pct=1.15)  # "outside": a crop past the 55 px resize is black
+    assert "0, black" in wide.steps()["crop"]["outside"]
+    pixels = wide.to_pixels(Image.new("RGB", (100, 100), "white"))
+    top = round((wide.resize_size - 64) / 2)  # -4 (half to even)
+    assert top == -4 and pixels[:4].max() == pixels[59:].max() == pixels[:, :4].max() == 0
+    assert pixels[4:59, 4:59].min() == 255
 
 
 def test_check_fails_when_this_machines_resize_differs_from_the_exports(cpu_bundle, monkeypatch, tmp_path):
@@ -415,11 +425,13 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     with Predictor.from_bundle(slim.path, device="cpu") as p, Predictor.from_bundle(cpu_bundle, device="cpu") as full:
         image = _images(elpv_small)[0]
         assert p.predict(image).topk == full.predict(image).topk
+    (tmp_path / "afile").write_text("")
     for keep, out, message in ((["int4"], tmp_path / "x", "--keep int4: name artifacts of"), ([], tmp_path / "y", "(nothing)"),
-                               (["fp32"], slim.path, "already exists")):
+                               (["fp32"], slim.path, "already exists"),
+                               (["fp32"], tmp_path / "afile" / "x", "cannot create a folder beside it")):
         with pytest.raises(UserError, match=message):
             slim_bundle(cpu_bundle, keep, out, log=lambda s: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["slim"]  # refusals leave nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "slim"]  # refusals leave nothing behind
 
 
 def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
