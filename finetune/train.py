@@ -281,33 +281,70 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         d.close()
 
 
+def _resume_state(given: TrainConfig, out: Path, log) -> tuple[TrainConfig, dict]:
+    """The run's saved config (with this call's device, workers and data) and its last.pt state."""
+    state = load_checkpoint(out / "last.pt")
+    cfg = TrainConfig.from_dict(state["config"])
+    cfg.device, cfg.workers, cfg.data = given.device, given.workers, given.data  # the data may have moved
+    cfg.tune_depthwise = state["config"].get("tune_depthwise", False)  # runs from before it existed: off
+    ignored = [f"{k}={getattr(given, k)!r} (run: {v!r})" for k, v in asdict(cfg).items()
+               if k not in ("device", "workers", "data", "out") and getattr(given, k) != DEFAULTS.get(k)
+               and getattr(given, k) != v]
+    if ignored:
+        log(f"--resume keeps the run's saved settings; ignored: {', '.join(ignored)}")
+    if not (out / "best.pt").is_file() and state["best"]["epoch"] > 0:  # deleted, or lost in a partial copy
+        if state["epoch"] >= cfg.epochs:
+            raise UserError(f"{out / 'best.pt'}: missing, and the run is complete, so its best epoch "
+                            f"({state['best']['epoch']}) is lost. Train afresh into a new --out "
+                            "(`edge-tl build` does that by itself).")
+        log(f"warning: {out / 'best.pt'} is missing (best epoch {state['best']['epoch']} lost): the best of the "
+            "epochs still to train takes its place")
+        state["best"] = {"val_accuracy": -1.0, "epoch": -1}
+    if state["epoch"] >= cfg.epochs:
+        log(f"{out}: already complete ({cfg.epochs}/{cfg.epochs} epochs); nothing left to train")
+    else:
+        log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
+    return cfg, state
+
+
+def _log_skipped(skipped: list[str], out: Path, log) -> None:
+    """The first 20 files left out (all of them go to skipped.txt)."""
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable or non-image files:")
+        for line in skipped[:20]:
+            log(f"  {line}")
+        if len(skipped) > 20:
+            log(f"  ... and {len(skipped) - 20} more (all listed in {out / 'skipped.txt'})")
+
+
+def _class_loss_weight(counts: list[int], class_weights: str, device) -> torch.Tensor:
+    """Cross-entropy class weights ∝ frequency^-power, scaled so the training set's mean weight is 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    power = CLASS_WEIGHT_POWERS[class_weights]
+    weights = (counts.sum() / (len(counts) * counts)) ** power
+    return torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32, device=device)
+
+
+def _validation_logits(eval_model, val: Split, spec: PreprocessSpec, device, cfg: TrainConfig, d: distributed.Dist,
+                       num_classes: int) -> torch.Tensor:
+    """Logits of every validation image; under DDP each rank scores a shard, gathered in order."""
+    if d.world > 1:  # shard validation and gather it
+        d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
+        shard = list(range(d.rank, len(val), d.world))
+        parts = d.gather(predict_logits(eval_model, val.subset(shard), spec, device, cfg.batch_size * 2,
+                                        cfg.workers))
+        logits = torch.zeros(len(val), num_classes)
+        for r, part in enumerate(parts):
+            logits[r::d.world] = part
+    else:
+        logits = predict_logits(eval_model, val, spec, device, cfg.batch_size * 2, cfg.workers)
+    return logits
+
+
 def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, progress: bool, on_step, log,
               on_epoch) -> dict:
-    state = None
-    if resume:
-        state = load_checkpoint(out / "last.pt")
-        given = cfg
-        cfg = TrainConfig.from_dict(state["config"])
-        cfg.device, cfg.workers, cfg.data = given.device, given.workers, given.data  # the data may have moved
-        cfg.tune_depthwise = state["config"].get("tune_depthwise", False)  # runs from before it existed: off
-        ignored = [f"{k}={getattr(given, k)!r} (run: {v!r})" for k, v in asdict(cfg).items()
-                   if k not in ("device", "workers", "data", "out") and getattr(given, k) != DEFAULTS.get(k)
-                   and getattr(given, k) != v]
-        if ignored:
-            log(f"--resume keeps the run's saved settings; ignored: {', '.join(ignored)}")
-        if not (out / "best.pt").is_file() and state["best"]["epoch"] > 0:  # deleted, or lost in a partial copy
-            if state["epoch"] >= cfg.epochs:
-                raise UserError(f"{out / 'best.pt'}: missing, and the run is complete, so its best epoch "
-                                f"({state['best']['epoch']}) is lost. Train afresh into a new --out "
-                                "(`edge-tl build` does that by itself).")
-            log(f"warning: {out / 'best.pt'} is missing (best epoch {state['best']['epoch']} lost): the best of the "
-                "epochs still to train takes its place")
-            state["best"] = {"val_accuracy": -1.0, "epoch": -1}
-        if state["epoch"] >= cfg.epochs:
-            log(f"{out}: already complete ({cfg.epochs}/{cfg.epochs} epochs); nothing left to train")
-        else:
-            log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} (config from last.pt)")
-    elif (out / "last.pt").exists():
+    cfg, state = _resume_state(cfg, out, log) if resume else (cfg, None)
+    if state is None and (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
     device = resolve_device(cfg.device)
     if d.world > 1 and device.type == "cuda":
@@ -322,12 +359,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if state is not None and data.classes != state["classes"]:
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
-    if data.skipped:
-        log(f"skipped {len(data.skipped)} unreadable or non-image files:")
-        for line in data.skipped[:20]:
-            log(f"  {line}")
-        if len(data.skipped) > 20:
-            log(f"  ... and {len(data.skipped) - 20} more (all listed in {out / 'skipped.txt'})")
+    _log_skipped(data.skipped, out, log)
     num_classes = len(data.classes)
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
@@ -352,10 +384,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                                        warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
-    counts = np.asarray(data.train.counts(num_classes), dtype=np.float64)
-    power = CLASS_WEIGHT_POWERS[cfg.class_weights]
-    weights = (counts.sum() / (num_classes * counts)) ** power
-    loss_weight = torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32, device=device)
+    loss_weight = _class_loss_weight(data.train.counts(num_classes), cfg.class_weights, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     history: list[dict] = []
@@ -460,16 +489,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             bar.close()
             raise KeyboardInterrupt from None
         start_step = 0
-        if d.world > 1:  # shard validation and gather it
-            d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
-            shard = list(range(d.rank, len(data.val), d.world))
-            parts = d.gather(predict_logits(eval_model, data.val.subset(shard), spec, device, cfg.batch_size * 2,
-                                            cfg.workers))
-            logits = torch.zeros(len(data.val), num_classes)
-            for r, part in enumerate(parts):
-                logits[r::d.world] = part
-        else:
-            logits = predict_logits(eval_model, data.val, spec, device, cfg.batch_size * 2, cfg.workers)
+        logits = _validation_logits(eval_model, data.val, spec, device, cfg, d, num_classes)
         yv = torch.tensor(data.val.labels)
         val_loss = F.cross_entropy(logits, yv).item()
         val_acc = (logits.argmax(1) == yv).float().mean().item()
