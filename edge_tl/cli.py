@@ -275,25 +275,21 @@ def predict(
 
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
-    from edge_tl.runtime import Predictor
-    from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, image_files
+    from edge_tl.runtime import Predictor, UnreadableImage
+    from edge_tl.runtime.images import expand_images
 
     if topk < 1:
         raise UserError(f"--topk {topk}: show at least one class per image.")
-    files = [f for path in images for f in (image_files(path) if path.is_dir() else [path])]
-    if not files:
-        raise UserError(f"{', '.join(map(str, images))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
+    files = expand_images(images)
     failed = 0
     with _errors_as_json(json_out):
         p = Predictor.from_bundle(bundle, backend, precision, device)
     with p:
         typer.echo(f"using {p.describe()}", err=True)
-        for path in files:
-            try:
-                pred = p.predict(path, topk)
-            except UnreadableImage as exc:
+        for path, pred in p.predict_files(files, topk):
+            if isinstance(pred, UnreadableImage):
                 failed += 1
-                typer.echo(json.dumps({"image": str(path), "error": str(exc)}) if json_out else f"error: {exc}",
+                typer.echo(json.dumps({"image": str(path), "error": str(pred)}) if json_out else f"error: {pred}",
                            err=not json_out)
                 continue
             if json_out:

@@ -32,6 +32,14 @@ def image_files(folder: Path) -> list[Path]:
     return [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
 
 
+def expand_images(paths) -> list[Path]:
+    """Files as given and folders as their image files (sorted); a UserError when that leaves none."""
+    files = [f for p in map(Path, paths) for f in (image_files(p) if p.is_dir() else [p])]
+    if not files:
+        raise UserError(f"{', '.join(map(str, paths))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
+    return files
+
+
 class UnreadableImage(UserError, ValueError):
     """The file is not a decodable image (zero bytes, truncated, corrupt or another format)."""
 

@@ -13,7 +13,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import load_rgb, to_input, to_rgb
+from .images import UnreadableImage, load_rgb, to_input, to_rgb
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
 
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=None
@@ -258,6 +258,15 @@ class Predictor:
         pixels = (np.stack([self.preprocess(im, channel_order) for im in images]) if len(images)
                   else np.zeros((0, 1, 1, 3), np.uint8))
         return self.decode(self.infer(pixels) if len(images) else np.zeros((0, len(self.classes))), topk)
+
+    def predict_files(self, paths, topk: int = 5):
+        """Yield (path, Prediction) per image file, or (path, UnreadableImage) for one that cannot be
+        read: a bad file in a folder does not stop the rest."""
+        for path in paths:
+            try:
+                yield path, self.predict(path, topk)
+            except UnreadableImage as exc:
+                yield path, exc
 
     def decode(self, logits: np.ndarray, topk: int = 5) -> list[Prediction]:
         """Predictions from N×classes logits (``infer``'s output): softmax, then the ``topk`` best."""

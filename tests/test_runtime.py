@@ -386,6 +386,18 @@ def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp
     assert "error" in lines[0] and lines[0]["image"] == str(bad)
     assert [x["image"] for x in lines[1:]] == sorted(map(str, folder.iterdir())) + [str(good)]
     assert all("label" in x for x in lines[1:])
+    from edge_tl.runtime import Prediction, UnreadableImage
+    from edge_tl.runtime.images import expand_images
+
+    files = expand_images([bad, folder, good])  # the library the command is a few lines over
+    assert files == [bad, *sorted(folder.iterdir()), good]
+    with Predictor.from_bundle(cpu_bundle, device="cpu") as p:
+        results = list(p.predict_files(files, topk=2))
+    assert isinstance(results[0][1], UnreadableImage) and all(isinstance(r, Prediction) for _, r in results[1:])
+    assert [r.label for _, r in results[1:]] == [x["label"] for x in lines[1:]]
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        expand_images([tmp_path / "empty_dir"])
 
 
 def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_small, tmp_path):
