@@ -142,9 +142,17 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     test_dir = data_dir / "test" if (data_dir / "test").is_dir() else None
 
     def check() -> None:
+        from edge_tl.finetune.data import copies_in, run_images
         from edge_tl.runtime.check import check_bundle
+        from edge_tl.runtime.images import class_folders, image_files
 
         report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
+        copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
+                           run_images(run_dir, data_dir)) if test_dir else []
+        if copies:
+            log(f"  warning: {len(copies)} test images are byte-identical to images the model trained or was "
+                f"validated on (e.g. {copies[0][0]} = {copies[0][1]}), so the test figures read high; all in check.json")
+        report["test_in_training"] = [{"test": str(t), "training": str(c)} for t, c in copies]
         write_json(out / "check.json", report)
 
     b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None,
@@ -255,7 +263,9 @@ def summarize(out: Path) -> dict:
                      "passed": r["passed"], **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
     transfer = scratch_comparison(out)
+    found = json.loads((out / "run" / "metrics.json").read_text()).get("duplicates", {})
     return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
+            "duplicates": {**found, "test_in_training": len(check.get("test_in_training", []))},
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
@@ -284,6 +294,9 @@ def format_summary(summary: dict) -> str:
             win = w["slope" if key.startswith("slope") else key]
             vals = [f"{e[k][key]:>7.4g}" if e[k][key] is not None else "  never (at chance)" for k in ("pretrained", "scratch")]
             lines.append(f"  {label:<24} {vals[0]} vs {vals[1]}  {win}")
+    if found := {k: n for k, n in summary.get("duplicates", {}).items() if n and k != "moved_to_train"}:
+        lines.append("byte-identical images (see run/duplicates.txt, check.json): "
+                     + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in found.items()))
     if summary["not_run_here"]:
         lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
     lines += ["", f"next, on the {summary['target']} device:"]

@@ -110,6 +110,20 @@ def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str 
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _data_warnings(metrics: dict, check: dict) -> list[str]:
+    """Byte-identical images found by the fine-tune (train/val) and the check (test vs training)."""
+    found = {**metrics.get("duplicates", {}), "test_in_training": len(check.get("test_in_training", []))}
+    says = {"label_conflicts": "{} images are filed under several classes (labelling errors)",
+            "val_in_train": "{} validation images have a copy in train, so validation accuracy reads high",
+            "test_in_training": "{} test images are copies of training or validation images, so the test accuracy "
+                                "below reads high"}
+    notes = [text.format(found[k]) for k, text in says.items() if found.get(k)]
+    if not notes:
+        return []
+    return [f"<p><b class=\"fail\">Data:</b> {html.escape('; '.join(notes))} (byte-identical files; every one is listed "
+            "in run/duplicates.txt and check.json's test_in_training).</p>"]
+
+
 def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     out = Path(out)
     needed = [out / "bundle" / "manifest.json", out / "check.json", out / "bench.json", out / "run" / "metrics.json"]
@@ -130,6 +144,7 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
              f"Fine-tune: best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
              f"of {metrics['epochs']} ({metrics['seconds'] / 60:.1f} min on {html.escape(metrics['device'])}), "
              f"{metrics['num_train']} train / {metrics['num_val']} val images, weights {html.escape(str(metrics['pretrained']))}.</p>"]
+    parts += _data_warnings(metrics, check)
     parts += ["<h2>Accuracy per artifact</h2>", _table(
         ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "check"],
         [[n, r["precision"], r["backend"], r["accuracy"], r["reference_accuracy"] if r["reference_accuracy"] is not None

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edge_tl.errors import UserError
+from edge_tl.fileio import sha256_file
 from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, class_folders, load_rgb, visible_files
 from edge_tl.runtime.spec import PreprocessSpec
 
@@ -31,6 +32,7 @@ class Split:
     paths: list[Path]
     labels: list[int]
     arrays: list[np.ndarray]
+    digests: list[str]  # sha256 of each file's bytes: byte-identical copies share one
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +49,8 @@ class Split:
         return Image.fromarray(self.arrays[i])
 
     def subset(self, idx: list[int]) -> "Split":
-        return Split([self.paths[i] for i in idx], [self.labels[i] for i in idx], [self.arrays[i] for i in idx])
+        return Split([self.paths[i] for i in idx], [self.labels[i] for i in idx], [self.arrays[i] for i in idx],
+                     [self.digests[i] for i in idx])
 
 
 @dataclass
@@ -60,6 +63,68 @@ class ImageFolderData:
     val: Split
     val_source: str  # "val/ folder" or "carved from train (...)"
     skipped: list[str] = field(default_factory=list)
+    moved_to_train: list[Path] = field(default_factory=list)  # carved validation images that have a copy in train
+
+    def duplicates(self) -> "Duplicates":
+        return find_duplicates(self.train, self.val, self.classes, self.moved_to_train)
+
+
+@dataclass
+class Duplicates:
+    """Byte-identical image files (the same sha256) in the training data.
+
+    A validation image with a copy in train makes validation accuracy, and so the best-epoch
+    choice, read high; one image filed under two classes is a labelling error that no model can
+    get right both times. Scraped or merged datasets have both more often than one expects.
+    """
+
+    conflicts: list[list[tuple[Path, str]]]  # the copies (path, class) of each image filed under several classes
+    val_in_train: list[tuple[Path, Path]]  # (validation image, a training copy of it)
+    moved_to_train: list[Path]  # carved validation images moved to train to join their copy
+
+    def counts(self) -> dict:
+        return {"label_conflicts": len(self.conflicts), "val_in_train": len(self.val_in_train),
+                "moved_to_train": len(self.moved_to_train)}
+
+    def lines(self) -> list[str]:
+        """One line per finding, for the log and duplicates.txt."""
+        out = [" = ".join(f"{p} ({c})" for p, c in copies) + ": one image, several classes" for copies in self.conflicts]
+        out += [f"{v} = {t}: validation image also in train" for v, t in self.val_in_train]
+        out += [f"{p}: moved from the carved validation split to train, where a copy of it is" for p in self.moved_to_train]
+        return out
+
+
+def find_duplicates(train: Split, val: Split, classes: list[str], moved_to_train: list[Path] = ()) -> Duplicates:
+    """Byte-identical files across classes, and validation images with a copy in train."""
+    copies: dict[str, list[tuple[Path, int, str]]] = {}
+    for name, split in (("train", train), ("val", val)):
+        for p, y, h in zip(split.paths, split.labels, split.digests):
+            copies.setdefault(h, []).append((p, y, name))
+    conflicts = [[(p, classes[y]) for p, y, _ in group] for group in copies.values() if len({y for _, y, _ in group}) > 1]
+    val_in_train = []
+    for group in copies.values():
+        in_train = [p for p, _, name in group if name == "train"]
+        val_in_train += [(p, in_train[0]) for p, _, name in group if name == "val" and in_train]
+    return Duplicates(conflicts, val_in_train, list(moved_to_train))
+
+
+def copies_in(files: list[Path], digests: dict[str, Path]) -> list[tuple[Path, Path]]:
+    """(file, its copy) for each of ``files`` whose bytes equal a file in ``digests`` (sha256 → path)."""
+    found = []
+    for f in files:
+        if f.is_file() and (copy := digests.get(sha256_file(f))) is not None:
+            found.append((f, copy))
+    return found
+
+
+def run_images(run_dir: Path, root: Path) -> dict[str, Path]:
+    """sha256 → path of the images a run trained and validated on (its images.tsv; empty for runs
+    made before edge-tl wrote it)."""
+    table = Path(run_dir) / "images.tsv"
+    if not table.is_file():
+        return {}
+    rows = [line.split("\t") for line in table.read_text().splitlines()[1:]]
+    return {row[2]: Path(root) / row[3] for row in rows if len(row) == 4}
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
@@ -117,7 +182,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     one that would not fit).
     """
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
-    paths, labels, arrays = [], [], []
+    paths, labels, arrays, digests = [], [], [], []
     for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
         if p.suffix.lower() not in IMAGE_EXTENSIONS and p.exists():  # a broken link: load_rgb names it
             skipped.append(f"{p}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
@@ -131,7 +196,8 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
             budget.add(arrays[-1])
         paths.append(p)
         labels.append(ci)
-    return Split(paths, labels, arrays)
+        digests.append(sha256_file(p))  # read again from the page cache: far cheaper than the decode
+    return Split(paths, labels, arrays, digests)
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -148,6 +214,22 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
         held += idx[:n_held]
         keep += idx[n_held:]
     return sorted(keep), sorted(held)
+
+
+def keep_copies_together(digests: list[str], labels: list[int], keep: list[int], held: list[int]
+                         ) -> tuple[list[int], list[int], list[int]]:
+    """Move held-out indices whose file has a byte-identical copy in ``keep`` over to ``keep``
+    (a validation image seen in training measures memory, not generalization), never a class's
+    last held-out one. Returns (keep, held, moved); unchanged where there are no copies."""
+    kept = {digests[i] for i in keep}
+    left = {y: sum(labels[i] == y for i in held) for y in set(labels)}
+    moved = []
+    for i in held:
+        if digests[i] in kept and left[labels[i]] > 1:
+            moved.append(i)
+            left[labels[i]] -= 1
+    gone = set(moved)
+    return sorted(keep + moved), [i for i in held if i not in gone], moved
 
 
 def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
@@ -218,5 +300,7 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
                             f"{val_dir.name}/<class>/, or remove {val_dir.name}/ to carve a stratified split from train.")
         return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped)
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
+    keep, held, moved = keep_copies_together(full.digests, full.labels, keep, held)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
-    return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped)
+    return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped,
+                           [full.paths[i] for i in moved])

@@ -307,14 +307,32 @@ def _resume_state(given: TrainConfig, out: Path, log) -> tuple[TrainConfig, dict
     return cfg, state
 
 
-def _log_skipped(skipped: list[str], out: Path, log) -> None:
-    """The first 20 files left out (all of them go to skipped.txt)."""
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable or non-image files:")
-        for line in skipped[:20]:
+def _log_first(lines: list[str], header: str, listing: Path, log, n: int = 20) -> None:
+    """``header`` and the first ``n`` of ``lines`` (all of them go to ``listing``)."""
+    if lines:
+        log(header)
+        for line in lines[:n]:
             log(f"  {line}")
-        if len(skipped) > 20:
-            log(f"  ... and {len(skipped) - 20} more (all listed in {out / 'skipped.txt'})")
+        if len(lines) > n:
+            log(f"  ... and {len(lines) - n} more (all listed in {listing})")
+
+
+def _duplicates_header(counts: dict) -> str:
+    parts = {"label_conflicts": "{} images filed under several classes (labelling errors: fix or remove the wrong copy)",
+             "val_in_train": "{} validation images with a copy in train (validation accuracy reads high)",
+             "moved_to_train": "{} carved validation images moved to train, where their copies are"}
+    return "warning: byte-identical image files: " + "; ".join(parts[k].format(n) for k, n in counts.items() if n) + ":"
+
+
+IMAGES_COLUMNS = "split\tclass\tsha256\tpath"
+
+
+def images_table(data) -> str:
+    """The run's images: split, class, sha256 of the file, path relative to the data folder (its lineage)."""
+    rows = [f"{name}\t{data.classes[y]}\t{h}\t{Path(p).relative_to(data.root).as_posix()}"
+            for name, split in (("train", data.train), ("val", data.val))
+            for p, y, h in zip(split.paths, split.labels, split.digests)]
+    return "".join(f"{r}\n" for r in [IMAGES_COLUMNS, *rows])
 
 
 def _class_loss_weight(counts: list[int], class_weights: str, device) -> torch.Tensor:
@@ -359,7 +377,9 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if state is not None and data.classes != state["classes"]:
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
-    _log_skipped(data.skipped, out, log)
+    _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
+    duplicates = data.duplicates()
+    _log_first(duplicates.lines(), _duplicates_header(duplicates.counts()), out / "duplicates.txt", log)
     num_classes = len(data.classes)
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
@@ -425,6 +445,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
+        write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
+        write_text(out / "images.tsv", images_table(data))
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
     eval_model = ema.module if ema is not None else model
     step = start_step
@@ -517,7 +539,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         "train_class_counts": data.train.counts(num_classes), "val_class_counts": data.val.counts(num_classes),
         "val_confusion": best["confusion"], "model": cfg.model, "pretrained": pretrained,
         "seconds": round(seconds, 2), "epochs": cfg.epochs, "device": str(device), "preprocess": spec.to_dict(),
-        "skipped_files": len(data.skipped), "config": asdict(cfg), "edge_tl": __version__,
+        "skipped_files": len(data.skipped), "duplicates": duplicates.counts(), "config": asdict(cfg), "edge_tl": __version__,
         "torch": torch.__version__, "timm": timm.__version__, "processes": d.world,
     }
     if d.is_main:

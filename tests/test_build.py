@@ -233,16 +233,22 @@ def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
     extra = root / "imgs" / "test" / "checker" / "extra.png"
-    shutil.copy(next((root / "imgs" / "test" / "checker").iterdir()), extra)
+    trained = sorted((root / "imgs" / "train" / "checker").glob("*.png"))[0]
+    shutil.copy(trained, extra)  # a training image leaked into test/: the check finds it
     try:
         logs: list[str] = []
-        build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4), bench_seconds=0.2,
-              log=logs.append)
+        summary = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4),
+                        bench_seconds=0.2, log=logs.append)
     finally:
         extra.unlink()
     skipped = {stage for stage in ("finetune", "export", "check") if any(f"] {stage}" in line and "up to date" in line
                                                                       for line in logs)}
     assert skipped == {"finetune", "export"}, logs  # training never reads test/; the check does
+    assert any("1 test images are byte-identical" in line for line in logs), logs
+    leaks = json.loads((out / "check.json").read_text())["test_in_training"]
+    assert leaks == [{"test": str(extra), "training": str(trained.resolve())}]
+    assert summary["duplicates"]["test_in_training"] == 1 and "1 test in training" in format_summary(summary)
+    assert "1 test images are copies of training or validation images" in (out / "report.html").read_text()
 
 
 def test_compare_scratch_adds_the_transfer_section(built, tmp_path):

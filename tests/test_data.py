@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.data import discover, stratified_split
+from edge_tl.finetune.data import discover, keep_copies_together, stratified_split
 from edge_tl.runtime.spec import PreprocessSpec
 
 from conftest import make_image_folder
@@ -32,6 +32,39 @@ def test_train_val_test_layout_never_reads_test(tmp_path):
     assert data.val_source == "val/ folder"
     assert len(data.train) == 12 and len(data.val) == 6 and "zzz" not in data.classes
     assert all("test" not in p.parts for p in data.train.paths + data.val.paths)
+
+
+def test_copies_stay_on_the_training_side_and_conflicts_are_named(tiny_folder):
+    """Byte-identical files: a carved validation image never has a copy in train, and one image
+    under two classes is reported as a labelling error."""
+    before = discover(tiny_folder, SPEC, val_fraction=0.25, progress=False)
+    held = sorted(before.val.paths)[0]  # copied into train under its own class and under another one
+    shutil.copy(held, held.with_name("copy_" + held.name))
+    other = "vstripes" if held.parent.name != "vstripes" else "checker"
+    shutil.copy(held, tiny_folder / other / ("copy_" + held.name))
+    data = discover(tiny_folder, SPEC, val_fraction=0.25, progress=False)
+    assert not set(data.val.digests) & set(data.train.digests)
+    found = data.duplicates()
+    assert found.val_in_train == [] and len(data.train) + len(data.val) == len(before.train) + len(before.val) + 2
+    assert [sorted(c for _, c in copies) for copies in found.conflicts] == [sorted([held.parent.name] * 2 + [other])]
+    assert any("one image, several classes" in line for line in found.lines())
+
+
+def test_held_out_copies_join_their_training_copy_but_never_empty_a_class():
+    digests, labels = ["a", "a", "b", "c", "c", "d", "d"], [0, 0, 0, 1, 1, 1, 1]
+    keep, held, moved = keep_copies_together(digests, labels, keep=[0, 3, 5], held=[1, 2, 4, 6])
+    assert moved == [1, 4] and keep == [0, 1, 3, 4, 5] and held == [2, 6]  # 6 stays: class 1's last held-out image
+    assert keep_copies_together(list("abcd"), [0, 0, 1, 1], [0, 2], [1, 3]) == ([0, 2], [1, 3], [])  # no copies: as split
+
+
+def test_a_val_folder_with_training_images_is_reported(tmp_path):
+    make_image_folder(tmp_path / "d" / "train", per_class=4)
+    make_image_folder(tmp_path / "d" / "val", per_class=2, seed=1)
+    leaked = tmp_path / "d" / "val" / "checker" / "leaked.png"
+    shutil.copy(tmp_path / "d" / "train" / "checker" / "000.png", leaked)
+    found = discover(tmp_path / "d", SPEC, progress=False).duplicates()
+    assert found.val_in_train == [(leaked, tmp_path / "d" / "train" / "checker" / "000.png")]
+    assert found.counts() == {"label_conflicts": 0, "val_in_train": 1, "moved_to_train": 0}
 
 
 def test_split_is_deterministic_and_keeps_one_of_each():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,11 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2]
     assert set(hist[0]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    rows = [line.split("\t") for line in (out / "images.tsv").read_text().splitlines()]
+    assert rows[0] == ["split", "class", "sha256", "path"] and len(rows) == 1 + metrics["num_train"] + 3
+    assert rows[1][3] == "checker/000.png" and rows[1][2] == hashlib.sha256((tiny_folder / rows[1][3]).read_bytes()).hexdigest()
+    assert metrics["duplicates"] == {"label_conflicts": 0, "val_in_train": 0, "moved_to_train": 0}
+    assert (out / "duplicates.txt").read_text() == ""
     model, ckpt = load_model(out / "best.pt")  # weights_only=True inside
     assert ckpt["preprocess"]["input_size"] == [64, 64] and ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert model.get_classifier().out_features == 3
