@@ -14,6 +14,7 @@ import typer
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
+from edge_tl.fileio import check_writable
 from edge_tl.finetune.config import DEFAULTS as D
 from edge_tl.finetune.config import TrainConfig
 
@@ -31,7 +32,10 @@ ROT90 = typer.Option(D["rot90"], help="Probability of turning by a random multip
 app = typer.Typer(
     help="edge-tl: fine-tune a pretrained backbone on your images and take it to an edge device.\n\n"
     "Examples: edge-tl build --data demo --target cpu    (the whole pipeline on the ELPV demo data)\n\n"
-    "edge-tl build --data ./imgs --target jetson    (your ImageFolder; prints the device steps)",
+    "edge-tl build --data ./imgs --target jetson    (your ImageFolder; prints the device steps)\n\n"
+    "Exit status: 0 done; 1 a check or build gate failed, or some of predict's images were unreadable; 2 bad input "
+    "(a bad option, path, image folder or a refused bundle: one line says which and the fix); 3 edge-tl "
+    "itself failed (a traceback; please report it).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -266,24 +270,26 @@ def predict(
     backend: str = typer.Option("auto", help="auto (TensorRT engine, else ONNX Runtime), tensorrt or onnxruntime."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: fastest accepted)."),
     device: str = typer.Option("auto", help="auto, cpu, openvino or cuda (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Classify images with a bundle (torch-free runtime).
 
     An unreadable file is reported (a JSON line with "error") and skipped; the exit status is
-    then 2, after every other image was classified.
+    then 1, after every other image was classified (2 if none was). A refused bundle or option:
+    exit 2 (with --json, {"error": ...} on stdout).
 
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor, UnreadableImage
     from edge_tl.runtime.images import expand_images
 
-    if topk < 1:
-        raise UserError(f"--topk {topk}: show at least one class per image.")
-    files = expand_images(images)
     failed = 0
     with _errors_as_json(json_out):
-        p = Predictor.from_bundle(bundle, backend, precision, device)
+        if topk < 1:
+            raise UserError(f"--topk {topk}: show at least one class per image.")
+        files = expand_images(images)
+        p = Predictor.from_bundle(bundle, backend, precision, device, threads)
     with p:
         typer.echo(f"using {p.describe()}", err=True)
         for path, pred in p.predict_files(files, topk):
@@ -299,7 +305,7 @@ def predict(
                            ", ".join(f"{k} {s:.3f}" for k, s in pred.topk) + ")")
     if failed:
         typer.echo(f"error: {failed} of {len(files)} images unreadable (listed above)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2 if failed == len(files) else 1)  # none classified: the input, not some images, is wrong
 
 
 @app.command()
@@ -338,8 +344,12 @@ def check(
     min_agreement: float = typer.Option(0.95, help="Smallest top-1 agreement with the golden FP32 outputs. "
                                        "For INT8 it is lowered, where lower, to the agreement export measured on "
                                        "validation less 3 standard errors of the golden sample (at most by 0.1)."),
-    baseline: Optional[Path] = typer.Option(None, help="An earlier release's `check --json` output to compare with."),
+    baseline: Optional[Path] = typer.Option(None, help="An earlier release's passing `check --json` output, on the same "
+                                             "images, to compare with (each artifact against its own earlier accuracy)."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Also fail any artifact below this accuracy (0-1) on the "
+                                                 "check's images: the reference itself is gated too."),
     device: str = typer.Option("cpu", help="cpu, openvino, cuda or auto (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     junit: Optional[Path] = typer.Option(None, help="Also write JUnit XML here (one test case per artifact)."),
 ) -> None:
@@ -354,15 +364,19 @@ def check(
     from edge_tl.runtime.check import check_bundle, failures, write_junit
 
     try:
-        report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, log=_log_for(json_out))
-    except UserError as exc:  # still leave CI a report that says why, then exit 2
+        if junit:
+            check_writable(junit)  # before the check: its report must not be lost to an unwritable path
+        report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, min_accuracy, threads,
+                              log=_log_for(json_out))
+    except Exception as exc:  # still leave CI a report that says why, then exit 2 (bad input) or 3 (a bug)
+        error = str(exc) if isinstance(exc, UserError) else f"edge-tl failed unexpectedly: {exc!r}"
         if json_out:
-            typer.echo(json.dumps({"passed": False, "error": str(exc)}, indent=2))
+            typer.echo(json.dumps({"passed": False, "error": error}, indent=2))
         if junit:
             with contextlib.suppress(UserError):  # e.g. --junit is a folder: the first error is the one to show
-                write_junit({"passed": False, "error": str(exc)}, junit)
+                write_junit({"passed": False, "error": error}, junit)
         raise
-    if json_out:  # printed first: an unwritable --junit (exit 2) does not lose the report
+    if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(failures(report)))
@@ -452,6 +466,10 @@ def main() -> None:
     of edge-tl: traceback and exit 3, so a CI gate never reads a crash as check's 1 (regression)."""
     try:
         app()
+    except SystemExit as exc:
+        if exc.code == 2:
+            _junit_for_usage_error(sys.argv[1:])
+        raise
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -463,6 +481,23 @@ def main() -> None:
         sys.exit(2)
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden
         _crashed()
+
+
+def _junit_for_usage_error(args: list[str]) -> None:
+    """`check --junit FILE` refused by the option parser (before the command ran): FILE still says
+    so, rather than keeping a previous run's passing cases for CI to publish."""
+    if not args or args[0] != "check":
+        return
+    for i, arg in enumerate(args):
+        junit = arg.split("=", 1)[1] if arg.startswith("--junit=") else (
+            args[i + 1] if arg == "--junit" and i + 1 < len(args) else None)
+        if junit:
+            from edge_tl.runtime.check import write_junit
+
+            with contextlib.suppress(UserError):
+                write_junit({"passed": False, "error": "the command line was refused (see the usage error on stderr)"},
+                            junit)
+            return
 
 
 def _crashed() -> None:

@@ -52,19 +52,46 @@ def replace_folder(new: Path, out: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` in one step."""
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` in one step.
+
+    A symbolic link is written through (its target replaced, the link kept); a FIFO or device
+    (``/dev/stdout``) is written into directly: renaming onto it would replace the node itself.
+    A file that cannot be written is a UserError naming it (exit 2), not a traceback.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a file path to write to.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # made 0666 less the umask by the kernel (mkstemp's 0600 would keep a bundle from others on a device)
-    tmp_path = _fresh(path.parent, path.name, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    try:
+        if path.exists() and not path.is_file():
+            write(path)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # made 0666 less the umask by the kernel (mkstemp's 0600 would keep a bundle from others on a device)
+        tmp_path = _fresh(path.parent, path.name, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it ({exc.strerror or exc}). Choose another path.") from None
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it ({exc.strerror or exc}). Free space or choose another path.") from None
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, naming ``path``, if a file cannot be written there (before minutes of work that
+    would then end in an error)."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file path to write to.")
+    if path.exists() and not path.is_file():
+        return  # a FIFO or device: written into
+    probe = atomic_write(path.with_name(f".{path.name}.probe"), lambda p: p.write_bytes(b""))
+    probe.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -94,7 +94,12 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
         slim.save()
         write_text(tmp / "README.md", bundle_readme(slim, out))
         Bundle.load(tmp)  # verified before it takes the name
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if out.exists():  # another slim to the same --out finished first
+                raise UserError(f"{out}: was created meanwhile (another slim?); choose a new folder.") from None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     kept_mb = sum((out / a["file"]).stat().st_size for a in slim.artifacts) / 1e6

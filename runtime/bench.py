@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edge_tl import __version__
 from edge_tl.errors import UserError
 
-from .bundle import Bundle
+from .bundle import SELF_DIGEST, Bundle
 from .images import load_rgb, to_input
 from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
@@ -125,6 +126,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     if reference not in (None, "torch"):
         raise UserError(f"--reference {reference}: only 'torch' is supported.")
     precisions = [p.lower() for p in precisions] if precisions else precisions  # as Predictor takes them
+    if unknown := sorted(set(backends or ()) - {"onnxruntime", "tensorrt"}):
+        raise UserError(f"--backend {','.join(unknown)}: unknown; use onnxruntime and/or tensorrt.")
     bundle = Bundle.load(path)
     checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()
@@ -172,7 +175,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
         raise UserError(f"{bundle.path}: nothing to time on this machine for backend {', '.join(backends or ['any'])}, "
                         f"precision {', '.join(precisions or ['any'])} (it has: "
                         f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
-    return {"machine": machine(), "bundle": str(bundle.path), "results": results}
+    return {"machine": machine(), "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
+            "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "results": results}
 
 
 def _reference_checkpoint(bundle: Bundle) -> Path:

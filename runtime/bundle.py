@@ -98,6 +98,10 @@ class Bundle:
                     raise BundleError(f"{f}: its line endings were changed to CRLF (git's core.autocrlf on "
                                       "Windows?), so its sha256 differs from the manifest. Keep the bundle "
                                       "byte-exact: its .gitattributes (`* -text`) does that in git; restore the file.")
+                with open(f, "rb") as fh:
+                    if fh.read(64).startswith(b"version https://git-lfs"):
+                        raise BundleError(f"{f}: a Git LFS pointer, not the file itself: run `git lfs pull` in the "
+                                          "repository it came from (or copy the bundle from where it was exported).")
                 raise BundleError(f"{f}: sha256 differs from the manifest (modified or corrupted). "
                                   "Copy the bundle again or re-export it; edge-tl will not run a changed file.")
         self._check_consistent()
@@ -148,7 +152,11 @@ class Bundle:
         if not f.is_file():
             raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
         with np.load(f) as z:
-            return z["pixels"], z["logits"]
+            pixels, logits = z["pixels"], z["logits"]
+        if not np.isfinite(logits).all():
+            raise BundleError(f"{f}: its reference logits are not all finite (inf or NaN), so nothing can be compared "
+                              "with them; re-export the bundle.")
+        return pixels, logits
 
     def preprocess_vectors(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(uint8 RGB source image, its expected model input) pairs from golden.npz; none in bundles older than them."""

@@ -9,6 +9,7 @@ on the same images (whose own parity with PyTorch is the golden check). Torch-fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -18,10 +19,11 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 from PIL import Image
 
+from edge_tl import __version__
 from edge_tl.errors import UserError
-from edge_tl.fileio import write_text
+from edge_tl.fileio import sha256_file, write_text
 
-from .bundle import Bundle
+from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, class_folders, image_files, load_rgb, to_input
 from .predictor import make_runner, runnable, tensorrt_available
 
@@ -102,35 +104,40 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
 
 
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
-                 baseline: str | Path | None = None, device: str | None = "cpu", keep_predictions: bool = False,
-                 log=print) -> dict:
+                 baseline: str | Path | None = None, device: str | None = "cpu", min_accuracy: float | None = None,
+                 threads: int = 0, keep_predictions: bool = False, log=print) -> dict:
     """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``.
 
-    ``keep_predictions`` adds the images, labels and each artifact's top-1 per image (for reports).
+    ``min_accuracy`` also fails any artifact below it (the reference included); ``keep_predictions``
+    adds the images, labels and each artifact's top-1 per image (for reports).
     """
-    if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1):
-        raise UserError(f"--max-drop {max_drop} / --min-agreement {min_agreement}: need a drop >= 0 (points) and an "
-                        "agreement between 0 and 1.")
+    if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1
+            and (min_accuracy is None or 0 <= min_accuracy <= 1)):
+        raise UserError(f"--max-drop {max_drop} / --min-agreement {min_agreement} / --min-accuracy {min_accuracy}: need "
+                        "a drop >= 0 (points), an agreement and an accuracy between 0 and 1.")
     bundle = Bundle.load(path)
     golden_pixels, golden_logits = bundle.golden()
     with np.load(bundle.path / "golden.npz") as z:
         golden_labels = z["labels"] if "labels" in z.files else golden_logits.argmax(1)
-    base, base_counts = _load_baseline(baseline) if baseline else (None, None)
+    base = Baseline.load(baseline, bundle.classes) if baseline else None
     if data is not None:
         pixels, labels, paths, skipped = labelled_images(data, bundle.classes, bundle.spec)
         source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
+        images_sha = _digest(sorted(f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)))
     else:
         pixels, labels, source = golden_pixels, golden_labels, f"golden.npz ({len(golden_labels)} labelled images)"
-        paths = [f"golden.npz[{i}]" for i in range(len(labels))]
+        paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
+        images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
-    if base_counts is not None and base_counts != class_counts:
-        raise UserError(f"{baseline}: measured on images with class counts {base_counts}, this check on {class_counts} "
-                        f"({source}); compare on the same --data as the baseline.")
-    unknown = sorted(set(base or ()) - {a["name"] for a in bundle.artifacts})
-    if base is not None and len(unknown) == len(base):
-        raise UserError(f"{baseline}: none of its artifacts ({', '.join(unknown) or 'none'}) is in {bundle.path}; "
-                        "the baseline must come from `edge-tl check --json` on a bundle of the same target.")
+    dropped = set((bundle.manifest.get("slimmed") or {}).get("dropped", []))
+    unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped)
+    if base is not None:
+        base.check_same_images(images_sha, class_counts, source, unknown, bundle.path, log)
     log(f"check {bundle.path} on {source}")
+    for line in skipped[:5]:
+        log(f"  unreadable, not counted: {line}")
+    if len(skipped) > 5:
+        log(f"  ... and {len(skipped) - 5} more unreadable (all in the report's 'unreadable')")
     preprocess = preprocess_parity(bundle)
     if preprocess:
         log(f"  preprocess: {'PASS' if preprocess['passed'] else 'FAIL'} {preprocess['images']} source images, max |diff| "
@@ -146,14 +153,14 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             log(f"  {art['name']}: skipped ({why})")
             continue
         t0 = time.perf_counter()
-        with make_runner(bundle, art, backend, device) as runner:
+        with make_runner(bundle, art, backend, device, threads) as runner:
             g = infer_all(runner, golden_pixels)
             logits = g if data is None else infer_all(runner, pixels)
             runs_on = runner.describe()
         acc = accuracy(logits, labels)
         accuracies[art["name"]] = acc
         if base is not None:
-            ref, ref_source = base.get(art["name"]), f"baseline {baseline}"
+            ref, ref_source = base.accuracies.get(art["name"]), f"baseline {baseline}"
         elif data is None:
             ref, ref_source = accuracy(golden_logits, labels), "PyTorch FP32 on golden images"
         else:
@@ -164,7 +171,13 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             art, len(golden_logits), bundle.manifest.get("validation", {}).get("images"), min_agreement, max_drop)
         # judged on the golden images against FP32: sampling noise; on --data or against a baseline's same artifact: none
         drop_limit = golden_drop_limit if data is None and base is None else max_drop
-        reasons = []
+        finite = bool(np.isfinite(g).all() and np.isfinite(logits).all())
+        reasons = [] if finite else ["non-finite outputs (inf or NaN): the artifact overflows or is broken"]
+        if min_accuracy is not None and not acc >= min_accuracy:
+            reasons.append(f"accuracy {acc:.4f} < --min-accuracy {min_accuracy}")
+        if ref is None and min_accuracy is None:
+            log(f"  {art['name']}: no reference accuracy (no fp32 artifact, no --baseline): only the golden agreement "
+                "gates it; add --baseline or --min-accuracy")
         if agreement < agreement_floor:
             reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f}")
         if drop is not None and drop > drop_limit:
@@ -175,23 +188,29 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
-            "max_abs_diff": float(np.abs(g - golden_logits).max()), "passed": not reasons,
+            "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
         if keep_predictions:
             results[art["name"]]["predictions"] = logits.argmax(1).tolist()
         r = results[art["name"]]
         log(f"  {art['name']}: {'PASS' if r['passed'] else 'FAIL'} accuracy {acc:.4f}"
             f"{'' if drop is None else f' (drop {drop:+.2f} pts)'}, golden agreement {agreement:.3f}, "
-            f"max |diff| {r['max_abs_diff']:.3g}" + ("" if r["passed"] else f": {r['reason']}"))
+            f"max |diff| {r['max_abs_diff'] if r['max_abs_diff'] is None else format(r['max_abs_diff'], '.3g')}"
+            + ("" if r["passed"] else f": {r['reason']}"))
     if not results:
         raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
-    skipped = [a["name"] for a in bundle.artifacts if a["name"] not in results]
+    not_run = [a["name"] for a in bundle.artifacts if a["name"] not in results]
     for name in unknown:  # in the baseline, gone from the bundle: a regression, not a silent pass
         log(f"  {name}: FAIL: in the baseline but not in the bundle")
+    for name in sorted(dropped & set(base.accuracies if base else ())):
+        log(f"  {name}: in the baseline, left out of this bundle by `edge-tl slim`: not judged")
     passed = all(r["passed"] for r in results.values()) and not unknown and (preprocess or {}).get("passed", True)
-    report = {"passed": passed, "bundle": str(bundle.path),
-              "data": source, "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
-              "tensorrt_available": tensorrt_available(), "skipped": skipped, "missing": unknown, "artifacts": results,
+    report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
+              "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "model": bundle.manifest.get("model"),
+              "data": source, "images": len(labels), "images_sha256": images_sha, "unreadable": skipped,
+              "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
+              "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
+              "tensorrt_available": tensorrt_available(), "skipped": not_run, "missing": unknown, "artifacts": results,
               "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
@@ -207,18 +226,58 @@ def failures(report: dict) -> list[str]:
     return lines
 
 
-def _load_baseline(path: str | Path) -> tuple[dict[str, float], list[int] | None]:
-    """Accuracy per artifact, and the class counts of its images, from an earlier ``edge-tl check --json``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        accuracies = {k: float(v["accuracy"]) for k, v in data["artifacts"].items()}
-        counts = data.get("class_counts")
-        if not accuracies or not all(math.isfinite(a) and 0 <= a <= 1 for a in accuracies.values()):
-            raise ValueError("artifact accuracies must be numbers between 0 and 1")
-        return accuracies, None if counts is None else [int(c) for c in counts]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        why = f"no {exc} field" if isinstance(exc, KeyError) else exc
-        raise UserError(f"{path}: not a baseline ({why}); save one with `edge-tl check BUNDLE --json > baseline.json`.") from None
+def _digest(rows: list[str]) -> str:
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+class Baseline:
+    """An earlier ``edge-tl check --json`` report: accuracy per artifact, and what identifies the
+    images it was measured on (``images_sha256``: each file's sha256 and class; class counts in
+    reports from before it)."""
+
+    def __init__(self, path: Path, accuracies: dict[str, float], images_sha256: str | None, class_counts: list[int] | None):
+        self.path, self.accuracies, self.images_sha256, self.class_counts = path, accuracies, images_sha256, class_counts
+
+    @classmethod
+    def load(cls, path: str | Path, classes: list[str]) -> "Baseline":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            accuracies = {k: float(v["accuracy"]) for k, v in data["artifacts"].items()}
+            counts, images = data.get("class_counts"), data.get("images_sha256")
+            if not accuracies or not all(math.isfinite(a) and 0 <= a <= 1 for a in accuracies.values()):
+                raise ValueError("artifact accuracies must be numbers between 0 and 1")
+            if counts is None and images is None:
+                raise ValueError("nothing says which images it was measured on: no images_sha256 or class_counts")
+            counts = None if counts is None else [int(c) for c in counts]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = f"no {exc} field" if isinstance(exc, KeyError) else exc
+            raise UserError(f"{path}: not a baseline ({why}); save one with `edge-tl check BUNDLE --data DIR --json > "
+                            "baseline.json`.") from None
+        if data.get("passed") is False:
+            failed = [k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("passed") is False]
+            raise UserError(f"{path}: a check that FAILED ({', '.join(failed) or 'see its report'}); a "
+                            "regressed release is no reference. Use the last passing release's report.")
+        if counts is not None and len(counts) != len(classes):
+            raise UserError(f"{path}: measured on {len(counts)} classes, the bundle has {len(classes)} ({classes}); "
+                            "compare bundles of the same classes.")
+        return cls(path, accuracies, images, counts)
+
+    def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, unknown: list[str],
+                          bundle: Path, log) -> None:
+        """Refuse a comparison on other images, or with a baseline none of whose artifacts is in ``bundle``."""
+        if self.images_sha256 is not None and self.images_sha256 != images_sha256:
+            raise UserError(f"{self.path}: measured on other images than this check's ({source}; images_sha256 "
+                            f"{self.images_sha256[:12]}… vs {images_sha256[:12]}…); compare on the same --data as the "
+                            "baseline (the same files; names may differ).")
+        if self.class_counts is not None and self.class_counts != class_counts:
+            raise UserError(f"{self.path}: measured on images with class counts {self.class_counts}, this check on "
+                            f"{class_counts} ({source}); compare on the same --data as the baseline.")
+        if self.images_sha256 is None:
+            log(f"  note: {self.path} predates images_sha256; only its class counts show it used the same images")
+        if len(unknown) == len(self.accuracies):
+            raise UserError(f"{self.path}: none of its artifacts ({', '.join(unknown)}) is in {bundle}; the baseline "
+                            "must come from `edge-tl check --json` on a bundle of the same target.")
 
 
 def write_junit(report: dict, path: str | Path) -> Path:

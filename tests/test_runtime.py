@@ -291,7 +291,12 @@ def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path)
     assert res.returncode == 1 and res.stdout.strip().endswith("FAILED: int8: in the baseline but not in the bundle")
     other_names = {**report, "artifacts": {"int8": report["artifacts"]["fp32"]}}
     other_data = {**report, "class_counts": [1] * len(report["class_counts"])}
+    other_images = {**report, "images_sha256": "0" * 64}  # the same class counts, other files
+    failed = {**report, "passed": False, "artifacts": {**report["artifacts"], "fp32": {
+        **report["artifacts"]["fp32"], "passed": False}}}
     for base, match in ((other_names, "none of its artifacts"), (other_data, "same --data"),
+                        (other_images, "other images than this check's"), (failed, "a check that FAILED (fp32)"),
+                        ('{"artifacts": {"fp32": {"accuracy": 0.5}}}', "nothing says which images"),
                         ('{"artifacts": []}', "not a baseline"), ('{"artifacts": {"fp32": {"accuracy": NaN}}}',
                                                                   "between 0 and 1")):
         res = run(base, "--json", "--junit", str(tmp_path / "junit.xml"))
@@ -301,6 +306,11 @@ def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path)
         assert 'errors="1"' in (tmp_path / "junit.xml").read_text() and match in (tmp_path / "junit.xml").read_text()
     res = run(report, "--max-drop", "nan")
     assert res.returncode == 2 and "--max-drop nan" in res.stderr, res.stderr
+    res = run({k: v for k, v in report.items() if k != "images_sha256"}, "--json")  # a baseline from before it
+    assert res.returncode == 0 and "predates images_sha256" in res.stderr, res.stderr
+    out = json.loads(res.stdout)
+    assert out["edge_tl"] and out["manifest_sha256"] == Bundle.load(bundle_dir).manifest["manifest_sha256"]
+    assert out["images"] == sum(out["class_counts"]) and out["unreadable"] == [] and out["baseline"].endswith("base.json")
 
 
 def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
@@ -314,13 +324,23 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
                  ["check", str(tmp_path)], ["bench", str(cpu_bundle), "--batch", "0"],
                  ["predict", str(cpu_bundle), str(tampered / "labels.txt")],
                  ["check", str(cpu_bundle), "--junit", str(tmp_path)],  # a folder where a file goes
+                 ["check", str(cpu_bundle), "--junit", str(tampered / "labels.txt" / "x.xml")],  # a file where a folder goes
                  ["predict", str(cpu_bundle), str(tmp_path)],  # a folder without images
                  ["bench", str(cpu_bundle), "--iters", "0"]):
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
-    res = _cli("check", str(cpu_bundle), "--json", "--junit", str(tmp_path))
-    assert res.returncode == 2 and "artifacts" in json.loads(res.stdout), res.stdout  # the report, before --junit failed
+    res = _cli("check", str(cpu_bundle), "--json", "--junit", str(tmp_path))  # refused before the check runs
+    assert res.returncode == 2 and "is a folder" in json.loads(res.stdout)["error"], res.stdout
+    stale = tmp_path / "stale.xml"
+    for args in (["--max-drop", "abc"], ["--junit"]):  # refused by the option parser: the file says so, not the last run
+        stale.write_text('<testsuite tests="2" failures="0"/>')
+        res = _cli("check", str(cpu_bundle), "--junit", str(stale), *args)
+        assert res.returncode == 2 and 'errors="1"' in stale.read_text() and "refused" in stale.read_text(), res.stderr
+    link = tmp_path / "link.xml"
+    link.symlink_to(stale)  # written through, the link kept
+    assert _cli("check", str(cpu_bundle), "--junit", str(link), "--min-agreement", "0").returncode == 0
+    assert link.is_symlink() and 'name="fp32"' in stale.read_text()
     moved_run = tmp_path / "moved_run"  # the run the bundle came from, no longer where the manifest says
     shutil.copytree(cpu_bundle, moved_run)
     moved = Bundle.load(moved_run)
@@ -345,6 +365,23 @@ def test_a_crash_exits_3_never_1_which_check_means_as_regression(monkeypatch, ca
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 3 and "ZeroDivisionError: a bug" in capsys.readouterr().err
+
+
+def test_a_crashed_check_still_writes_its_junit_and_json(cpu_bundle, tmp_path, monkeypatch, capsys):
+    from edge_tl import cli
+    from edge_tl.runtime import check
+
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    junit = tmp_path / "check.xml"
+    junit.write_text('<testsuite tests="2" failures="0"/>')  # a previous run's, passing
+    monkeypatch.setattr(check, "check_bundle", crash)
+    monkeypatch.setattr(sys, "argv", ["edge-tl", "check", str(cpu_bundle), "--json", "--junit", str(junit)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 3 and "edge-tl failed unexpectedly: ZeroDivisionError" in junit.read_text()
+    assert json.loads(capsys.readouterr().out)["error"].startswith("edge-tl failed unexpectedly")
 
 
 def _images_png(folder):
@@ -381,7 +418,7 @@ def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp
     bad.write_bytes(b"not a png")
     good = _images(elpv_small)[0]
     res = _cli("predict", str(cpu_bundle), str(bad), str(folder), str(good), "--json")
-    assert res.returncode == 2 and "1 of" in res.stderr.splitlines()[-1], res.stderr
+    assert res.returncode == 1 and "1 of" in res.stderr.splitlines()[-1], res.stderr  # 2 only when none was readable
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert "error" in lines[0] and lines[0]["image"] == str(bad)
     assert [x["image"] for x in lines[1:]] == sorted(map(str, folder.iterdir())) + [str(good)]
@@ -431,9 +468,20 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
     assert set(slim.manifest["files"]) == {"model.int8-cpu.onnx", "golden.npz", "labels.txt"}
     assert "model.fp32.onnx" not in (slim.path / "README.md").read_text()
-    report = check_bundle(slim.path, elpv_small / "test", min_agreement=0, log=lambda s: None)
+    logs = []
+    report = check_bundle(slim.path, elpv_small / "test", min_agreement=0, log=logs.append)
     assert report["passed"] and report["artifacts"]["int8-cpu"]["reference"] == "none (the bundle has no fp32 artifact)"
-    assert report["preprocess"]["passed"]
+    assert report["preprocess"]["passed"] and any("only the golden agreement gates it" in line for line in logs)
+    full_report = tmp_path / "full.json"  # the full bundle's report as the baseline: the dropped artifacts are not missing
+    full_report.write_text(json.dumps(check_bundle(cpu_bundle, elpv_small / "test", max_drop=100, min_agreement=0,
+                                                   log=lambda s: None)))
+    with_base = check_bundle(slim.path, elpv_small / "test", max_drop=100, min_agreement=0, baseline=full_report,
+                             log=logs.append)
+    assert with_base["passed"] and with_base["missing"] == [] and any("left out of this bundle" in line for line in logs)
+    acc = report["artifacts"]["int8-cpu"]["accuracy"]
+    gated = check_bundle(slim.path, elpv_small / "test", min_agreement=0, min_accuracy=min(1.0, acc + 0.01),
+                         log=lambda s: None)
+    assert not gated["passed"] and "--min-accuracy" in gated["artifacts"]["int8-cpu"]["reason"]
     with Predictor.from_bundle(slim.path, device="cpu") as p, Predictor.from_bundle(cpu_bundle, device="cpu") as full:
         image = _images(elpv_small)[0]
         assert p.predict(image).topk == full.predict(image).topk
@@ -443,7 +491,7 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
                                (["fp32"], tmp_path / "afile" / "x", "cannot create a folder beside it")):
         with pytest.raises(UserError, match=message):
             slim_bundle(cpu_bundle, keep, out, log=lambda s: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "slim"]  # refusals leave nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full.json", "slim"]  # refusals leave nothing behind
 
 
 def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
@@ -475,3 +523,42 @@ def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
     r = paired_ratio(np.array([1.0, 2.0, 10.0]), np.array([4.0, 4.0, 20.0]))
     assert r["paired"] == 0.5  # per-block ratios 0.25, 0.5, 0.5: a burst on both sides of block 3 cancels
     assert r["paired_iqr"] == [0.375, 0.5]
+
+
+def test_non_finite_outputs_fail_and_the_json_stays_strict(cpu_bundle, tmp_path):
+    broken = tmp_path / "inf"
+    shutil.copytree(cpu_bundle, broken)
+    path = broken / "model.fp32.onnx"
+    model = onnx.load(str(path))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")  # the classifier: its logits overflow to inf
+    w = next(t for t in model.graph.initializer if t.name == gemm.input[1])
+    w.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(w).shape, 3e38, np.float32), w.name))
+    onnx.save(model, str(path))
+    bundle = Bundle.load(broken, verify=False)
+    bundle.add_file("model.fp32.onnx")  # re-signed: only the check can catch it
+    bundle.save()
+    res = _cli("check", str(broken), "--json", "--min-agreement", "0", "--max-drop", "100")
+
+    def strict(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    fp32 = json.loads(res.stdout, parse_constant=strict)["artifacts"]["fp32"]
+    assert res.returncode == 1 and "non-finite outputs" in fp32["reason"] and fp32["max_abs_diff"] is None, res.stdout
+    with np.load(broken / "golden.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"][0, 0] = np.inf
+    np.savez(broken / "golden.npz", **arrays)
+    bundle.add_file("golden.npz")
+    bundle.save()
+    res = _cli("check", str(broken))
+    assert res.returncode == 2 and "reference logits are not all finite" in res.stderr, res.stderr
+
+
+def test_refusals_that_name_the_cause(cpu_bundle, tmp_path):
+    lfs = tmp_path / "lfs"
+    shutil.copytree(cpu_bundle, lfs)
+    (lfs / "model.int8-cpu.onnx").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 1\n")
+    res = _cli("check", str(lfs))
+    assert res.returncode == 2 and "a Git LFS pointer" in res.stderr and "git lfs pull" in res.stderr, res.stderr
+    res = _cli("bench", str(cpu_bundle), "--backend", "foo", "--iters", "1")
+    assert res.returncode == 2 and "--backend foo: unknown" in res.stderr, res.stderr
