@@ -87,7 +87,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     if data != "demo":
         if not data_dir.is_dir():
             raise UserError(f"{data_dir}: no such folder. Pass --data DIR (an ImageFolder) or --data demo.")
-        check_out_beside_data(out, data_dir)
+        check_out_beside_data(out, data_dir, with_test=True)
     data_dir = data_dir.resolve()  # recorded by every stage, so export, --resume and report work from any folder
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out takes a folder for the build.")

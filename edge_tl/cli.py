@@ -95,7 +95,7 @@ def finetune(
     lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
     layer_decay: Optional[float] = typer.Option(D["layer_decay"], help="Layer-wise LR decay: each layer group below the head gets the LR of the group above x this factor (e.g. 0.85; Lite0 has 18 groups, so its stem gets 0.85^17 = 6 %). Default: one LR for all."),
     freeze_stages: int = typer.Option(D["freeze_stages"], help="Keep the stem and this many early stages frozen (faster; 0 = none)."),
-    low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at 3/4 resolution (faster)."),
+    low_res_epochs: float = typer.Option(D["low_res_epochs"], help="Fraction of epochs trained at about 3/4 resolution, a multiple of 32 px (160 for 224; faster); the last epoch is always at full size."),
     scale_min: float = typer.Option(D["scale_min"], help="Smallest random-resized-crop area (keep high when small details decide the class)."),
     ema: bool = EMA,
     mixup: float = typer.Option(D["mixup"], help="Mixup alpha: blend each batch with itself reversed, weight ~ Beta(alpha, alpha), soft targets (e.g. 0.2; 0 = off)."),
@@ -200,9 +200,10 @@ def export(
     """Export a fine-tuned run as a bundle: ONNX FP32 (normalization inside), FP16, INT8 (Q/DQ), engines.
 
     INT8 is calibrated on training images and checked on the validation split; when it
-    loses more than --max-drop points, the layers that hurt most stay in float. TensorRT
-    engines are built when TensorRT is importable here, else the bundle's README says how
-    to build them on the device.
+    loses more than --max-drop points, the layers that hurt most stay in float (FP16 is
+    measured and reported, not changed). For --target gpu or jetson, TensorRT engines are
+    built when TensorRT and a GPU are both here, else the bundle's README says how to build
+    them on the device.
 
     Example: edge-tl export runs/elpv --out bundles/elpv --target jetson
     """
@@ -408,9 +409,9 @@ def build(
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
-    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) INT8/FP16 may cost: past it the export keeps "
-                                   "layers in float, and the check fails. Raise it for a small test/ folder, where one "
-                                   "image is several points."),
+    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it the export "
+                                   "keeps INT8 layers in float (FP16 is only measured), and the check fails. Raise it "
+                                   "for a small test/ folder, where one image is several points."),
     compare_scratch: bool = typer.Option(False, help="Also train from random init with the same recipe; the report "
                                          "shows what pretraining gained (start, slope, asymptote). Doubles training time."),
     force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),

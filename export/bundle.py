@@ -99,7 +99,11 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")
     log(f"export {run} -> {out} (target {target}: {', '.join(wanted)}); validation {len(ds.val)} images ({ds.val_source})")
     trained_val = ckpt.get("val_split")  # runs from before it was recorded have none
-    if trained_val and trained_val["sha256"] != ds.val.signature(ds.root):
+    if changed := ds.changes_since(run / "images.tsv"):
+        log(f"warning: {data} changed since the fine-tune ({changed}), so the validation figures below may not be "
+            "the ones the run was selected on, or may include images the model trained on. Export with the run's "
+            "data for figures you can trust.")
+    elif trained_val and trained_val["sha256"] != ds.val.signature(ds.root):
         log(f"warning: {data} changed since the fine-tune: its validation split is not the one the run was selected "
             f"on ({trained_val['images']} images then, {len(ds.val)} now), so it may hold images the model trained on "
             "and the validation figures below may read high. Export with the run's data for figures you can trust.")

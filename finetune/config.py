@@ -104,10 +104,13 @@ def training_roots(data: Path) -> list[Path]:
     return [data / "train", *[data / n for n in VAL_FOLDERS if (data / n).is_dir()][:1]]
 
 
-def check_out_beside_data(out: Path, data: Path) -> None:
-    """Refuse an output folder where the data's images are read from (it would become a class)."""
-    target = out.resolve()
-    for root in training_roots(data.resolve()):
+def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> None:
+    """Refuse an output folder where the data's images are read from (it would become a class);
+    ``with_test``: DIR/test/ too (build's check reads it)."""
+    target, data = out.resolve(), data.resolve()
+    roots = training_roots(data) + ([data / "test"] if with_test and (data / "test").is_dir() else [])
+    for root in roots:
         if target == root or root in target.parents:
-            raise UserError(f"{out}: is inside {root}, where the training images are read from, so its files "
-                            "would become images or a class. Choose an --out outside it.")
+            raise UserError(f"{out}: is inside {root}, where the {'test' if root.name == 'test' else 'training'} "
+                            "images are read from, so its files would become images or a class. Choose an --out "
+                            "outside it.")

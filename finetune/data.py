@@ -53,6 +53,9 @@ class Split:
                      [self.digests[i] for i in idx])
 
 
+IMAGES_COLUMNS = ("split", "class", "sha256", "path")
+
+
 @dataclass
 class ImageFolderData:
     """The classes and the train/val splits of a dataset folder, plus what was skipped."""
@@ -67,6 +70,29 @@ class ImageFolderData:
 
     def duplicates(self) -> "Duplicates":
         return find_duplicates(self.train, self.val, self.classes, self.moved_to_train)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(split, class, sha256 of the file, path relative to the data folder) of every image."""
+        return [(name, self.classes[y], h, Path(p).relative_to(self.root).as_posix())
+                for name, split in (("train", self.train), ("val", self.val))
+                for p, y, h in zip(split.paths, split.labels, split.digests)]
+
+    def images_table(self) -> str:
+        """``rows()`` as the run's images.tsv: its data lineage, checkable with sha256sum."""
+        return "".join("\t".join(r) + "\n" for r in [IMAGES_COLUMNS, *self.rows()])  # utf-8, as write_text writes
+
+    def changes_since(self, table: Path) -> str | None:
+        """What differs from an images.tsv written earlier (files added, removed, relabelled, moved
+        between splits or with new content); None when nothing does or there is no table."""
+        if not table.is_file():
+            return None
+        before = {r[3]: r[:3] for r in read_images_table(table)}
+        now = {r[3]: r[:3] for r in self.rows()}
+        counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
+                  "with new content": sum(before[k][2] != now[k][2] for k in now.keys() & before.keys()),
+                  "relabelled or moved between splits": sum(before[k][:2] != now[k][:2] and before[k][2] == now[k][2]
+                                                            for k in now.keys() & before.keys())}
+        return ", ".join(f"{n} images {what}" for what, n in counts.items() if n) or None
 
 
 @dataclass
@@ -121,10 +147,13 @@ def run_images(run_dir: Path, root: Path) -> dict[str, Path]:
     """sha256 → path of the images a run trained and validated on (its images.tsv; empty for runs
     made before edge-tl wrote it)."""
     table = Path(run_dir) / "images.tsv"
-    if not table.is_file():
-        return {}
-    rows = [line.split("\t") for line in table.read_text().splitlines()[1:]]
-    return {row[2]: Path(root) / row[3] for row in rows if len(row) == 4}
+    return {r[2]: Path(root) / r[3] for r in read_images_table(table)} if table.is_file() else {}
+
+
+def read_images_table(table: Path) -> list[tuple[str, ...]]:
+    """The rows of an images.tsv (its header left out), as ``ImageFolderData.rows()`` gives them."""
+    rows = (tuple(line.split("\t")) for line in table.read_text(encoding="utf-8").splitlines()[1:])
+    return [r for r in rows if len(r) == len(IMAGES_COLUMNS)]
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:

@@ -324,17 +324,6 @@ def _duplicates_header(counts: dict) -> str:
     return "warning: byte-identical image files: " + "; ".join(parts[k].format(n) for k, n in counts.items() if n) + ":"
 
 
-IMAGES_COLUMNS = "split\tclass\tsha256\tpath"
-
-
-def images_table(data) -> str:
-    """The run's images: split, class, sha256 of the file, path relative to the data folder (its lineage)."""
-    rows = [f"{name}\t{data.classes[y]}\t{h}\t{Path(p).relative_to(data.root).as_posix()}"
-            for name, split in (("train", data.train), ("val", data.val))
-            for p, y, h in zip(split.paths, split.labels, split.digests)]
-    return "".join(f"{r}\n" for r in [IMAGES_COLUMNS, *rows])
-
-
 def _class_loss_weight(counts: list[int], class_weights: str, device) -> torch.Tensor:
     """Cross-entropy class weights ∝ frequency^-power, scaled so the training set's mean weight is 1."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -432,6 +421,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if state is not None and state.get("val_split", val_split)["sha256"] != val_split["sha256"]:
         log(f"warning: the validation split differs from the one this run started with ({state['val_split']['images']} "
             f"images then, {len(data.val)} now: the data folder changed); best-epoch selection now uses the new one")
+    if state is not None and (changed := data.changes_since(out / "images.tsv")):
+        log(f"warning: the data changed since this run started ({changed}); training goes on with it as it is now")
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "val_split": val_split,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
@@ -446,7 +437,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
         write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
-        write_text(out / "images.tsv", images_table(data))
+        write_text(out / "images.tsv", data.images_table())
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
     eval_model = ema.module if ema is not None else model
     step = start_step

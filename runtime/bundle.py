@@ -38,6 +38,27 @@ class BundleError(UserError):
     """A bundle that is missing, damaged, tampered with or too new for this code."""
 
 
+def _check_fields(manifest: dict, mpath: Path) -> None:
+    """The fields the runtime reads have the types it reads them as: a manifest edited and re-signed
+    by hand (its digest recipe is public) is refused with the field's name, not a traceback."""
+    def bad(field: str, want: str) -> BundleError:
+        return BundleError(f"{mpath}: '{field}' must be {want}. Re-export the bundle.")
+
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, list) or not artifacts:
+        raise bad("artifacts", "a non-empty list")
+    for i, art in enumerate(artifacts):
+        if not isinstance(art, dict) or not all(isinstance(art.get(k), str) for k in ("name", "file", "format", "precision")):
+            raise bad(f"artifacts[{i}]", "an object with string name, file, format and precision")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise bad("files", "an object of path: sha256 strings")
+    validation = manifest.get("validation") or {}
+    images = validation.get("images") if isinstance(validation, dict) else "?"
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool)):
+        raise bad("validation", "an object whose 'images' is an integer")
+
+
 @dataclass
 class Bundle:
     """A verified bundle folder and its manifest."""
@@ -66,7 +87,8 @@ class Bundle:
             raise BundleError(f"{mpath}: no integer 'schema' field; this is not an edge-tl manifest.")
         if schema > SCHEMA_VERSION:
             raise BundleError(f"{mpath}: schema {schema} is newer than this edge-tl understands ({SCHEMA_VERSION}). "
-                              "Upgrade: pip install -U edge-tl.")
+                              "Upgrade edge-tl (a newer checkout or wheel of it) on this machine.")
+        _check_fields(manifest, mpath)
         bundle = cls(path, manifest)
         if verify:
             bundle.verify()

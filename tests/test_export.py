@@ -216,12 +216,19 @@ def test_export_warns_when_the_data_changed_since_the_fine_tune(elpv_run, elpv_s
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     same = discover(elpv_small, spec, progress=False)
     assert ckpt["val_split"]["sha256"] == same.val.signature(same.root) and ckpt["val_split"]["images"] == len(same.val)
-    changed = shutil.copytree(elpv_small, tmp_path / "changed")
+    changed = shutil.copytree(elpv_small, tmp_path / "changed")  # elsewhere: the same data, no warning
+    logs: list[str] = []
+    export_bundle(elpv_run, tmp_path / "b0", "cpu", "fp32", data=changed, progress=False, log=logs.append)
+    assert not any("changed since" in line for line in logs), logs
+    a, b = (changed / same.train.paths[i].relative_to(same.root) for i in (0, -1))
+    a.write_bytes(b.read_bytes())  # new content under the same name: the split is the same, the images are not
+    export_bundle(elpv_run, tmp_path / "b1", "cpu", "fp32", data=changed, progress=False, log=logs.append)
+    assert any("changed since the fine-tune (1 images with new content)" in line for line in logs), logs
     for f in same.val.paths:  # the held-out images gone: the carved split takes others, ones the run trained on
         (changed / f.relative_to(same.root)).unlink()
-    logs: list[str] = []
+    logs.clear()
     export_bundle(elpv_run, tmp_path / "b", "cpu", "fp32", data=changed, progress=False, log=logs.append)
-    assert any("changed since the fine-tune" in line for line in logs), logs
+    assert any("changed since the fine-tune" in line and "removed" in line for line in logs), logs
 
 
 def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):

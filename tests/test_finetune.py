@@ -21,6 +21,8 @@ from edge_tl.finetune.train import (TrainConfig, _train_sizes, finetune, load_ch
                                    mixup_batch)
 from edge_tl.runtime.spec import PreprocessSpec
 
+from conftest import make_image_folder
+
 QUICK = dict(img_size=64, batch_size=8, epochs=2, lr=3e-3, warmup_epochs=0.5)
 
 
@@ -58,6 +60,7 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     logs.clear()
     finetune(_cfg(tiny_folder, out), resume=True, progress=False, log=logs.append)
     assert any("validation split differs" in line for line in logs), logs
+    assert any("the data changed since this run started (" in line and "removed" in line for line in logs), logs
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
@@ -178,6 +181,10 @@ def test_cli_refuses_an_out_that_is_a_file_or_inside_the_data(tiny_folder, tmp_p
     for out, match in ((tmp_path / "afile", "is a file"), (tiny_folder / "run", "where the training images are read")):
         res = _cli("finetune", "--data", tiny_folder, "--out", out, "--img-size", 64, "--epochs", 1)
         assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+    split = make_image_folder(tmp_path / "split" / "train", per_class=2).parent
+    make_image_folder(split / "test", per_class=1)
+    res = _cli("build", "--data", split, "--out", split / "test" / "out", "--img-size", 64, "--epochs", 1)
+    assert res.returncode == 2 and "where the test images are read" in res.stderr, res.stderr  # the check would read it
     assert (tmp_path / "afile").read_text() == "mine" and not (tiny_folder / "run").exists()
 
 

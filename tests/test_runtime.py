@@ -562,3 +562,16 @@ def test_refusals_that_name_the_cause(cpu_bundle, tmp_path):
     assert res.returncode == 2 and "a Git LFS pointer" in res.stderr and "git lfs pull" in res.stderr, res.stderr
     res = _cli("bench", str(cpu_bundle), "--backend", "foo", "--iters", "1")
     assert res.returncode == 2 and "--backend foo: unknown" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("edit, field", [(lambda m: m.update(artifacts="x"), "'artifacts'"),
+                                         (lambda m: m["artifacts"][0].pop("format"), "'artifacts[0]'"),
+                                         (lambda m: m.update(validation={"images": "many"}), "'validation'")])
+def test_a_re_signed_manifest_with_wrong_field_types_is_refused_by_name(cpu_bundle, tmp_path, edit, field):
+    edited = tmp_path / "edited"
+    shutil.copytree(cpu_bundle, edited)
+    bundle = Bundle.load(edited)
+    edit(bundle.manifest)
+    bundle.save()  # re-signed: the digest alone cannot catch it
+    res = _cli("check", str(edited), "--json")
+    assert res.returncode == 2 and field in json.loads(res.stdout)["error"] and "Traceback" not in res.stderr, res.stderr
