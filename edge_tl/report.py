@@ -146,10 +146,17 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
              f"{metrics['num_train']} train / {metrics['num_val']} val images, weights {html.escape(str(metrics['pretrained']))}.</p>"]
     parts += _data_warnings(metrics, check)
     parts += ["<h2>Accuracy per artifact</h2>", _table(
-        ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "check"],
+        ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "score ECE", "check"],
         [[n, r["precision"], r["backend"], r["accuracy"], r["reference_accuracy"] if r["reference_accuracy"] is not None
-          else "-", "-" if r["drop"] is None else f"{r['drop']:+.2f}", r["agreement"], "ok" if r["passed"] else r["reason"]]
+          else "-", "-" if r["drop"] is None else f"{r['drop']:+.2f}", r["agreement"],
+          "-" if r.get("score_ece") is None else r["score_ece"], "ok" if r["passed"] else r["reason"]]
          for n, r in arts.items()])]
+    if scores := manifest.get("scores"):
+        parts.append(f"<p>Scores: softmax of logits / {scores['temperature']} (temperature fitted on the "
+                     f"{scores['images']} validation images" + (f"; {html.escape(scores['skipped'])}" if "skipped" in scores
+                     else f": ECE {scores['ece'][0]:.3f} → {scores['ece'][1]:.3f}") + "). Score ECE above: on the check's "
+                     "images, how far the scores are from the frequency of being right (0 = a score of 0.8 is right 80 % "
+                     "of the time).</p>")
     if pre := check.get("preprocess"):
         parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} test images: max |Δ| "
                      f"{pre['max_abs_diff']} grey levels: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"

@@ -27,6 +27,7 @@ from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 from edge_tl.runtime.check import accuracy
+from edge_tl.runtime.scores import fit_temperature
 
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
@@ -202,6 +203,9 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
                 "it is kept but marked not accepted (Predictor skips it unless asked by name).")
         artifacts.append(art)
 
+    scores = fit_temperature(torch_logits, val_labels)  # argmax unchanged: only the scores apps threshold
+    log(f"scores: temperature {scores['temperature']}" + (f" ({scores['skipped']})" if "skipped" in scores else
+        f", validation ECE {scores['ece'][0]:.3f} -> {scores['ece'][1]:.3f}, NLL {scores['nll'][0]:.3f} -> {scores['nll'][1]:.3f}"))
     gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
     sources = preprocess_sources(spec, [ds.val.arrays[i] for i in gidx[:len(SOURCE_SHAPES)]])
     np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
@@ -216,7 +220,9 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW",
                   "channel_order": "RGB", "value_range": [0, 255], "normalized_in_graph": True,
                   "range": "RGB pixels 0-255 after resize + center crop; mean/std are inside the graph"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32", "meaning": "logits"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32", "meaning": "logits",
+                   "temperature": scores["temperature"], "scores": "softmax(logits / temperature)"},
+        "scores": scores,
         "batch": profile.to_dict(),
         "run": {"best_val_accuracy": ckpt.get("val_accuracy"), "best_epoch": ckpt.get("epoch")},
         "validation": {"images": len(val_labels), "source": ds.val_source},

@@ -182,8 +182,8 @@ def bundle_readme(bundle: Bundle, where: str | Path) -> str:
             if "steps" in p else "")  # bundles exported before they existed
     return f"""# edge-tl bundle: {m['model']} ({len(m['classes'])} classes), target {m['target']}
 
-`manifest.json` is the contract: classes, preprocessing, input/output, artifacts with sha256,
-accuracy on the validation split, calibration and versions. `edge-tl` refuses to run a file
+`manifest.json` is the contract: classes, preprocessing, input/output, artifacts, the sha256 of every
+file, accuracy on the validation split, INT8 calibration, score temperature and versions. `edge-tl` refuses to run a file
 whose sha256 differs from it.
 
 Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size'][1]} RGB pixels 0–255, after resizing the
@@ -191,7 +191,8 @@ shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mea
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
 enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{port}
-Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`.
+Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`; scores are
+softmax(logits / {m['output'].get('temperature', 1.0)}), the temperature fitted on the validation split.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |
 |---|---|---|---|---|---|

@@ -53,6 +53,9 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise bad("files", "an object of path: sha256 strings")
+    temperature = (manifest.get("output") or {}).get("temperature", 1.0) if isinstance(manifest.get("output") or {}, dict) else None
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+        raise bad("output", "an object whose 'temperature' (if any) is a positive number")
     validation = manifest.get("validation") or {}
     images = validation.get("images") if isinstance(validation, dict) else "?"
     if images is not None and (not isinstance(images, int) or isinstance(images, bool)):

@@ -26,6 +26,7 @@ from edge_tl.fileio import sha256_file, write_text
 from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, class_folders, image_files, load_rgb, to_input
 from .predictor import make_runner, runnable, tensorrt_available
+from .scores import ece, softmax
 
 
 def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -144,6 +145,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             f"{preprocess['max_abs_diff']} grey levels" + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
     results, accuracies = {}, {}
+    temperature = float(bundle.manifest.get("output", {}).get("temperature", 1.0))
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
     for art in order:
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
@@ -188,6 +190,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
+            "score_ece": round(ece(softmax(logits, temperature), labels), 4) if finite else None,
             "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
         if keep_predictions:

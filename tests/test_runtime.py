@@ -575,3 +575,42 @@ def test_a_re_signed_manifest_with_wrong_field_types_is_refused_by_name(cpu_bund
     bundle.save()  # re-signed: the digest alone cannot catch it
     res = _cli("check", str(edited), "--json")
     assert res.returncode == 2 and field in json.loads(res.stdout)["error"] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_temperature_fit_recovers_a_known_overconfidence():
+    from edge_tl.runtime.scores import ece, fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, size=(4000, 4))  # calibrated logits: labels drawn from their softmax
+    labels = np.array([rng.choice(4, p=p) for p in softmax(z)])
+    fit = fit_temperature(3 * z, labels)  # a model three times over-confident
+    assert fit["temperature"] == pytest.approx(3, rel=0.08)
+    assert fit["nll"][1] < fit["nll"][0] and fit["ece"][1] < 0.03 < fit["ece"][0]
+    assert ece(softmax(z), labels) < 0.03 and ece(softmax(3 * z), labels) > 0.1
+    small = fit_temperature(3 * z[:20], labels[:20])  # too few images to fit: plain softmax, said so
+    assert small["temperature"] == 1.0 and "only 20 validation images" in small["skipped"]
+
+
+def test_scores_follow_the_manifest_temperature(cpu_bundle, elpv_small, tmp_path):
+    from edge_tl.runtime.scores import softmax
+
+    manifest = Bundle.load(cpu_bundle).manifest  # 4 validation images: too few to fit, recorded as such
+    assert manifest["output"]["temperature"] == 1.0 and "skipped" in manifest["scores"]
+    hot = tmp_path / "hot"
+    shutil.copytree(cpu_bundle, hot)
+    bundle = Bundle.load(hot)
+    bundle.manifest["output"]["temperature"] = 2.0
+    bundle.save()
+    image = _images(elpv_small)[0]
+    with Predictor.from_bundle(hot, precision="fp32") as p:
+        logits = p.infer(p.preprocess(image)[None])
+        pred = p.predict(image, topk=4)
+    want = softmax(logits, 2.0)[0]
+    assert [s for _, s in pred.topk] == pytest.approx(sorted(want, reverse=True), abs=1e-9)
+    assert pred.label == p.classes[int(logits.argmax())]  # the ranking is the logits'
+    report = check_bundle(hot, elpv_small / "test", max_drop=100, min_agreement=0, log=lambda s: None)
+    assert 0 <= report["artifacts"]["fp32"]["score_ece"] <= 1
+    bundle.manifest["output"]["temperature"] = 0
+    bundle.save()
+    with pytest.raises(UserError, match="'output' must be an object whose 'temperature'"):
+        Bundle.load(hot)
