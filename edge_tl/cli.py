@@ -192,6 +192,9 @@ def export(
                                         "1:8:32, jetson 1:1:8)."),
     max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points) before layers are kept in float."),
     data: Optional[Path] = typer.Option(None, help="The run's ImageFolder, if it moved (calibration and validation)."),
+    golden: int = typer.Option(32, help="Validation images kept in golden.npz with the fine-tuned model's logits: "
+                               "what `check` without --data judges on (more is more exact: each image is 100/N "
+                               "points; each costs H×W×3 bytes)."),
     workspace: int = typer.Option(1024, help="TensorRT builder workspace limit, MB (engines are built only where "
                                   "TensorRT is installed)."),
     force: bool = typer.Option(False, help="Replace OUT if it holds an earlier bundle (never a run or data folder)."),
@@ -211,7 +214,7 @@ def export(
 
     log = _log_for(json_out)
     bundle = export_bundle(run, out, target, precision, calib_images, calib_method, batch, max_drop, data,
-                           workspace_mb=workspace, force=force, log=log)
+                           golden_count=golden, workspace_mb=workspace, force=force, log=log)
     if json_out:
         typer.echo(json.dumps(bundle.manifest, indent=2))
         return

@@ -76,7 +76,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     wanted = trt_build.parse_precisions(precisions or default_precisions)
     profile = trt_build.BatchProfile.parse(batch or default_batch)
     if max_drop < 0 or calib_images < 1 or golden_count < 1:
-        raise UserError(f"--max-drop {max_drop} / --calib-images {calib_images}: must be >= 0 / >= 1.")
+        raise UserError(f"--max-drop {max_drop} / --calib-images {calib_images} / --golden {golden_count}: must be "
+                        ">= 0 / >= 1 / >= 1.")
     if calib_method not in ("auto", *CALIB_METHODS):
         raise UserError(f"--calib-method {calib_method}: use auto, {', '.join(CALIB_METHODS)}.")
     run, out = Path(run), Path(out)

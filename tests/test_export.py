@@ -218,8 +218,10 @@ def test_export_warns_when_the_data_changed_since_the_fine_tune(elpv_run, elpv_s
     assert ckpt["val_split"]["sha256"] == same.val.signature(same.root) and ckpt["val_split"]["images"] == len(same.val)
     changed = shutil.copytree(elpv_small, tmp_path / "changed")  # elsewhere: the same data, no warning
     logs: list[str] = []
-    export_bundle(elpv_run, tmp_path / "b0", "cpu", "fp32", data=changed, progress=False, log=logs.append)
+    export_bundle(elpv_run, tmp_path / "b0", "cpu", "fp32", data=changed, golden_count=2, progress=False,
+                  log=logs.append)
     assert not any("changed since" in line for line in logs), logs
+    assert Bundle.load(tmp_path / "b0").manifest["golden"]["count"] == 2 == len(Bundle.load(tmp_path / "b0").golden()[1])
     a, b = (changed / same.train.paths[i].relative_to(same.root) for i in (0, -1))
     a.write_bytes(b.read_bytes())  # new content under the same name: the split is the same, the images are not
     export_bundle(elpv_run, tmp_path / "b1", "cpu", "fp32", data=changed, progress=False, log=logs.append)
@@ -240,6 +242,8 @@ def test_export_bad_input(elpv_run, cpu_bundle, tmp_path):
         export_bundle(elpv_run, tmp_path / "x", target="tpu", progress=False, log=lambda s: None)
     with pytest.raises(UserError, match="MIN:OPT:MAX"):
         export_bundle(elpv_run, tmp_path / "x", batch="8:1:4", progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="--golden 0: must be"):
+        export_bundle(elpv_run, tmp_path / "x", golden_count=0, progress=False, log=lambda s: None)
     with pytest.raises(UserError, match="--calib-method kl: use auto, minmax"):
         export_bundle(elpv_run, tmp_path / "x", calib_method="kl", progress=False, log=lambda s: None)
     with pytest.raises(UserError, match="data folder is gone"):
