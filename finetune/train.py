@@ -69,6 +69,42 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _TrainStep:
+    """One optimisation step: forward under autocast, the class-weighted, label-smoothed (and mixup)
+    loss, backward through the gradient scaler, then the per-step LR and EMA updates."""
+
+    def __init__(self, cfg: TrainConfig, model, train_model, optimizer, scheduler, ema, loss_weight, device, dtype,
+                 num_classes: int):
+        self.cfg, self.model, self.train_model, self.optimizer = cfg, model, train_model, optimizer
+        self.scheduler, self.ema, self.loss_weight, self.device, self.dtype = scheduler, ema, loss_weight, device, dtype
+        self.num_classes = num_classes
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, update: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Train on one batch; ``update`` counts steps over the run. Returns (loss, logits, the labels
+        accuracy is counted against)."""
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        y = y.to(self.device, non_blocking=True)
+        target = y
+        if cfg.mixup > 0 and len(y) > 1:
+            x, target = mixup_batch(x, y, self.num_classes, cfg.mixup)
+        with _autocast(self.device, self.dtype):
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits.float(), target, weight=self.loss_weight, label_smoothing=cfg.label_smoothing)
+        if target is not y:  # soft targets: torch averages over N, class indices over the weights
+            loss = loss / (target @ self.loss_weight).mean()
+            y = target.argmax(1)  # train accuracy against each blend's larger part
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step_update(update)
+        if self.ema is not None:
+            self.ema.update(self.model, step=update)
+        return loss, logits, y
+
+
 class _EpochView(torch.utils.data.Dataset):
     """One epoch's ordered samples; each sample's augmentation is seeded by its position."""
 
@@ -394,7 +430,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                                        updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     loss_weight = _class_loss_weight(data.train.counts(num_classes), cfg.class_weights, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    train_step = _TrainStep(cfg, model, train_model, optimizer, scheduler, ema, loss_weight, device, dtype, num_classes)
 
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
@@ -463,26 +499,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
             with interrupt:
                 for x, y in bar:
                     torch.manual_seed(_mix(epoch_seed, step, 7))
-                    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-                    y = y.to(device, non_blocking=True)
-                    target = y
-                    if cfg.mixup > 0 and len(y) > 1:
-                        x, target = mixup_batch(x, y, num_classes, cfg.mixup)
-                    with _autocast(device, dtype):
-                        logits = train_model(x)
-                        loss = F.cross_entropy(logits.float(), target, weight=loss_weight,
-                                               label_smoothing=cfg.label_smoothing)
-                    if target is not y:  # soft targets: torch averages over N, class indices over the weights
-                        loss = loss / (target @ loss_weight).mean()
-                        y = target.argmax(1)  # train accuracy against each blend's larger part
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    step += 1
-                    scheduler.step_update(epoch * steps_per_epoch + step)
-                    if ema is not None:
-                        ema.update(model, step=epoch * steps_per_epoch + step)
+                    loss, logits, y = train_step(x, y, epoch * steps_per_epoch + step + 1)
+                    step += 1  # after the step: a checkpoint never counts one that did not finish
                     # summed over ranks every step, so a checkpoint taken mid-epoch holds the whole epoch so far
                     step_loss, step_correct, step_seen = d.sum(
                         (loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)), device)
