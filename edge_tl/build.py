@@ -20,6 +20,7 @@ from typing import Callable
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
 from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, training_roots
+from edge_tl.finetune.data import describe_duplicates
 from edge_tl.runtime.images import visible_files
 
 SCRATCH_RUN = "run-scratch"
@@ -149,10 +150,11 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
         copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
                            run_images(run_dir, data_dir)) if test_dir else []
+        report["test_in_training"] = [{"test": str(t), "training": str(c), "same_class": t.parent.name == cls}
+                                      for t, c, cls in copies]
         if copies:
-            log(f"  warning: {len(copies)} test images are byte-identical to images the model trained or was "
-                f"validated on (e.g. {copies[0][0]} = {copies[0][1]}), so the test figures read high; all in check.json")
-        report["test_in_training"] = [{"test": str(t), "training": str(c)} for t, c in copies]
+            log(f"  warning: byte-identical files: {'; '.join(describe_duplicates(test_copy_counts(report)))} "
+                f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
         write_json(out / "check.json", report)
 
     b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None,
@@ -247,6 +249,13 @@ def scratch_comparison(out: Path) -> dict | None:
     return compare_run_folders(out / "run", out / SCRATCH_RUN)
 
 
+def test_copy_counts(check: dict) -> dict:
+    """Test images with a copy among the run's images: of the same class, of another (check.json)."""
+    copies = check.get("test_in_training", [])
+    return {"test_in_training": sum(c.get("same_class", True) for c in copies),
+            "test_label_conflicts": sum(not c.get("same_class", True) for c in copies)}
+
+
 def summarize(out: Path) -> dict:
     """Accuracy per artifact, latency per backend and precision, pretrained vs scratch where
     trained, and the next steps."""
@@ -265,7 +274,7 @@ def summarize(out: Path) -> dict:
     transfer = scratch_comparison(out)
     found = json.loads((out / "run" / "metrics.json").read_text()).get("duplicates", {})
     return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
-            "duplicates": {**found, "test_in_training": len(check.get("test_in_training", []))},
+            "duplicates": {**found, **test_copy_counts(check)},
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
@@ -294,9 +303,8 @@ def format_summary(summary: dict) -> str:
             win = w["slope" if key.startswith("slope") else key]
             vals = [f"{e[k][key]:>7.4g}" if e[k][key] is not None else "  never (at chance)" for k in ("pretrained", "scratch")]
             lines.append(f"  {label:<24} {vals[0]} vs {vals[1]}  {win}")
-    if found := {k: n for k, n in summary.get("duplicates", {}).items() if n and k != "moved_to_train"}:
-        lines.append("byte-identical images (see run/duplicates.txt, check.json): "
-                     + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in found.items()))
+    if found := describe_duplicates({k: n for k, n in summary.get("duplicates", {}).items() if k != "moved_to_train"}):
+        lines.append("byte-identical images (all in run/duplicates.txt and check.json): " + "; ".join(found))
     if summary["not_run_here"]:
         lines.append(f"not runnable here: {', '.join(summary['not_run_here'])}")
     lines += ["", f"next, on the {summary['target']} device:"]

@@ -489,19 +489,29 @@ def main() -> None:
 
 def _junit_for_usage_error(args: list[str]) -> None:
     """`check --junit FILE` refused by the option parser (before the command ran): FILE still says
-    so, rather than keeping a previous run's passing cases for CI to publish."""
+    so, rather than keeping a previous run's passing cases for CI to publish. FILE is found as
+    click finds it (the last --junit; a token after an option that takes a value is that value),
+    and only a new file or an earlier JUnit report is written."""
     if not args or args[0] != "check":
         return
-    for i, arg in enumerate(args):
-        junit = arg.split("=", 1)[1] if arg.startswith("--junit=") else (
-            args[i + 1] if arg == "--junit" and i + 1 < len(args) else None)
-        if junit:
-            from edge_tl.runtime.check import write_junit
+    command = typer.main.get_command(app).commands["check"]  # options: is_flag True/False; arguments: None
+    takes_value = {name for p in command.params if getattr(p, "is_flag", None) is False for name in p.opts}
+    junit, i = None, 1
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in takes_value and not eq:
+            value, i = (args[i + 1] if i + 1 < len(args) else None), i + 1
+        if name == "--junit" and value:
+            junit = Path(value)
+        i += 1
+    if junit is None or junit.is_dir():
+        return
+    if junit.exists() and "<testsuite" not in junit.read_text(errors="replace")[:500]:
+        return  # not a JUnit report: never overwritten on a guess
+    from edge_tl.runtime.check import write_junit
 
-            with contextlib.suppress(UserError):
-                write_junit({"passed": False, "error": "the command line was refused (see the usage error on stderr)"},
-                            junit)
-            return
+    with contextlib.suppress(UserError):
+        write_junit({"passed": False, "error": "the command line was refused (see the usage error on stderr)"}, junit)
 
 
 def _crashed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -51,47 +52,70 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` in one step.
+# errors that say the destination cannot take the file; others (a missing input the writer reads,
+# a bug) propagate as they are
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
-    A symbolic link is written through (its target replaced, the link kept); a FIFO or device
-    (``/dev/stdout``) is written into directly: renaming onto it would replace the node itself.
-    A file that cannot be written is a UserError naming it (exit 2), not a traceback.
-    """
+
+def _cannot_write(path: Path, exc: OSError) -> UserError:
+    advice = "Free space or choose" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "Choose"
+    return UserError(f"{path}: cannot write it ({exc.strerror or exc}). {advice} another path.")
+
+
+def _destination(path: str | Path) -> Path:
+    """The file a write to ``path`` lands in (a symbolic link's target), or a UserError naming why none can."""
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a file path to write to.")
+    ancestor = next((p for p in path.parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise UserError(f"{path}: {ancestor} is a file, not a folder; choose another path.")
+    return path
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new empty file next to ``path``, made 0666 less the umask by the kernel (mkstemp's 0600
+    would keep a bundle from others on a device)."""
     try:
-        if path.exists() and not path.is_file():
-            write(path)
-            return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        # made 0666 less the umask by the kernel (mkstemp's 0600 would keep a bundle from others on a device)
-        tmp_path = _fresh(path.parent, path.name, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+        return _fresh(path.parent, path.name, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     except OSError as exc:
-        raise UserError(f"{path}: cannot write it ({exc.strerror or exc}). Choose another path.") from None
+        raise _cannot_write(path, exc) from exc
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` in one step.
+
+    A symbolic link is written through (its target replaced, the link kept); a FIFO or device
+    (``/dev/stdout``) is written into directly: renaming onto it would replace the node itself.
+    A destination that cannot take the file (no space, read-only, no permission) is a UserError
+    naming it (exit 2); any other error of ``write`` propagates unchanged.
+    """
+    path = _destination(path)
+    direct = path.exists() and not path.is_file()
+    tmp_path = path if direct else _temp_beside(path)
     try:
         write(tmp_path)
-        os.replace(tmp_path, path)
+        if not direct:
+            os.replace(tmp_path, path)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write it ({exc.strerror or exc}). Free space or choose another path.") from None
+        if exc.errno in _WRITE_ERRNOS and exc.filename in (None, str(tmp_path), str(path)):
+            raise _cannot_write(path, exc) from exc
+        raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if not direct:
+            tmp_path.unlink(missing_ok=True)
     return path
 
 
 def check_writable(path: str | Path) -> None:
     """Fail now, naming ``path``, if a file cannot be written there (before minutes of work that
-    would then end in an error)."""
-    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a file path to write to.")
-    if path.exists() and not path.is_file():
-        return  # a FIFO or device: written into
-    probe = atomic_write(path.with_name(f".{path.name}.probe"), lambda p: p.write_bytes(b""))
-    probe.unlink(missing_ok=True)
+    would then end in an error). Makes its missing parent folders, as the write would."""
+    path = _destination(path)
+    if not (path.exists() and not path.is_file()):  # a FIFO or device is written into
+        _temp_beside(path).unlink()
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -112,16 +112,15 @@ def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str 
 
 def _data_warnings(metrics: dict, check: dict) -> list[str]:
     """Byte-identical images found by the fine-tune (train/val) and the check (test vs training)."""
-    found = {**metrics.get("duplicates", {}), "test_in_training": len(check.get("test_in_training", []))}
-    says = {"label_conflicts": "{} images are filed under several classes (labelling errors)",
-            "val_in_train": "{} validation images have a copy in train, so validation accuracy reads high",
-            "test_in_training": "{} test images are copies of training or validation images, so the test accuracy "
-                                "below reads high"}
-    notes = [text.format(found[k]) for k, text in says.items() if found.get(k)]
+    from edge_tl.build import test_copy_counts
+    from edge_tl.finetune.data import describe_duplicates
+
+    found = {k: n for k, n in metrics.get("duplicates", {}).items() if k != "moved_to_train"}
+    notes = describe_duplicates({**found, **test_copy_counts(check)})
     if not notes:
         return []
-    return [f"<p><b class=\"fail\">Data:</b> {html.escape('; '.join(notes))} (byte-identical files; every one is listed "
-            "in run/duplicates.txt and check.json's test_in_training).</p>"]
+    return [f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one is "
+            "listed in run/duplicates.txt and check.json's test_in_training).</p>"]
 
 
 def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
@@ -152,11 +151,11 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
           "-" if r.get("score_ece") is None else r["score_ece"], "ok" if r["passed"] else r["reason"]]
          for n, r in arts.items()])]
     if scores := manifest.get("scores"):
-        parts.append(f"<p>Scores: softmax of logits / {scores['temperature']} (temperature fitted on the "
-                     f"{scores['images']} validation images" + (f"; {html.escape(scores['skipped'])}" if "skipped" in scores
-                     else f": ECE {scores['ece'][0]:.3f} → {scores['ece'][1]:.3f}") + "). Score ECE above: on the check's "
-                     "images, how far the scores are from the frequency of being right (0 = a score of 0.8 is right 80 % "
-                     "of the time).</p>")
+        how = (f"plain softmax (temperature 1: {html.escape(scores['skipped'])}, too few to fit one)" if "skipped" in scores
+               else f"softmax of logits / {scores['temperature']}, the temperature fitted on the {scores['images']} "
+                    f"validation images (ECE {scores['ece'][0]:.3f} → {scores['ece'][1]:.3f})")
+        parts.append(f"<p>Scores: {how}. Score ECE above: on the check's images, how far the scores are from the "
+                     "frequency of being right (0 = a score of 0.8 is right 80 % of the time).</p>")
     if pre := check.get("preprocess"):
         parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} test images: max |Δ| "
                      f"{pre['max_abs_diff']} grey levels: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"

@@ -180,6 +180,9 @@ def bundle_readme(bundle: Bundle, where: str | Path) -> str:
     port = ("\nAn app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds\n"
             "half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`."
             if "steps" in p else "")  # bundles exported before they existed
+    fit = m.get("scores") or {"skipped": "a bundle from before the fit"}
+    scores = ("scores are their plain softmax (temperature 1: " + fit["skipped"] + ")" if "skipped" in fit else
+              f"scores are softmax(logits / {fit['temperature']}), the temperature fitted on the validation split")
     return f"""# edge-tl bundle: {m['model']} ({len(m['classes'])} classes), target {m['target']}
 
 `manifest.json` is the contract: classes, preprocessing, input/output, artifacts, the sha256 of every
@@ -191,8 +194,7 @@ shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mea
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
 enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{port}
-Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`; scores are
-softmax(logits / {m['output'].get('temperature', 1.0)}), the temperature fitted on the validation split.
+Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`; {scores}.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |
 |---|---|---|---|---|---|

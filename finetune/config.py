@@ -108,7 +108,7 @@ def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> Non
     """Refuse an output folder where the data's images are read from (it would become a class);
     ``with_test``: DIR/test/ too (build's check reads it)."""
     target, data = out.resolve(), data.resolve()
-    roots = training_roots(data) + ([data / "test"] if with_test and (data / "test").is_dir() else [])
+    roots = training_roots(data) + ([data / "test"] if with_test else [])  # made by the --out itself, it still is
     for root in roots:
         if target == root or root in target.parents:
             raise UserError(f"{out}: is inside {root}, where the {'test' if root.name == 'test' else 'training'} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -54,6 +55,34 @@ class Split:
 
 
 IMAGES_COLUMNS = ("split", "class", "sha256", "path")
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}  # a file name may hold any of them
+
+
+def escape_field(text: str) -> str:
+    """``text`` as one TSV field on one line: backslash, tab, newline and CR backslash-escaped."""
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
+def _unescape_field(text: str) -> str:
+    plain = {v[1]: k for k, v in _ESCAPES.items()}
+    return re.sub(r"\\(.)", lambda m: plain.get(m.group(1), m.group(0)), text)
+
+
+# what each count of byte-identical images means, for the log, the summary and the report
+DUPLICATE_NOTES = {
+    "label_conflicts": "{} images filed under several classes (labelling errors: fix or remove the wrong copy)",
+    "val_in_train": "{} validation images with a copy in train (validation accuracy reads high)",
+    "moved_to_train": "{} carved validation images moved to train, where their copies are",
+    "test_in_training": "{} test images with a copy of the same class among the training or validation images (the "
+                        "test accuracy reads high)",
+    "test_label_conflicts": "{} test images with a copy under another class among the training or validation images "
+                            "(labelling conflicts: the test accuracy reads low)",
+}
+
+
+def describe_duplicates(counts: dict) -> list[str]:
+    """One phrase per nonzero count of ``DUPLICATE_NOTES``."""
+    return [DUPLICATE_NOTES[k].format(n) for k, n in counts.items() if n and k in DUPLICATE_NOTES]
 
 
 @dataclass
@@ -78,8 +107,8 @@ class ImageFolderData:
                 for p, y, h in zip(split.paths, split.labels, split.digests)]
 
     def images_table(self) -> str:
-        """``rows()`` as the run's images.tsv: its data lineage, checkable with sha256sum."""
-        return "".join("\t".join(r) + "\n" for r in [IMAGES_COLUMNS, *self.rows()])  # utf-8, as write_text writes
+        """``rows()`` as the run's images.tsv (fields escaped by ``escape_field``): its data lineage."""
+        return "".join("\t".join(map(escape_field, r)) + "\n" for r in [IMAGES_COLUMNS, *self.rows()])
 
     def changes_since(self, table: Path) -> str | None:
         """What differs from an images.tsv written earlier (files added, removed, relabelled, moved
@@ -114,9 +143,10 @@ class Duplicates:
 
     def lines(self) -> list[str]:
         """One line per finding, for the log and duplicates.txt."""
-        out = [" = ".join(f"{p} ({c})" for p, c in copies) + ": one image, several classes" for copies in self.conflicts]
-        out += [f"{v} = {t}: validation image also in train" for v, t in self.val_in_train]
-        out += [f"{p}: moved from the carved validation split to train, where a copy of it is" for p in self.moved_to_train]
+        e = lambda p: escape_field(str(p))  # noqa: E731 - one finding per line, whatever the file names
+        out = [" = ".join(f"{e(p)} ({e(c)})" for p, c in copies) + ": one image, several classes" for copies in self.conflicts]
+        out += [f"{e(v)} = {e(t)}: validation image also in train" for v, t in self.val_in_train]
+        out += [f"{e(p)}: moved from the carved validation split to train, where a copy of it is" for p in self.moved_to_train]
         return out
 
 
@@ -134,25 +164,28 @@ def find_duplicates(train: Split, val: Split, classes: list[str], moved_to_train
     return Duplicates(conflicts, val_in_train, list(moved_to_train))
 
 
-def copies_in(files: list[Path], digests: dict[str, Path]) -> list[tuple[Path, Path]]:
-    """(file, its copy) for each of ``files`` whose bytes equal a file in ``digests`` (sha256 → path)."""
+def copies_in(files: list[Path], digests: dict[str, tuple[Path, str]]) -> list[tuple[Path, Path, str]]:
+    """(file, its copy, the copy's class) for each of ``files`` whose bytes equal a file in
+    ``digests`` (sha256 → (path, class), as ``run_images`` gives them)."""
     found = []
     for f in files:
         if f.is_file() and (copy := digests.get(sha256_file(f))) is not None:
-            found.append((f, copy))
+            found.append((f, *copy))
     return found
 
 
-def run_images(run_dir: Path, root: Path) -> dict[str, Path]:
-    """sha256 → path of the images a run trained and validated on (its images.tsv; empty for runs
-    made before edge-tl wrote it)."""
+def run_images(run_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """sha256 → (path, class) of the images a run trained and validated on (its images.tsv; empty
+    for runs made before edge-tl wrote it)."""
     table = Path(run_dir) / "images.tsv"
-    return {r[2]: Path(root) / r[3] for r in read_images_table(table)} if table.is_file() else {}
+    return {r[2]: (Path(root) / r[3], r[1]) for r in read_images_table(table)} if table.is_file() else {}
 
 
 def read_images_table(table: Path) -> list[tuple[str, ...]]:
     """The rows of an images.tsv (its header left out), as ``ImageFolderData.rows()`` gives them."""
-    rows = (tuple(line.split("\t")) for line in table.read_text(encoding="utf-8").splitlines()[1:])
+    with open(table, encoding="utf-8", newline="") as f:  # lines end at \n only: fields hold no raw one
+        lines = [line.removesuffix("\r") for line in f.read().split("\n")[1:] if line]
+    rows = (tuple(map(_unescape_field, line.split("\t"))) for line in lines)
     return [r for r in rows if len(r) == len(IMAGES_COLUMNS)]
 
 

@@ -38,7 +38,7 @@ from edge_tl.runtime.spec import PreprocessSpec
 from . import distributed
 from .backbones import create_backbone, preprocess_spec
 from .config import CLASS_WEIGHT_POWERS, DEFAULTS, TrainConfig, check_config
-from .data import Split, discover
+from .data import Split, describe_duplicates, discover
 from .depthwise import load_plans, plan_training, saved_plans, tune_depthwise
 
 CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
@@ -353,13 +353,6 @@ def _log_first(lines: list[str], header: str, listing: Path, log, n: int = 20) -
             log(f"  ... and {len(lines) - n} more (all listed in {listing})")
 
 
-def _duplicates_header(counts: dict) -> str:
-    parts = {"label_conflicts": "{} images filed under several classes (labelling errors: fix or remove the wrong copy)",
-             "val_in_train": "{} validation images with a copy in train (validation accuracy reads high)",
-             "moved_to_train": "{} carved validation images moved to train, where their copies are"}
-    return "warning: byte-identical image files: " + "; ".join(parts[k].format(n) for k, n in counts.items() if n) + ":"
-
-
 def _class_loss_weight(counts: list[int], class_weights: str, device) -> torch.Tensor:
     """Cross-entropy class weights ∝ frequency^-power, scaled so the training set's mean weight is 1."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -404,7 +397,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                         f"{out / 'last.pt'}; resume with the run's data.")
     _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
     duplicates = data.duplicates()
-    _log_first(duplicates.lines(), _duplicates_header(duplicates.counts()), out / "duplicates.txt", log)
+    _log_first(duplicates.lines(), f"warning: byte-identical image files: {'; '.join(describe_duplicates(duplicates.counts()))}:",
+               out / "duplicates.txt", log)
     num_classes = len(data.classes)
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
@@ -454,11 +448,14 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         load_plans(d.gather(saved_plans())[0])
 
     val_split = {"source": data.val_source, "images": len(data.val), "sha256": data.val.signature(data.root)}
-    if state is not None and state.get("val_split", val_split)["sha256"] != val_split["sha256"]:
-        log(f"warning: the validation split differs from the one this run started with ({state['val_split']['images']} "
-            f"images then, {len(data.val)} now: the data folder changed); best-epoch selection now uses the new one")
-    if state is not None and (changed := data.changes_since(out / "images.tsv")):
-        log(f"warning: the data changed since this run started ({changed}); training goes on with it as it is now")
+    if state is not None:
+        split_moved = state.get("val_split", val_split)["sha256"] != val_split["sha256"]
+        new_split = (f"; the validation split differs ({state['val_split']['images']} images then, {len(data.val)} now), "
+                     "so best-epoch selection now uses the new one") if split_moved else ""
+        if changed := data.changes_since(out / "images.tsv"):
+            log(f"warning: the data changed since this run started ({changed}){new_split}; training goes on with it")
+        elif split_moved:
+            log(f"warning: the data folder changed since this run started{new_split}")
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
             "val_split": val_split,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}

@@ -53,7 +53,8 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise bad("files", "an object of path: sha256 strings")
-    temperature = (manifest.get("output") or {}).get("temperature", 1.0) if isinstance(manifest.get("output") or {}, dict) else None
+    output = manifest.get("output", {})
+    temperature = output.get("temperature", 1.0) if isinstance(output, dict) else None
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
         raise bad("output", "an object whose 'temperature' (if any) is a positive number")
     validation = manifest.get("validation") or {}
@@ -170,6 +171,11 @@ class Bundle:
 
     def file(self, artifact: dict) -> Path:
         return self.path / artifact["file"]
+
+    @property
+    def temperature(self) -> float:
+        """T of the scores, softmax(logits / T): fitted at export (1 in bundles from before it)."""
+        return float(self.manifest.get("output", {}).get("temperature", 1.0))
 
     def golden(self) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 N×H×W×3 pixels, float32 N×classes reference logits of the fine-tuned model)."""

@@ -133,7 +133,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     dropped = set((bundle.manifest.get("slimmed") or {}).get("dropped", []))
     unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped)
     if base is not None:
-        base.check_same_images(images_sha, class_counts, source, unknown, bundle.path, log)
+        base.check_same_images(images_sha, class_counts, source, bundle, log)
     log(f"check {bundle.path} on {source}")
     for line in skipped[:5]:
         log(f"  unreadable, not counted: {line}")
@@ -145,7 +145,6 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             f"{preprocess['max_abs_diff']} grey levels" + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
     results, accuracies = {}, {}
-    temperature = float(bundle.manifest.get("output", {}).get("temperature", 1.0))
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
     for art in order:
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
@@ -178,8 +177,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         if min_accuracy is not None and not acc >= min_accuracy:
             reasons.append(f"accuracy {acc:.4f} < --min-accuracy {min_accuracy}")
         if ref is None and min_accuracy is None:
-            log(f"  {art['name']}: no reference accuracy (no fp32 artifact, no --baseline): only the golden agreement "
-                "gates it; add --baseline or --min-accuracy")
+            why = "not in the baseline" if base is not None else "the bundle has no fp32 artifact"
+            log(f"  {art['name']}: no reference accuracy ({why}): only the golden agreement gates it; add "
+                f"{'a baseline that has it' if base is not None else '--baseline'} or --min-accuracy")
         if agreement < agreement_floor:
             reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f}")
         if drop is not None and drop > drop_limit:
@@ -190,7 +190,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
-            "score_ece": round(ece(softmax(logits, temperature), labels), 4) if finite else None,
+            "score_ece": round(ece(softmax(logits, bundle.temperature), labels), 4) if finite else None,
             "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
         if keep_predictions:
@@ -210,7 +210,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     passed = all(r["passed"] for r in results.values()) and not unknown and (preprocess or {}).get("passed", True)
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
               "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "model": bundle.manifest.get("model"),
-              "data": source, "images": len(labels), "images_sha256": images_sha, "unreadable": skipped,
+              "data": source, "image_count": len(labels), "images_sha256": images_sha, "unreadable": skipped,
               "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
               "tensorrt_available": tensorrt_available(), "skipped": not_run, "missing": unknown, "artifacts": results,
@@ -266,8 +266,7 @@ class Baseline:
                             "compare bundles of the same classes.")
         return cls(path, accuracies, images, counts)
 
-    def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, unknown: list[str],
-                          bundle: Path, log) -> None:
+    def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, bundle: Bundle, log) -> None:
         """Refuse a comparison on other images, or with a baseline none of whose artifacts is in ``bundle``."""
         if self.images_sha256 is not None and self.images_sha256 != images_sha256:
             raise UserError(f"{self.path}: measured on other images than this check's ({source}; images_sha256 "
@@ -278,9 +277,10 @@ class Baseline:
                             f"{class_counts} ({source}); compare on the same --data as the baseline.")
         if self.images_sha256 is None:
             log(f"  note: {self.path} predates images_sha256; only its class counts show it used the same images")
-        if len(unknown) == len(self.accuracies):
-            raise UserError(f"{self.path}: none of its artifacts ({', '.join(unknown)}) is in {bundle}; the baseline "
-                            "must come from `edge-tl check --json` on a bundle of the same target.")
+        if not set(self.accuracies) & {a["name"] for a in bundle.artifacts}:
+            raise UserError(f"{self.path}: none of its artifacts ({', '.join(sorted(self.accuracies))}) is in "
+                            f"{bundle.path}, so nothing would be compared; the baseline must come from "
+                            "`edge-tl check --json` on a bundle with the same artifacts.")
 
 
 def write_junit(report: dict, path: str | Path) -> Path:

@@ -23,8 +23,9 @@ PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=
 @dataclass
 class Prediction:
     """One image's answer: the top class (``label``, its ``index`` in ``Predictor.classes``, its
-    ``score``: softmax with the bundle's fitted temperature, so that on the validation split a score
-    of 0.8 was right about 80 % of the time) and the ``topk`` (label, score) pairs, best first."""
+    ``score``: softmax of logits / the bundle's temperature, which export fits on the validation
+    split where it has 50 images or more, and is 1 otherwise) and the ``topk`` (label, score)
+    pairs, best first."""
 
     label: str
     index: int
@@ -161,7 +162,7 @@ class Predictor:
     def __init__(self, bundle: Bundle, artifact: dict, runner: Runner):
         self.bundle, self.artifact, self.runner = bundle, artifact, runner
         self.spec, self.classes = bundle.spec, bundle.classes
-        self.temperature = float(bundle.manifest.get("output", {}).get("temperature", 1.0))
+        self.temperature = bundle.temperature
         self.input_shape = (3, *self.spec.input_size)
         self.mismatch = flavour_mismatch(artifact, runner)
         if self.mismatch:

@@ -107,6 +107,8 @@ class OnnxRuntimeRunner(Runner):
     MAX_STATIC_SHAPES = 4
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int = 0):
+        if threads < 0:
+            raise UserError(f"--threads {threads}: use 0 (all cores) or a positive count.")
         self.path, self.device, self.threads = Path(path), device, threads
         self.session = None
         self.providers: list[str] = []

@@ -235,20 +235,26 @@ def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
     extra = root / "imgs" / "test" / "checker" / "extra.png"
     trained = sorted((root / "imgs" / "train" / "checker").glob("*.png"))[0]
     shutil.copy(trained, extra)  # a training image leaked into test/: the check finds it
+    conflict = root / "imgs" / "test" / "hstripes" / "conflict.png"
+    shutil.copy(trained, conflict)  # and one filed under another class than in train
     try:
         logs: list[str] = []
         summary = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4),
                         bench_seconds=0.2, log=logs.append)
     finally:
         extra.unlink()
+        conflict.unlink()
     skipped = {stage for stage in ("finetune", "export", "check") if any(f"] {stage}" in line and "up to date" in line
                                                                       for line in logs)}
     assert skipped == {"finetune", "export"}, logs  # training never reads test/; the check does
-    assert any("1 test images are byte-identical" in line for line in logs), logs
+    said = "1 test images with a copy of the same class among the training or validation images"
+    assert any(said in line and "1 test images with a copy under another class" in line for line in logs), logs
     leaks = json.loads((out / "check.json").read_text())["test_in_training"]
-    assert leaks == [{"test": str(extra), "training": str(trained.resolve())}]
-    assert summary["duplicates"]["test_in_training"] == 1 and "1 test in training" in format_summary(summary)
-    assert "1 test images are copies of training or validation images" in (out / "report.html").read_text()
+    trained = str(trained.resolve())
+    assert sorted(leaks, key=lambda c: c["test"]) == [{"test": str(extra), "training": trained, "same_class": True},
+                                                      {"test": str(conflict), "training": trained, "same_class": False}]
+    assert summary["duplicates"]["test_in_training"] == 1 == summary["duplicates"]["test_label_conflicts"]
+    assert said in format_summary(summary) and said in (out / "report.html").read_text()
 
 
 def test_compare_scratch_adds_the_transfer_section(built, tmp_path):

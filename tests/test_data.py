@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from edge_tl.errors import UserError
-from edge_tl.finetune.data import discover, keep_copies_together, stratified_split
+from edge_tl.finetune.data import discover, keep_copies_together, read_images_table, stratified_split
 from edge_tl.runtime.spec import PreprocessSpec
 
 from conftest import make_image_folder
@@ -55,6 +55,20 @@ def test_held_out_copies_join_their_training_copy_but_never_empty_a_class():
     keep, held, moved = keep_copies_together(digests, labels, keep=[0, 3, 5], held=[1, 2, 4, 6])
     assert moved == [1, 4] and keep == [0, 1, 3, 4, 5] and held == [2, 6]  # 6 stays: class 1's last held-out image
     assert keep_copies_together(list("abcd"), [0, 0, 1, 1], [0, 2], [1, 3]) == ([0, 2], [1, 3], [])  # no copies: as split
+
+
+def test_images_table_survives_any_file_name(tiny_folder, tmp_path):
+    """Tab, newline, CR, backslash, U+2028 in names: the run's images.tsv reads back as written, so
+    unchanged data is never reported as changed."""
+    sources = sorted((tiny_folder / "checker").iterdir())
+    for src, name in zip(sources, ["tab\there", "new\nline", "cr\rhere", "back\\slash", "para\u2028sep", "café"]):
+        shutil.copy(src, tiny_folder / "checker" / f"{name}.{src.name}")  # a copy in the same class: a warning only
+    data = discover(tiny_folder, SPEC, progress=False)
+    table = tmp_path / "images.tsv"
+    table.write_text(data.images_table(), encoding="utf-8")
+    assert read_images_table(table) == data.rows() and data.changes_since(table) is None
+    (tiny_folder / "checker" / f"tab\there.{sources[0].name}").write_bytes(sources[2].read_bytes())
+    assert discover(tiny_folder, SPEC, progress=False).changes_since(table) == "1 images with new content"
 
 
 def test_a_val_folder_with_training_images_is_reported(tmp_path):

@@ -320,3 +320,14 @@ def test_replacing_a_bundle_never_leaves_none_and_files_follow_the_umask(tmp_pat
         finally:
             os.umask(previous)
         assert (written.stat().st_mode & 0o777, folder.stat().st_mode & 0o777) == (file_mode, dir_mode)
+
+
+def test_atomic_write_names_a_destination_that_cannot_take_the_file_and_nothing_else(tmp_path):
+    from edge_tl import fileio
+
+    with pytest.raises(FileNotFoundError):  # an input the writer reads is missing: its own error, not the output's
+        fileio.atomic_write(tmp_path / "out.onnx", lambda p: (tmp_path / "missing_input.onnx").read_bytes())
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        fileio.check_writable(tmp_path / "afile" / "x.xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no temp file left behind

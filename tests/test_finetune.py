@@ -182,9 +182,10 @@ def test_cli_refuses_an_out_that_is_a_file_or_inside_the_data(tiny_folder, tmp_p
         res = _cli("finetune", "--data", tiny_folder, "--out", out, "--img-size", 64, "--epochs", 1)
         assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
     split = make_image_folder(tmp_path / "split" / "train", per_class=2).parent
-    make_image_folder(split / "test", per_class=1)
-    res = _cli("build", "--data", split, "--out", split / "test" / "out", "--img-size", 64, "--epochs", 1)
-    assert res.returncode == 2 and "where the test images are read" in res.stderr, res.stderr  # the check would read it
+    for out in (split / "test" / "out", split / "test"):  # the check would read it; without test/, the --out makes it
+        res = _cli("build", "--data", split, "--out", out, "--img-size", 64, "--epochs", 1)
+        assert res.returncode == 2 and "where the test images are read" in res.stderr, res.stderr
+    assert not (split / "test").exists()
     assert (tmp_path / "afile").read_text() == "mine" and not (tiny_folder / "run").exists()
 
 

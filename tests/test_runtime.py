@@ -310,7 +310,7 @@ def test_check_baseline_must_match_the_bundle_and_data(pattern_bundle, tmp_path)
     assert res.returncode == 0 and "predates images_sha256" in res.stderr, res.stderr
     out = json.loads(res.stdout)
     assert out["edge_tl"] and out["manifest_sha256"] == Bundle.load(bundle_dir).manifest["manifest_sha256"]
-    assert out["images"] == sum(out["class_counts"]) and out["unreadable"] == [] and out["baseline"].endswith("base.json")
+    assert out["image_count"] == sum(out["class_counts"]) and out["unreadable"] == [] and out["baseline"].endswith("base.json")
 
 
 def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
@@ -326,7 +326,8 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
                  ["check", str(cpu_bundle), "--junit", str(tmp_path)],  # a folder where a file goes
                  ["check", str(cpu_bundle), "--junit", str(tampered / "labels.txt" / "x.xml")],  # a file where a folder goes
                  ["predict", str(cpu_bundle), str(tmp_path)],  # a folder without images
-                 ["bench", str(cpu_bundle), "--iters", "0"]):
+                 ["bench", str(cpu_bundle), "--iters", "0"], ["predict", str(cpu_bundle), str(tmp_path), "--threads", "-1"],
+                 ["check", str(cpu_bundle), "--threads", "-2"]):
         res = _cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
@@ -337,6 +338,15 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
         stale.write_text('<testsuite tests="2" failures="0"/>')
         res = _cli("check", str(cpu_bundle), "--junit", str(stale), *args)
         assert res.returncode == 2 and 'errors="1"' in stale.read_text() and "refused" in stale.read_text(), res.stderr
+    notes = tmp_path / "notes.md"  # a value of --data, not --junit's; and not a JUnit file: never overwritten
+    notes.write_text("precious")
+    assert _cli("check", str(cpu_bundle), "--data", "--junit", str(notes)).returncode == 2
+    first, last = tmp_path / "first.xml", tmp_path / "last.xml"
+    res = _cli("check", str(cpu_bundle), "--junit", str(first), "--junit", str(last), "--bogus")
+    assert res.returncode == 2 and notes.read_text() == "precious" and not first.exists()
+    assert "refused" in last.read_text()  # click takes the last --junit, so does the usage-error report
+    res = _cli("check", str(cpu_bundle), "--junit", str(tampered / "labels.txt" / "x.xml"))
+    assert res.returncode == 2 and "labels.txt is a file, not a folder" in res.stderr, res.stderr
     link = tmp_path / "link.xml"
     link.symlink_to(stale)  # written through, the link kept
     assert _cli("check", str(cpu_bundle), "--junit", str(link), "--min-agreement", "0").returncode == 0
@@ -478,6 +488,11 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     with_base = check_bundle(slim.path, elpv_small / "test", max_drop=100, min_agreement=0, baseline=full_report,
                              log=logs.append)
     assert with_base["passed"] and with_base["missing"] == [] and any("left out of this bundle" in line for line in logs)
+    fp32_only = tmp_path / "fp32_only.json"  # shares no artifact with the slim bundle: nothing would be compared
+    fp32_only.write_text(json.dumps({**json.loads(full_report.read_text()), "artifacts": {
+        "fp32": json.loads(full_report.read_text())["artifacts"]["fp32"]}}))
+    with pytest.raises(UserError, match="none of its artifacts"):
+        check_bundle(slim.path, elpv_small / "test", max_drop=100, min_agreement=0, baseline=fp32_only, log=lambda s: None)
     acc = report["artifacts"]["int8-cpu"]["accuracy"]
     gated = check_bundle(slim.path, elpv_small / "test", min_agreement=0, min_accuracy=min(1.0, acc + 0.01),
                          log=lambda s: None)
@@ -491,7 +506,7 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
                                (["fp32"], tmp_path / "afile" / "x", "cannot create a folder beside it")):
         with pytest.raises(UserError, match=message):
             slim_bundle(cpu_bundle, keep, out, log=lambda s: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full.json", "slim"]  # refusals leave nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fp32_only.json", "full.json", "slim"]  # nothing left behind
 
 
 def test_interleaved_blocks_settle_each_block_then_time_and_pair_per_block():
@@ -566,7 +581,8 @@ def test_refusals_that_name_the_cause(cpu_bundle, tmp_path):
 
 @pytest.mark.parametrize("edit, field", [(lambda m: m.update(artifacts="x"), "'artifacts'"),
                                          (lambda m: m["artifacts"][0].pop("format"), "'artifacts[0]'"),
-                                         (lambda m: m.update(validation={"images": "many"}), "'validation'")])
+                                         (lambda m: m.update(validation={"images": "many"}), "'validation'"),
+                                         (lambda m: m.update(output=None), "'output'")])
 def test_a_re_signed_manifest_with_wrong_field_types_is_refused_by_name(cpu_bundle, tmp_path, edit, field):
     edited = tmp_path / "edited"
     shutil.copytree(cpu_bundle, edited)
@@ -592,7 +608,8 @@ def test_temperature_fit_recovers_a_known_overconfidence():
 
 
 def test_scores_follow_the_manifest_temperature(cpu_bundle, elpv_small, tmp_path):
-    from edge_tl.runtime.scores import softmax
+    from edge_tl.runtime.check import labelled_images
+    from edge_tl.runtime.scores import ece, softmax
 
     manifest = Bundle.load(cpu_bundle).manifest  # 4 validation images: too few to fit, recorded as such
     assert manifest["output"]["temperature"] == 1.0 and "skipped" in manifest["scores"]
@@ -609,7 +626,10 @@ def test_scores_follow_the_manifest_temperature(cpu_bundle, elpv_small, tmp_path
     assert [s for _, s in pred.topk] == pytest.approx(sorted(want, reverse=True), abs=1e-9)
     assert pred.label == p.classes[int(logits.argmax())]  # the ranking is the logits'
     report = check_bundle(hot, elpv_small / "test", max_drop=100, min_agreement=0, log=lambda s: None)
-    assert 0 <= report["artifacts"]["fp32"]["score_ece"] <= 1
+    pixels, labels, _, _ = labelled_images(elpv_small / "test", p.classes, p.spec)
+    with Predictor.from_bundle(hot, precision="fp32") as p:
+        want_ece = ece(softmax(p.infer(pixels), 2.0), labels)
+    assert report["artifacts"]["fp32"]["score_ece"] == pytest.approx(want_ece, abs=1e-4)
     bundle.manifest["output"]["temperature"] = 0
     bundle.save()
     with pytest.raises(UserError, match="'output' must be an object whose 'temperature'"):
