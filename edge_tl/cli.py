@@ -190,7 +190,8 @@ def export(
                                      "minmax (measured as good as the others on ELPV, and it uses every image)."),
     batch: Optional[str] = typer.Option(None, help="TensorRT batch profile MIN:OPT:MAX (default cpu/gpu 1:1:32 / "
                                         "1:8:32, jetson 1:1:8)."),
-    max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points) before layers are kept in float."),
+    max_drop: float = typer.Option(1.0, help="Largest INT8 validation-accuracy drop (points), beyond its sampling noise, "
+                                   "before layers are kept in float."),
     data: Optional[Path] = typer.Option(None, help="The run's ImageFolder, if it moved (calibration and validation)."),
     golden: int = typer.Option(32, help="Validation images kept in golden.npz with the fine-tuned model's logits: "
                                "what `check` without --data judges on (more is more exact: each image is 100/N "
@@ -412,9 +413,10 @@ def build(
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
-    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it the export "
-                                   "keeps INT8 layers in float (FP16 is only measured), and the check fails. Raise it "
-                                   "for a small test/ folder, where one image is several points."),
+    max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it (and its "
+                                   "sampling noise on validation) the export keeps INT8 layers in float (FP16 is only "
+                                   "measured), and past it on test/ the check fails. Raise it for a small test/ folder, "
+                                   "where one image is several points."),
     compare_scratch: bool = typer.Option(False, help="Also train from random init with the same recipe; the report "
                                          "shows what pretraining gained (start, slope, asymptote). Doubles training time."),
     force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),

@@ -241,10 +241,16 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
 def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.ndarray, val_pixels: np.ndarray,
                            val_labels: np.ndarray, fp32_logits: np.ndarray, flavour: str, method: str,
                            max_drop: float, log=print) -> dict:
-    """INT8 ``flavour`` of ``fp32_path``; layers kept in float until the val drop is ≤ ``max_drop`` points.
+    """INT8 ``flavour`` of ``fp32_path``; layers kept in float until the val drop is within ``max_drop``
+    points plus its sampling noise.
 
+    The noise is the standard error of a paired accuracy difference on these images,
+    sqrt(images only FP32 gets right + images only INT8 gets right) / images: on 296 validation
+    images where INT8 and FP32 disagree on 7, a drop of 3 images (1.01 pts) is 1.1 standard errors,
+    and chasing it kept 32 layers in float and made INT8 slower than FP32 (an ELPV `make demo`,
+    session 17). A real quantization loss is many standard errors and still triggers the fallback.
     ``fp32_logits`` are the FP32 model's on ``val_pixels``. Returns the record for the manifest:
-    accuracy, drop, top-1 agreement with FP32, float-kept nodes, every try.
+    accuracy, drop, its noise, top-1 agreement with FP32, float-kept nodes, every try.
     """
     fp32_accuracy = accuracy(fp32_logits, val_labels)
     with tempfile.TemporaryDirectory(prefix="edge-tl-quant-") as tmp:
@@ -255,11 +261,13 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
             logits = onnx_logits(out_path, val_pixels)
             acc = accuracy(logits, val_labels)
             drop = round((fp32_accuracy - acc) * 100, 3)
+            noise = round(drop_noise(fp32_logits, logits, val_labels), 3)
             agree = float((logits.argmax(1) == fp32_logits.argmax(1)).mean())
-            tries.append({"float_nodes": len(exclude), "val_accuracy": acc, "drop_pts": drop, "fp32_agreement": agree})
-            log(f"  int8 ({flavour}) with {len(exclude)} layers in float: val accuracy {acc:.4f}, drop {drop:+.2f} pts, "
-                f"top-1 agreement with fp32 {agree:.4f}")
-            if drop <= max_drop:
+            tries.append({"float_nodes": len(exclude), "val_accuracy": acc, "drop_pts": drop, "noise_pts": noise,
+                          "fp32_agreement": agree})
+            log(f"  int8 ({flavour}) with {len(exclude)} layers in float: val accuracy {acc:.4f}, drop {drop:+.2f} "
+                f"± {noise:.2f} pts, top-1 agreement with fp32 {agree:.4f}")
+            if drop <= max_drop + noise:
                 break
             if ranking is None:
                 ranking = [name for name, _ in layer_damage(prepared, out_path, val_pixels[:32],
@@ -269,4 +277,12 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
             exclude = tuple(ranking[:max(1, 2 * len(exclude))])
     return {"flavour": flavour, "why": FLAVOURS[flavour].why, "calib_method": method, "float_nodes": list(exclude),
             "val_accuracy": tries[-1]["val_accuracy"], "drop_pts": tries[-1]["drop_pts"],
-            "fp32_agreement": tries[-1]["fp32_agreement"], "accepted": tries[-1]["drop_pts"] <= max_drop, "tries": tries}
+            "noise_pts": tries[-1]["noise_pts"], "fp32_agreement": tries[-1]["fp32_agreement"],
+            "accepted": tries[-1]["drop_pts"] <= max_drop + tries[-1]["noise_pts"], "tries": tries}
+
+
+def drop_noise(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> float:
+    """Standard error (points) of the accuracy drop from ``reference_logits`` to ``logits`` on the
+    same images: only the images exactly one of them gets right move it."""
+    ref_right, right = reference_logits.argmax(1) == labels, logits.argmax(1) == labels
+    return float(np.sqrt((ref_right != right).sum()) / max(len(labels), 1) * 100)

@@ -149,6 +149,17 @@ def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp
     assert all(name not in rec["float_nodes"] for name, _ in ranking)
 
 
+def test_drop_noise_counts_only_images_one_model_gets_right():
+    from edge_tl.export.quantize import drop_noise
+
+    labels = np.zeros(296, int)
+    ref, new = np.tile([[1.0, 0.0]], (296, 1)), np.tile([[1.0, 0.0]], (296, 1))
+    new[:5, 1] = 2  # INT8 wrong where FP32 is right on 5 images, right where FP32 is wrong on 2
+    ref[5:7, 1] = 2
+    assert drop_noise(ref, new, labels) == pytest.approx(np.sqrt(7) / 296 * 100)  # 0.89 pts: a 3-image drop is noise
+    assert drop_noise(ref, ref, labels) == 0.0
+
+
 def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(cpu_bundle, copy)
