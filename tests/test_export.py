@@ -144,6 +144,12 @@ def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp
     int8 = onnx.load(str(tmp_path / "int8.onnx"))
     assert not {n.name for n in quantized_nodes(int8)} & set(rec["float_nodes"])
 
+    first = rec["tries"][0]  # a drop over --max-drop but within its sampling noise keeps every layer int8
+    assert first["noise_pts"] > 0
+    within = quantize_within_budget(fp32, tmp_path / "int8b.onnx", black, pixels, labels, fp32_logits, "cpu", "minmax",
+                                    first["drop_pts"] - first["noise_pts"] / 2, log=lambda s: None)
+    assert within["float_nodes"] == [] and within["accepted"] and len(within["tries"]) == 1
+
     prepared = prepare(fp32, tmp_path / "prep.onnx")
     ranking = layer_damage(prepared, tmp_path / "int8.onnx", pixels[:4])
     assert all(name not in rec["float_nodes"] for name, _ in ranking)
