@@ -198,7 +198,8 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
                                         flavour, calib_method, max_drop, log)
         art = _artifact(name, "int8", FLAVOURS[flavour].backend, record["val_accuracy"], fp32_acc)
         art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
-                   noise_pts=record["noise_pts"], fp32_agreement=record["fp32_agreement"], tries=record["tries"])
+                   noise_pts=record["noise_pts"], noise_allowance_pts=record["noise_allowance_pts"],
+                   max_drop=record["max_drop"], fp32_agreement=record["fp32_agreement"], tries=record["tries"])
         if not record["accepted"]:
             log(f"warning: {name} stays {record['drop_pts']:.2f} pts below fp32 even with every layer in float; "
                 "it is kept but marked not accepted (Predictor skips it unless asked by name).")
