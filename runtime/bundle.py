@@ -117,6 +117,8 @@ class Bundle:
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise BundleError(f"{self.path / MANIFEST}: file entry '{rel}' points outside the bundle. Re-export it.")
             f = self.path / rel
+            if rel == ".gitattributes" and not f.exists():
+                continue  # hashed by bundles of before 188268c; copies that skip hidden files (CI artifact uploads) lose it
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing. Copy the whole bundle folder again.")
             if sha256_file(f) != digest:

@@ -184,6 +184,16 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
         Bundle.load(copy)
     shutil.rmtree(copy)
     shutil.copytree(cpu_bundle, copy)
+    old_style = Bundle.load(copy)  # bundles before 188268c hashed .gitattributes; a copy without hidden files still loads
+    old_style.add_file(".gitattributes")
+    old_style.save()
+    (copy / ".gitattributes").unlink()
+    Bundle.load(copy)
+    (copy / ".gitattributes").write_text("* text\n")  # present but changed: refused like any listed file
+    with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(cpu_bundle, copy)
     (copy / "README.md").write_text("our notes\n")  # the README is for people: editing it is fine
     Bundle.load(copy)
     (copy / "labels.txt").write_bytes((copy / "labels.txt").read_bytes().replace(b"\n", b"\r\n"))
