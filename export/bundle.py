@@ -100,6 +100,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if ds.classes != ckpt["classes"]:
         raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")
     log(f"export {run} -> {out} (target {target}: {', '.join(wanted)}); validation {len(ds.val)} images ({ds.val_source})")
+    if ds.memory_note:
+        log(ds.memory_note)
     trained_val = ckpt.get("val_split")  # runs from before it was recorded have none
     if changed := ds.changes_since(run / "images.tsv"):
         log(f"warning: {data} changed since the fine-tune ({changed}), so the validation figures below may not be "
@@ -209,7 +211,7 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
     log(f"scores: temperature {scores['temperature']}" + (f" ({scores['skipped']})" if "skipped" in scores else
         f", validation ECE {scores['ece'][0]:.3f} -> {scores['ece'][1]:.3f}, NLL {scores['nll'][0]:.3f} -> {scores['nll'][1]:.3f}"))
     gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
-    sources = preprocess_sources(spec, [ds.val.arrays[i] for i in gidx[:len(SOURCE_SHAPES)]])
+    sources = preprocess_sources(spec, [ds.val.array(i) for i in gidx[:len(SOURCE_SHAPES)]])
     np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
                         labels=val_labels[gidx], source_pixels=np.stack([spec.to_pixels(Image.fromarray(a)) for a in sources]),
                         **{f"source_{i}": a for i, a in enumerate(sources)})

@@ -1,4 +1,5 @@
-"""Find, check and split an ImageFolder; decode every image once into a memory cache.
+"""Find, check and split an ImageFolder; decode every image once into a memory cache (the
+images that do not fit in memory are decoded again at each use).
 
 Layouts: ``DIR/<class>/*`` or ``DIR/train/<class>/*`` with optional ``DIR/val/<class>/*``.
 A ``DIR/test/`` folder is never read here: the test split is for the final figure only.
@@ -11,8 +12,9 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from itertools import chain
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -26,14 +28,24 @@ from edge_tl.runtime.spec import PreprocessSpec
 from .config import VAL_FOLDERS
 
 
+def decode_resized(spec: PreprocessSpec, path: Path) -> np.ndarray:
+    """RGB uint8 pixels of ``path``, shorter side resized per ``spec``: what the memory cache holds."""
+    return np.asarray(spec.resize_shorter(load_rgb(path)))
+
+
 @dataclass
 class Split:
-    """Images of one split, decoded once (RGB uint8, shorter side resized per the spec)."""
+    """Images of one split, decoded once (RGB uint8, shorter side resized per the spec).
+
+    ``arrays[i]`` is None for an image that did not fit in memory: ``decode`` (picklable, so
+    DataLoader workers can use it) decodes it again at each use, from the file.
+    """
 
     paths: list[Path]
     labels: list[int]
-    arrays: list[np.ndarray]
+    arrays: list[np.ndarray | None]
     digests: list[str]  # sha256 of each file's bytes: byte-identical copies share one
+    decode: Callable[[Path], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,12 +58,27 @@ class Split:
         rows = sorted(f"{Path(p).relative_to(root).as_posix()}\t{y}" for p, y in zip(self.paths, self.labels))
         return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
+    @property
+    def on_demand(self) -> int:
+        """How many images are decoded at each use (not held in memory)."""
+        return sum(a is None for a in self.arrays)
+
+    def array(self, i: int) -> np.ndarray:
+        if self.arrays[i] is not None:
+            return self.arrays[i]
+        try:
+            return self.decode(self.paths[i])
+        except UnreadableImage as exc:
+            raise UserError(f"{exc}. It was read when the data was scanned and has changed since (it is decoded "
+                            "again at each use: the images did not all fit in memory). Restore it, or remove it "
+                            "and start again.") from None
+
     def image(self, i: int) -> Image.Image:
-        return Image.fromarray(self.arrays[i])
+        return Image.fromarray(self.array(i))
 
     def subset(self, idx: list[int]) -> "Split":
         return Split([self.paths[i] for i in idx], [self.labels[i] for i in idx], [self.arrays[i] for i in idx],
-                     [self.digests[i] for i in idx])
+                     [self.digests[i] for i in idx], self.decode)
 
 
 IMAGES_COLUMNS = ("split", "class", "sha256", "path")
@@ -96,6 +123,7 @@ class ImageFolderData:
     val_source: str  # "val/ folder" or "carved from train (...)"
     skipped: list[str] = field(default_factory=list)
     moved_to_train: list[Path] = field(default_factory=list)  # carved validation images that have a copy in train
+    memory_note: str | None = None  # set when some images are decoded at each use (DecodeBudget.note)
 
     def duplicates(self) -> "Duplicates":
         return find_duplicates(self.train, self.val, self.classes, self.moved_to_train)
@@ -210,39 +238,45 @@ def available_memory() -> int | None:
 
 
 class DecodeBudget:
-    """Stops the decoding early, with the numbers, when all images would not fit in memory:
-    an out-of-memory kill after minutes of decoding says nothing."""
+    """How many decoded images this process may keep in memory; the rest are decoded again at
+    each use (slower, but a dataset larger than memory still trains)."""
 
     SHARE = 0.7  # of the memory available at the start; training needs the rest
-    SAMPLE = 64  # images decoded before projecting their mean size onto all
 
-    def __init__(self, root: Path, files: int, spec: PreprocessSpec, available: int | None):
-        self.root, self.files, self.spec, self.available = root, files, spec, available
-        self.used = self.done = 0
-
-    def add(self, array: np.ndarray) -> None:
-        self.used, self.done = self.used + array.nbytes, self.done + 1
-        if not self.available or self.done < self.SAMPLE:
-            return
+    def __init__(self, available: int | None):
         # under torchrun every process on this machine decodes the whole dataset
-        copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        need, limit = self.used / self.done * self.files * copies, self.available * self.SHARE
-        if need > limit:
-            raise UserError(f"{self.root}: its {self.files} images would take about {need / 1e9:.1f} GB decoded "
-                            f"({self.used / self.done / 1e3:.0f} kB each at the {self.spec.resize_size} px eval resize"
-                            f"{f', in each of {copies} processes' if copies > 1 else ''}), more "
-                            f"than the {limit / 1e9:.1f} GB this machine can spare ({self.available / 1e9:.1f} GB available). "
-                            "Use a smaller --img-size, a subset of the images, or a machine with more memory.")
+        self.copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.limit = None if available is None else available * self.SHARE / self.copies
+        self.available, self.kept, self.dropped = available, 0, 0
+
+    def keep(self, array: np.ndarray) -> bool:
+        """Whether ``array`` still fits; counts it either way."""
+        if self.limit is None or self.kept + array.nbytes <= self.limit:
+            self.kept += array.nbytes
+            return True
+        self.dropped += array.nbytes
+        return False
+
+    def note(self, on_demand: int, total: int) -> str | None:
+        """One line for the log when some images are decoded at each use; None when all fit."""
+        if not on_demand:
+            return None
+        each = f", in each of {self.copies} processes" if self.copies > 1 else ""
+        return (f"warning: {on_demand} of {total} images do not fit in memory (decoded they take "
+                f"{(self.kept + self.dropped) / 1e9:.1f} GB{each}; this machine can spare {self.limit / 1e9:.1f} GB "
+                f"of its {self.available / 1e9:.1f} GB available), so they are decoded again at each use: slower "
+                "epochs. --workers N decodes them in N processes; a smaller --img-size or more memory keeps them all.")
 
 
 def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
-            desc: str, progress: bool, budget: DecodeBudget | None = None) -> Split:
+            desc: str, progress: bool, budget: DecodeBudget) -> Split:
     """Decode every file once (this is also the check); unreadable ones go to ``skipped``.
 
     Decoding a JPEG every epoch costs more CPU than a small model on small images; a
-    dataset of a few thousand images, resized, fits in a few hundred MB (``budget`` refuses
-    one that would not fit).
+    dataset of a few thousand images, resized, fits in a few hundred MB. What ``budget``
+    cannot keep is decoded again at each use.
     """
+    decode = partial(decode_resized, spec)
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays, digests = [], [], [], []
     for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
@@ -250,16 +284,15 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
             skipped.append(f"{p}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
             continue
         try:
-            arrays.append(np.asarray(spec.resize_shorter(load_rgb(p))))
+            array = decode(p)
         except UnreadableImage as exc:
             skipped.append(str(exc))
             continue
-        if budget:
-            budget.add(arrays[-1])
+        arrays.append(array if budget.keep(array) else None)
         paths.append(p)
         labels.append(ci)
         digests.append(sha256_file(p))  # read again from the page cache: far cheaper than the decode
-    return Split(paths, labels, arrays, digests)
+    return Split(paths, labels, arrays, digests, decode)
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -337,8 +370,7 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
     val_files = _scan_classes(val_dir) if val_dir is not None else {}
-    images = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in chain(*train_files.values(), *val_files.values()))
-    budget = DecodeBudget(root, images, spec, available_memory())
+    budget = DecodeBudget(available_memory())
     full = _decode(train_files, classes, spec, skipped, "decode train", progress, budget)
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]
@@ -360,9 +392,10 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
             raise UserError(f"{val_dir}: no readable images of {', '.join(absent)}, so validation (which picks the best "
                             f"epoch) would never see {'that class' if len(absent) == 1 else 'those classes'}. Add some to "
                             f"{val_dir.name}/<class>/, or remove {val_dir.name}/ to carve a stratified split from train.")
-        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped)
+        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped,
+                               memory_note=budget.note(full.on_demand + val.on_demand, len(full) + len(val)))
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     keep, held, moved = keep_copies_together(full.digests, full.labels, keep, held)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
     return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped,
-                           [full.paths[i] for i in moved])
+                           [full.paths[i] for i in moved], budget.note(full.on_demand, len(full)))

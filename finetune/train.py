@@ -396,6 +396,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
     _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
+    if data.memory_note:
+        log(data.memory_note)
     duplicates = data.duplicates()
     _log_first(duplicates.lines(), f"warning: byte-identical image files: {'; '.join(describe_duplicates(duplicates.counts()))}:",
                out / "duplicates.txt", log)
@@ -545,7 +547,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         "train_class_counts": data.train.counts(num_classes), "val_class_counts": data.val.counts(num_classes),
         "val_confusion": best["confusion"], "model": cfg.model, "pretrained": pretrained,
         "seconds": round(seconds, 2), "epochs": cfg.epochs, "device": str(device), "preprocess": spec.to_dict(),
-        "skipped_files": len(data.skipped), "duplicates": duplicates.counts(), "config": asdict(cfg), "edge_tl": __version__,
+        "skipped_files": len(data.skipped), "decoded_at_each_use": data.train.on_demand + data.val.on_demand,
+        "duplicates": duplicates.counts(), "config": asdict(cfg), "edge_tl": __version__,
         "torch": torch.__version__, "timm": timm.__version__, "processes": d.world,
     }
     if d.is_main:

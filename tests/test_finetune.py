@@ -260,3 +260,18 @@ def test_mixup_reaches_every_training_step(tiny_folder, tmp_path, monkeypatch):
     assert calls == [8] * (metrics["num_train"] // 8) * QUICK["epochs"]
     hist = [json.loads(line) for line in (tmp_path / "mixed" / "history.jsonl").read_text().splitlines()]
     assert all(0 < h["train_loss"] < 5 and 0 <= h["train_accuracy"] <= 1 for h in hist)
+
+
+def test_images_decoded_at_each_use_train_exactly_as_in_memory(tiny_folder, tmp_path, monkeypatch):
+    """With no memory to spare every image is decoded from its file at each use, in a DataLoader
+    worker: the weights come out bit for bit those of the run that held them all in memory."""
+    from edge_tl.finetune import data as data_module
+
+    ref = finetune(_cfg(tiny_folder, tmp_path / "ref", epochs=1), progress=False, log=lambda s: None)
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1)
+    logs = []
+    streamed = finetune(_cfg(tiny_folder, tmp_path / "streamed", epochs=1, workers=1), progress=False, log=logs.append)
+    assert any(line.startswith("warning: 24 of 24 images do not fit in memory") for line in logs), logs
+    assert (ref["decoded_at_each_use"], streamed["decoded_at_each_use"]) == (0, 24)
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["state_dict"] for r in ("ref", "streamed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
