@@ -100,8 +100,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if ds.classes != ckpt["classes"]:
         raise UserError(f"{data}: classes {ds.classes} differ from the run's {ckpt['classes']}; pass the run's data.")
     log(f"export {run} -> {out} (target {target}: {', '.join(wanted)}); validation {len(ds.val)} images ({ds.val_source})")
-    if ds.memory_note:
-        log(ds.memory_note)
+    if note := ds.memory_note("export"):
+        log(note)
     trained_val = ckpt.get("val_split")  # runs from before it was recorded have none
     if changed := ds.changes_since(run / "images.tsv"):
         log(f"warning: {data} changed since the fine-tune ({changed}), so the validation figures below may not be "

@@ -28,9 +28,15 @@ from edge_tl.runtime.spec import PreprocessSpec
 from .config import VAL_FOLDERS
 
 
-def decode_resized(spec: PreprocessSpec, path: Path) -> np.ndarray:
-    """RGB uint8 pixels of ``path``, shorter side resized per ``spec``: what the memory cache holds."""
-    return np.asarray(spec.resize_shorter(load_rgb(path)))
+def decode_resized(spec: PreprocessSpec, image) -> np.ndarray:
+    """RGB uint8 pixels of ``image`` (a path or the file's bytes), shorter side resized per
+    ``spec``: what the memory cache holds."""
+    return np.asarray(spec.resize_shorter(load_rgb(image)))
+
+
+_MUST_STAY = ("It is decoded again at each use (the images did not all fit in memory), so it must stay as it was "
+              "when the data was scanned: restore it, or remove it, and run again (a fine-tune with --resume keeps "
+              "the steps done).")
 
 
 @dataclass
@@ -64,14 +70,17 @@ class Split:
         return sum(a is None for a in self.arrays)
 
     def array(self, i: int) -> np.ndarray:
+        """Image ``i``'s pixels: from memory, or decoded from its file, which must hold the bytes it
+        held at the scan (a file replaced by another image would train under the wrong label)."""
         if self.arrays[i] is not None:
             return self.arrays[i]
         try:
-            return self.decode(self.paths[i])
-        except UnreadableImage as exc:
-            raise UserError(f"{exc}. It was read when the data was scanned and has changed since (it is decoded "
-                            "again at each use: the images did not all fit in memory). Restore it, or remove it "
-                            "and start again.") from None
+            data = Path(self.paths[i]).read_bytes()
+        except OSError as exc:
+            raise UserError(f"{self.paths[i]}: can no longer be read ({exc.strerror or exc}). {_MUST_STAY}") from None
+        if hashlib.sha256(data).hexdigest() != self.digests[i]:
+            raise UserError(f"{self.paths[i]}: its content changed since the data was scanned. {_MUST_STAY}")
+        return self.decode(data)
 
     def image(self, i: int) -> Image.Image:
         return Image.fromarray(self.array(i))
@@ -123,7 +132,12 @@ class ImageFolderData:
     val_source: str  # "val/ folder" or "carved from train (...)"
     skipped: list[str] = field(default_factory=list)
     moved_to_train: list[Path] = field(default_factory=list)  # carved validation images that have a copy in train
-    memory_note: str | None = None  # set when some images are decoded at each use (DecodeBudget.note)
+    budget: DecodeBudget | None = None  # what the decoding kept in memory
+
+    def memory_note(self, command: str = "finetune") -> str | None:
+        """A warning for ``command``'s log when some images are decoded at each use; None when all fit."""
+        return self.budget and self.budget.note(self.train.on_demand + self.val.on_demand,
+                                                len(self.train) + len(self.val), command)
 
     def duplicates(self) -> "Duplicates":
         return find_duplicates(self.train, self.val, self.classes, self.moved_to_train)
@@ -227,13 +241,30 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
 
 
 def available_memory() -> int | None:
-    """Bytes that can still be allocated without swapping (Linux's MemAvailable); None where unknown."""
+    """Bytes that can still be allocated without swapping: Linux's MemAvailable; elsewhere
+    (macOS, Windows: not run here) half the physical memory, a guess that keeps the budget on the
+    safe side; None where even that is unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, OSError, ValueError):  # Windows has no sysconf
+        pass
+    if os.name == "nt":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                (name, ctypes.c_ulonglong) for name in ("total", "available", "page_total", "page_available",
+                                                         "virtual_total", "virtual_available", "extended")]
+
+        status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.available)
     return None
 
 
@@ -257,26 +288,29 @@ class DecodeBudget:
         self.dropped += array.nbytes
         return False
 
-    def note(self, on_demand: int, total: int) -> str | None:
-        """One line for the log when some images are decoded at each use; None when all fit."""
+    def note(self, on_demand: int, total: int, command: str = "finetune") -> str | None:
+        """One line for ``command``'s log when some images are decoded at each use; None when all fit."""
         if not on_demand:
             return None
-        each = f", in each of {self.copies} processes" if self.copies > 1 else ""
+        share = (f"each of the {self.copies} processes on this machine can keep {self.limit / 1e9:.1f} GB"
+                 if self.copies > 1 else f"this process can keep {self.limit / 1e9:.1f} GB")
+        advice = ("slower epochs. --workers N decodes them in N processes; a smaller --img-size or more memory "
+                  "keeps them all." if command == "finetune" else f"{command} takes longer.")
         return (f"warning: {on_demand} of {total} images do not fit in memory (decoded they take "
-                f"{(self.kept + self.dropped) / 1e9:.1f} GB{each}; this machine can spare {self.limit / 1e9:.1f} GB "
-                f"of its {self.available / 1e9:.1f} GB available), so they are decoded again at each use: slower "
-                "epochs. --workers N decodes them in N processes; a smaller --img-size or more memory keeps them all.")
+                f"{(self.kept + self.dropped) / 1e9:.2f} GB; {share}: {self.SHARE:.0%} of the "
+                f"{self.available / 1e9:.1f} GB available), so they are decoded again from their files at each use: "
+                f"{advice}")
 
 
 def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
-            desc: str, progress: bool, budget: DecodeBudget) -> Split:
+            desc: str, progress: bool, budget: DecodeBudget | None = None) -> Split:
     """Decode every file once (this is also the check); unreadable ones go to ``skipped``.
 
     Decoding a JPEG every epoch costs more CPU than a small model on small images; a
     dataset of a few thousand images, resized, fits in a few hundred MB. What ``budget``
-    cannot keep is decoded again at each use.
+    cannot keep is decoded again at each use (no budget: all are kept).
     """
-    decode = partial(decode_resized, spec)
+    decode, budget = partial(decode_resized, spec), budget or DecodeBudget(None)
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays, digests = [], [], [], []
     for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
@@ -392,10 +426,9 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
             raise UserError(f"{val_dir}: no readable images of {', '.join(absent)}, so validation (which picks the best "
                             f"epoch) would never see {'that class' if len(absent) == 1 else 'those classes'}. Add some to "
                             f"{val_dir.name}/<class>/, or remove {val_dir.name}/ to carve a stratified split from train.")
-        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped,
-                               memory_note=budget.note(full.on_demand + val.on_demand, len(full) + len(val)))
+        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped, budget=budget)
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     keep, held, moved = keep_copies_together(full.digests, full.labels, keep, held)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
     return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped,
-                           [full.paths[i] for i in moved], budget.note(full.on_demand, len(full)))
+                           [full.paths[i] for i in moved], budget)

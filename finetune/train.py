@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -112,7 +113,7 @@ class _EpochView(torch.utils.data.Dataset):
         self.split, self.order, self.offset, self.transform, self.seed = split, order, offset, transform, seed
 
     def __len__(self) -> int:
-        return len(self.order) - self.offset
+        return max(0, len(self.order) - self.offset)  # 0: resumed after the epoch's last step, before validation
 
     def __getitem__(self, k: int):
         i = self.order[self.offset + k]
@@ -196,10 +197,22 @@ def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, d
     loader = torch.utils.data.DataLoader(_EvalView(split, eval_transform(spec)), batch_size=batch_size,
                                          num_workers=workers)
     out = []
-    for x, _ in loader:
-        x = x.to(device, memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
+    try:
+        for x, _ in loader:
+            x = x.to(device, memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
+    except UserError as exc:  # an image decoded at each use that changed since the scan
+        raise worker_error(exc) from None
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def worker_error(exc: UserError) -> UserError:
+    """``exc`` with its one-line message: a DataLoader worker's error comes back with the worker's
+    traceback in its message, ending in the original line ("edge_tl.errors.UserError: ...")."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    return UserError(re.sub(r"^[\w.]+: ", "", text.rstrip().splitlines()[-1], count=1))
 
 
 def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> list[list[int]]:
@@ -396,8 +409,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
     _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
-    if data.memory_note:
-        log(data.memory_note)
+    if note := data.memory_note():
+        log(note)
     duplicates = data.duplicates()
     _log_first(duplicates.lines(), f"warning: byte-identical image files: {'; '.join(describe_duplicates(duplicates.counts()))}:",
                out / "duplicates.txt", log)
@@ -474,6 +487,15 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
         write_text(out / "images.tsv", data.images_table())
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
+
+    def keep_steps_done(exc: UserError):
+        """Save the epoch's steps so far (a data error: --resume goes on from them), then raise ``exc``."""
+        nonlocal seconds
+        seconds += time.perf_counter() - t0
+        if d.is_main:
+            _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
+        raise worker_error(exc) from None
+
     eval_model = ema.module if ema is not None else model
     step = start_step
     for epoch in range(start_epoch, cfg.epochs):
@@ -518,8 +540,14 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                 _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
             bar.close()
             raise KeyboardInterrupt from None
+        except UserError as exc:  # an image decoded at each use changed since the scan: keep the steps done
+            bar.close()
+            keep_steps_done(exc)
         start_step = 0
-        logits = _validation_logits(eval_model, data.val, spec, device, cfg, d, num_classes)
+        try:
+            logits = _validation_logits(eval_model, data.val, spec, device, cfg, d, num_classes)
+        except UserError as exc:
+            keep_steps_done(exc)
         yv = torch.tensor(data.val.labels)
         val_loss = F.cross_entropy(logits, yv).item()
         val_acc = (logits.argmax(1) == yv).float().mean().item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -203,13 +204,14 @@ def test_images_that_do_not_fit_in_memory_are_decoded_at_each_use(tmp_path, monk
 
     root = make_image_folder(tmp_path / "d", per_class=30)  # 90 images of 32×32 RGB: 3,072 bytes each decoded
     in_memory = discover(root, SPEC, progress=False)
-    assert in_memory.memory_note is None and in_memory.train.on_demand == in_memory.val.on_demand == 0
+    assert in_memory.memory_note() is None and in_memory.train.on_demand == in_memory.val.on_demand == 0
     monkeypatch.setattr(data_module, "available_memory", lambda: 100_000)  # 70 kB at 70 %: 22 of the 90
     part = discover(root, SPEC, progress=False)
     assert part.train.on_demand + part.val.on_demand == 90 - 22
-    assert part.memory_note.startswith("warning: 68 of 90 images do not fit in memory (decoded they take 0.0 GB; "
-                                       "this machine can spare 0.0 GB of its 0.0 GB available)")
-    assert "--workers N" in part.memory_note
+    assert part.memory_note().startswith("warning: 68 of 90 images do not fit in memory")
+    assert part.memory_note().endswith("--workers N decodes them in N processes; a smaller --img-size or more "
+                                       "memory keeps them all.")
+    assert part.memory_note("export").endswith("at each use: export takes longer.")
     assert part.train.paths == in_memory.train.paths and part.val.paths == in_memory.val.paths
     for split, ref in ((part.train, in_memory.train), (part.val, in_memory.val)):
         on_demand = [i for i, a in enumerate(split.arrays) if a is None]
@@ -218,8 +220,46 @@ def test_images_that_do_not_fit_in_memory_are_decoded_at_each_use(tmp_path, monk
         assert (copy.array(on_demand[0]) == ref.array(on_demand[0])).all()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: each process on this machine holds its own copy
     halved = discover(root, SPEC, progress=False)
-    assert halved.train.on_demand + halved.val.on_demand == 90 - 11 and "in each of 2 processes" in halved.memory_note
-    first = next(i for i, a in enumerate(part.train.arrays) if a is None)
-    part.train.paths[first].write_bytes(b"truncated")  # changed after the scan: named, with what to do
-    with pytest.raises(UserError, match=rf"{part.train.paths[first].name}.*has changed since .* Restore it"):
+    assert halved.train.on_demand + halved.val.on_demand == 90 - 11
+    first, second = [i for i, a in enumerate(part.train.arrays) if a is None][:2]
+    other = next(p for p in part.train.paths if p.parent != part.train.paths[first].parent)
+    shutil.copyfile(other, part.train.paths[first])  # another class's image under this one's name: a wrong label
+    with pytest.raises(UserError, match=rf"{part.train.paths[first].name}: its content changed since the data was "
+                                        r"scanned\. .* restore it, or remove it, and run again \(a fine-tune with --resume"):
         part.train.image(first)
+    part.train.paths[second].unlink()
+    with pytest.raises(UserError, match=rf"{part.train.paths[second].name}: can no longer be read \(No such file"):
+        part.train.image(second)
+
+
+def test_the_memory_warning_gives_the_numbers(monkeypatch):
+    from types import SimpleNamespace
+
+    from edge_tl.finetune.data import DecodeBudget
+
+    budget = DecodeBudget(100e9)  # 70 GB for this process
+    kept = [budget.keep(SimpleNamespace(nbytes=30e9)) for _ in range(4)]
+    assert kept == [True, True, False, False]
+    assert budget.note(2, 4) == (
+        "warning: 2 of 4 images do not fit in memory (decoded they take 120.00 GB; this process can keep 70.0 GB: "
+        "70% of the 100.0 GB available), so they are decoded again from their files at each use: slower epochs. "
+        "--workers N decodes them in N processes; a smaller --img-size or more memory keeps them all.")
+    assert budget.note(0, 4) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: the machine's 70 % shared by its 8 processes
+    budget = DecodeBudget(100e9)
+    assert [budget.keep(SimpleNamespace(nbytes=5e9)) for _ in range(2)] == [True, False]
+    assert "(decoded they take 10.00 GB; each of the 8 processes on this machine can keep 8.8 GB: 70% of the " \
+           "100.0 GB available)" in budget.note(1, 2)
+
+
+def test_memory_is_read_where_proc_meminfo_is_missing(monkeypatch):
+    """macOS has no /proc: half the physical memory (os.sysconf) stands in for what is available."""
+    import os
+
+    from edge_tl.finetune import data as data_module
+
+    assert data_module.available_memory() > 0  # Linux: MemAvailable
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
+                        if str(self) == "/proc/meminfo" else real_read(self, *a, **k))
+    assert data_module.available_memory() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
