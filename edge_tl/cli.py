@@ -280,6 +280,7 @@ def predict(
 ) -> None:
     """Classify images with a bundle (torch-free runtime).
 
+    With --json each line also names the artifact, the model and the bundle's manifest_sha256.
     An unreadable file is reported (a JSON line with "error") and skipped; the exit status is
     then 1, after every other image was classified (2 if none was). A refused bundle or option:
     exit 2 (with --json, {"error": ...} on stdout).
@@ -287,6 +288,7 @@ def predict(
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor, UnreadableImage
+    from edge_tl.runtime.bundle import SELF_DIGEST
     from edge_tl.runtime.images import expand_images
 
     failed = 0
@@ -295,16 +297,18 @@ def predict(
             raise UserError(f"--topk {topk}: show at least one class per image.")
         files = expand_images(images)
         p = Predictor.from_bundle(bundle, backend, precision, device, threads)
+    source = {"artifact": p.artifact["name"], "model": p.bundle.manifest.get("model"),
+              "manifest_sha256": p.bundle.manifest.get(SELF_DIGEST)}  # which bundle made each line
     with p:
         typer.echo(f"using {p.describe()}", err=True)
         for path, pred in p.predict_files(files, topk):
             if isinstance(pred, UnreadableImage):
                 failed += 1
-                typer.echo(json.dumps({"image": str(path), "error": str(pred)}) if json_out else f"error: {pred}",
-                           err=not json_out)
+                typer.echo(json.dumps({"image": str(path), "error": str(pred), **source}) if json_out
+                           else f"error: {pred}", err=not json_out)
                 continue
             if json_out:
-                typer.echo(json.dumps({"image": str(path), **pred.to_dict(), "artifact": p.artifact["name"]}))
+                typer.echo(json.dumps({"image": str(path), **pred.to_dict(), **source}))
             else:
                 typer.echo(f"{path}: {pred.label} {pred.score:.3f}  (" +
                            ", ".join(f"{k} {s:.3f}" for k, s in pred.topk) + ")")

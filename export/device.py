@@ -11,7 +11,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import temp_folder, write_text
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import Bundle
+from edge_tl.runtime.bundle import SELF_DIGEST, Bundle
 
 from . import tensorrt as trt_build
 
@@ -90,7 +90,8 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
         slim = Bundle(tmp, copy.deepcopy(bundle.manifest))
         slim.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] in keep]
         slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items() if k not in gone}
-        slim.manifest["slimmed"] = {"from": str(bundle.path.resolve()), "dropped": [a["name"] for a in dropped]}
+        slim.manifest["slimmed"] = {"from": str(bundle.path.resolve()), "dropped": [a["name"] for a in dropped],
+                                    "from_manifest_sha256": bundle.manifest.get(SELF_DIGEST)}
         slim.save()
         write_text(tmp / "README.md", bundle_readme(slim, out))
         Bundle.load(tmp)  # verified before it takes the name

@@ -121,7 +121,13 @@ class Bundle:
                 continue  # hashed by bundles of before 188268c; copies that skip hidden files (CI artifact uploads) lose it
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing. Copy the whole bundle folder again.")
-            if sha256_file(f) != digest:
+            try:
+                actual = sha256_file(f)
+            except OSError as exc:
+                raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). Every file of a bundle is checked "
+                                  f"against its manifest, so this user needs read access to all of them: "
+                                  f"chmod -R a+rX {self.path}") from None
+            if actual != digest:
                 if hashlib.sha256(f.read_bytes().replace(b"\r\n", b"\n")).hexdigest() == digest:
                     raise BundleError(f"{f}: its line endings were changed to CRLF (git's core.autocrlf on "
                                       "Windows?), so its sha256 differs from the manifest. Keep the bundle "

@@ -41,7 +41,24 @@ def expand_images(paths) -> list[Path]:
 
 
 class UnreadableImage(UserError, ValueError):
-    """The file is not a decodable image (zero bytes, truncated, corrupt or another format)."""
+    """The file is not a decodable image (zero bytes, truncated, corrupt or another format), or
+    not one a classifier's preprocessing can take (``check_aspect``)."""
+
+
+MAX_ASPECT = 100  # longer side / shorter side: a 1×1500 strip scaled to a 256-px shorter side takes 295 MB
+
+
+def check_aspect(size: tuple[int, int], name) -> None:
+    """Refuse an image far longer than wide (a line-scan strip, a mis-set camera ROI): scaling its
+    shorter side to the model's size makes it hundreds of times larger in memory, for a centre crop
+    that keeps a sliver of it."""
+    w, h = size
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > MAX_ASPECT:
+        raise UnreadableImage(f"{name}: {w}×{h} pixels, {ratio:.0f} times longer than wide (at most {MAX_ASPECT}): "
+                              "the model sees a square centre crop after its shorter side is scaled to the input size, "
+                              f"which would make this image {ratio:.0f} times that square in memory. Crop or tile it "
+                              "to the region of interest first.")
 
 
 def _to_uint8(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:
@@ -97,6 +114,7 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
         if not stream and name.stat().st_size == 0:
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
         with Image.open(path if hasattr(path, "read") else name) as img:
+            check_aspect(img.size, name)
             img.load()
             return to_rgb(img, keep_gray)
     except UnreadableImage:

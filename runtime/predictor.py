@@ -13,7 +13,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import UnreadableImage, load_rgb, to_input, to_rgb
+from .images import UnreadableImage, check_aspect, load_rgb, to_input, to_rgb
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
 from .scores import softmax
 
@@ -38,27 +38,31 @@ class Prediction:
         return d
 
 
-def _check_array(a: np.ndarray) -> None:
-    """Refuse an image array that is not uint8 H×W×3, with the conversion that fixes it."""
+def _array_image(a: np.ndarray, channel_order: str) -> Image.Image:
+    """A uint8 H×W×3 array (RGB or BGR) or H×W / H×W×1 grayscale array as a PIL image; any other
+    array refused with the conversion that fixes it."""
     shape = a.shape
-    if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+    gray = a.ndim == 2 or (a.ndim == 3 and shape[2] == 1)
+    if a.dtype == np.uint8 and (gray or (a.ndim == 3 and shape[2] == 3)):
         if not shape[0] or not shape[1]:
             raise UserError(f"image array of shape {shape}: it has no pixels.")
-        return
+        check_aspect((shape[1], shape[0]), f"image array of shape {shape}")
+        if gray:  # a mono camera's frame: resized as one channel, as a grayscale file is
+            return Image.fromarray(a.reshape(shape[:2]), "L")
+        return Image.fromarray(a[..., ::-1] if channel_order == "BGR" else a)
     if a.ndim == 4:
         fix = "a batch: pass a list of H×W×3 images to predict_batch, or preprocessed N×H×W×3 pixels to infer"
     elif a.ndim == 3 and a.shape[0] == 3 and a.shape[2] != 3:
         fix = "channels first (C×H×W): pass a.transpose(1, 2, 0)"
-    elif a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 1):
-        fix = "grayscale: pass np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2), or Image.fromarray(a)"
     elif a.ndim == 3 and a.shape[2] == 4:
-        fix = "RGBA/BGRA: pass Image.fromarray(a) (composited on white, as files are), or a[..., :3]"
-    elif a.ndim == 3 and a.shape[2] == 3 and np.issubdtype(a.dtype, np.floating):
+        fix = ("RGBA: pass Image.fromarray(a) (composited on white, as files are); OpenCV's BGRA: pass a[..., :3] "
+               "with channel_order='BGR'")
+    elif (gray or (a.ndim == 3 and a.shape[2] == 3)) and np.issubdtype(a.dtype, np.floating):
         fix = "floats: pass (a * 255).round().astype(np.uint8) for values 0–1, a.astype(np.uint8) for 0–255"
-    elif a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint16:
+    elif (gray or (a.ndim == 3 and a.shape[2] == 3)) and a.dtype == np.uint16:
         fix = "16-bit: pass (a // 257).astype(np.uint8), as files are read"
     else:
-        fix = "expected uint8 H×W×3"
+        fix = "expected uint8 H×W×3 (colour) or H×W (grayscale)"
     raise UserError(f"image array of dtype {a.dtype} and shape {shape}: {fix}.")
 
 
@@ -212,23 +216,27 @@ class Predictor:
 
     def preprocess(self, image, channel_order: str = "RGB") -> np.ndarray:
         """Path, encoded bytes (or a binary file object: a camera's or a web request's stream), PIL
-        image or H×W×3 uint8 array (any size) -> uint8 H×W×3 RGB at the input size.
+        image, or uint8 array (any size) -> uint8 H×W×3 RGB at the input size. An array is H×W×3
+        colour, or H×W (or H×W×1) grayscale, as a mono camera gives it.
 
-        ``channel_order`` is that of an array: "RGB" (Pillow, imageio) or "BGR" (OpenCV's imread and
-        VideoCapture); files, bytes and PIL images say their own.
+        ``channel_order`` is that of a colour array: "RGB" (Pillow, imageio) or "BGR" (OpenCV's
+        imread and VideoCapture); files, bytes and PIL images say their own.
         """
         if channel_order not in ("RGB", "BGR"):
             raise UserError(f"channel_order {channel_order!r}: use 'RGB', or 'BGR' for OpenCV arrays.")
         if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
             image = load_rgb(image, keep_gray=True)
         elif isinstance(image, np.ndarray):
-            _check_array(image)
-            image = Image.fromarray(image[..., ::-1] if channel_order == "BGR" else image)
+            image = _array_image(image, channel_order)
         elif isinstance(image, Image.Image):
+            if channel_order != "RGB":
+                raise UserError(f"channel_order {channel_order!r} with a PIL image: it is RGB already (for an "
+                                "OpenCV BGR array, pass the array itself with channel_order='BGR').")
+            check_aspect(image.size, f"PIL image of {image.size[0]}×{image.size[1]} pixels")
             image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
         else:
             raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, bytes, a binary file "
-                            "object, a PIL image or a uint8 H×W×3 array.")
+                            "object, a PIL image or a uint8 H×W×3 or H×W array.")
         return self.spec.to_pixels(image)
 
     def infer(self, array: np.ndarray) -> np.ndarray:
@@ -257,7 +265,13 @@ class Predictor:
         return self.predict_batch([image], topk, channel_order)[0]
 
     def predict_batch(self, images, topk: int = 5, channel_order: str = "RGB") -> list[Prediction]:
-        """``predict`` of each image (any iterable), inferred as one batch."""
+        """``predict`` of each image (a list or other iterable of them, or an N×H×W×3 array),
+        inferred as one batch."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read") \
+                or (isinstance(images, np.ndarray) and images.ndim < 4):
+            one = f"array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+            raise UserError(f"predict_batch takes a list of images (or an N×H×W×3 array), not one {one}: use "
+                            "predict for one image, or predict_batch([image]).")
         images = list(images)
         pixels = (np.stack([self.preprocess(im, channel_order) for im in images]) if len(images)
                   else np.zeros((0, 1, 1, 3), np.uint8))

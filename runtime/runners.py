@@ -17,6 +17,8 @@ import numpy as np
 
 from edge_tl.errors import UserError
 
+REOPEN = "load the bundle again (Predictor.from_bundle), or use the Predictor inside its `with` block"
+
 
 class Runner:
     """Base class; subclasses set ``name`` and implement the three methods."""
@@ -110,14 +112,14 @@ class OnnxRuntimeRunner(Runner):
         if threads < 0:
             raise UserError(f"--threads {threads}: use 0 (all cores) or a positive count.")
         self.path, self.device, self.threads = Path(path), device, threads
-        self.session = None
+        self.session, self.closed = None, False
         self.providers: list[str] = []
         self.input_name: str | None = None
         self._static: dict[tuple, object] | None = None
         self._lock = threading.Lock()
 
     def activate(self) -> "OnnxRuntimeRunner":
-        self.providers = ort_providers(self.device)
+        self.providers, self.closed = ort_providers(self.device), False
         try:
             self.session = self._new_session()
         except UserError:
@@ -161,15 +163,15 @@ class OnnxRuntimeRunner(Runner):
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         if self.session is None:
-            raise RuntimeError(f"{self.path}: runner is closed (use the Predictor inside its `with` block)")
+            raise UserError(f"{self.path}: runner is closed; {REOPEN}")
         return self._session_for(x.shape).run(None, {self.input_name: x})[0]
 
     def deactivate(self) -> None:
-        self.session, self._static = None, None
+        self.session, self._static, self.closed = None, None, True
 
     def describe(self) -> str:
         providers = self.session.get_providers() if self.session else ort_providers(self.device)
-        return f"onnxruntime {import_onnxruntime().__version__} ({providers[0]})"
+        return f"onnxruntime {import_onnxruntime().__version__} ({providers[0]}{', closed' if self.closed else ''})"
 
 
 class TensorRTRunner(Runner):
@@ -265,7 +267,7 @@ class TensorRTRunner(Runner):
         m = max(n, self.min_batch)  # below the profile's minimum: pad with zeros, return the first n
         with self._lock:
             if self.engine is None:
-                raise RuntimeError(f"{self.path}: runner is closed")
+                raise UserError(f"{self.path}: runner is closed; {REOPEN}")
             ts.check(cudart.cudaSetDevice(self.device))  # the current device is per host thread
             host_in, host_out = self._host_in[:m], self._host_out[:m]
             np.copyto(host_in[:n], x, casting="same_kind")

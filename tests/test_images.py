@@ -100,3 +100,13 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == ["a/sub/y.png", "a/x.png"]
+
+
+def test_strips_far_longer_than_wide_are_refused_before_decoding(tmp_path):
+    """A 1×1500 strip is 86 bytes but ~300 MB once its shorter side is scaled to the model's input."""
+    Image.new("RGB", (100, 1)).save(tmp_path / "ok.png")  # 100:1 is the most taken
+    assert load_rgb(tmp_path / "ok.png").size == (100, 1)
+    Image.new("L", (3, 302)).save(tmp_path / "strip.png")
+    with pytest.raises(UnreadableImage, match=r"strip\.png: 3×302 pixels, 101 times longer than wide \(at most 100\)"
+                                              r".* Crop or tile it"):
+        load_rgb(tmp_path / "strip.png")

@@ -102,13 +102,26 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         assert p.predict(pil).label == p.predict(np.asarray(pil.convert("RGB"))).label == single[0].label
         assert abs(sum(s for _, s in p.predict(paths[0], topk=4).topk) - 1) < 1e-5
         _, golden = Bundle.load(cpu_bundle).golden()
-        for bad, fix in ((np.zeros((8, 8), np.uint8), "grayscale: pass np.repeat"),
-                         (np.zeros((8, 8, 1), np.uint8), "grayscale"), (np.zeros((8, 8, 4), np.uint8), "RGBA/BGRA"),
+        for bad, fix in ((np.zeros((8, 8, 4), np.uint8), r"OpenCV's BGRA: pass a\[\.\.\., :3\] with channel_order='BGR'"),
                          (np.zeros((8, 8, 3), np.float64), r"floats: pass \(a \* 255\)"),
-                         (np.zeros((8, 8, 3), np.uint16), "16-bit: pass"), (np.zeros((3, 8, 9), np.uint8), "channels first"),
-                         (np.zeros((2, 8, 8, 3), np.uint8), "a batch"), (np.zeros((8, 8, 5), np.uint8), "expected uint8")):
+                         (np.zeros((8, 8), np.float32), r"floats: pass \(a \* 255\)"),
+                         (np.zeros((8, 8, 3), np.uint16), "16-bit: pass"), (np.zeros((8, 8), np.uint16), "16-bit: pass"),
+                         (np.zeros((3, 8, 9), np.uint8), "channels first"), (np.zeros((2, 8, 8, 3), np.uint8), "a batch"),
+                         (np.zeros((8, 8, 5), np.uint8), "expected uint8"),
+                         (np.zeros((2, 300, 3), np.uint8), r"image array of shape \(2, 300, 3\): 300×2 pixels, 150 times "
+                                                           r"longer than wide \(at most 100\)")):
             with pytest.raises(UserError, match=fix):
                 p.predict(bad)
+        gray = np.asarray(Image.open(paths[2]))  # a mono camera's frame: H×W or H×W×1, as its file gives
+        assert gray.ndim == 2 and p.predict(gray) == p.predict(gray[..., None]) == p.predict(paths[2])
+        with pytest.raises(UserError, match=r"not one array of shape \(300, 300, 3\): use predict for one image"):
+            p.predict_batch(np.asarray(Image.open(paths[1]).convert("RGB")))
+        with pytest.raises(UserError, match="not one PosixPath: use predict"):
+            p.predict_batch(paths[0])
+        frames = np.stack([np.asarray(Image.open(x).convert("RGB")) for x in paths[:2]])  # N×H×W×3: N images
+        assert [b.label for b in p.predict_batch(frames)] == [b.label for b in batch[:2]]
+        with pytest.raises(UserError, match="channel_order 'BGR' with a PIL image: it is RGB already"):
+            p.predict(Image.open(paths[1]).convert("RGB"), channel_order="BGR")
         rgb = np.asarray(Image.open(paths[1]).convert("RGB")).copy()
         rgb[..., 0] //= 3  # channels that differ, so their order matters
         bgr = np.ascontiguousarray(rgb[..., ::-1])  # what OpenCV hands an app
@@ -129,8 +142,9 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
             with pytest.raises(UserError, match="expected"):
                 p.infer(bad)
         assert golden.shape[1] == 4
-    with pytest.raises(RuntimeError, match="runner is closed"):
+    with pytest.raises(UserError, match="runner is closed; load the bundle again"):
         p.predict(paths[0])
+    assert p.describe().endswith("(CPUExecutionProvider, closed)")
     with Predictor.from_bundle(cpu_bundle, device="cpu") as auto:
         assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
     with Predictor.from_bundle(cpu_bundle, precision="INT8", device="cpu") as upper:
@@ -416,7 +430,9 @@ def test_cli_predict_json(cpu_bundle, elpv_small):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(lines) == 2 and all(len(x["topk"]) == 2 and x["label"] == x["topk"][0]["label"] for x in lines)
-    assert {x["artifact"] for x in lines} == {"int8-cpu"}
+    manifest = json.loads((cpu_bundle / "manifest.json").read_text())
+    assert {(x["artifact"], x["model"], x["manifest_sha256"]) for x in lines} == {
+        ("int8-cpu", manifest["model"], manifest["manifest_sha256"])}  # which bundle made each line
     for command in (["predict", str(cpu_bundle.parent), str(_images(elpv_small)[0])], ["bench", str(cpu_bundle.parent)]):
         res = _cli(*command, "--json")  # a refused bundle: scripts get the reason as JSON too
         assert res.returncode == 2 and "not a bundle" in json.loads(res.stdout)["error"], res.stdout
@@ -427,10 +443,15 @@ def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     good = _images(elpv_small)[0]
-    res = _cli("predict", str(cpu_bundle), str(bad), str(folder), str(good), "--json")
-    assert res.returncode == 1 and "1 of" in res.stderr.splitlines()[-1], res.stderr  # 2 only when none was readable
+    strip = tmp_path / "strip.png"  # 86 bytes that would take ~300 MB scaled to the model's input: refused
+    Image.new("L", (1500, 1)).save(strip)
+    res = _cli("predict", str(cpu_bundle), str(bad), str(folder), str(good), str(strip), "--json")
+    assert res.returncode == 1 and "2 of" in res.stderr.splitlines()[-1], res.stderr  # 2 only when none was readable
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert "error" in lines[0] and lines[0]["image"] == str(bad)
+    assert "error" in lines[0] and lines[0]["image"] == str(bad) and lines[0]["manifest_sha256"]
+    assert lines[-1]["image"] == str(strip) and lines[-1]["error"].startswith(
+        f"{strip}: 1500×1 pixels, 1500 times longer than wide (at most 100)")
+    lines = lines[:-1]
     assert [x["image"] for x in lines[1:]] == sorted(map(str, folder.iterdir())) + [str(good)]
     assert all("label" in x for x in lines[1:])
     from edge_tl.runtime import Prediction, UnreadableImage
@@ -476,6 +497,7 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     slim = slim_bundle(cpu_bundle, ["int8-cpu"], tmp_path / "slim", log=lambda s: None)
     assert [a["name"] for a in slim.artifacts] == ["int8-cpu"] and not (slim.path / "model.fp32.onnx").exists()
     assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
+    assert slim.manifest["slimmed"]["from_manifest_sha256"] == Bundle.load(cpu_bundle).manifest["manifest_sha256"]
     assert set(slim.manifest["files"]) == {"model.int8-cpu.onnx", "golden.npz", "labels.txt"}
     assert "model.fp32.onnx" not in (slim.path / "README.md").read_text()
     logs = []
@@ -567,6 +589,24 @@ def test_non_finite_outputs_fail_and_the_json_stays_strict(cpu_bundle, tmp_path)
     bundle.save()
     res = _cli("check", str(broken))
     assert res.returncode == 2 and "reference logits are not all finite" in res.stderr, res.stderr
+
+
+def test_a_bundle_file_this_user_cannot_read_is_refused_with_the_fix(cpu_bundle, monkeypatch):
+    """Unzipped or copied as another user, a model file may be unreadable (tests run as root, who
+    reads anything, so the operating system's PermissionError is raised by hand here)."""
+    from edge_tl.runtime import bundle as bundle_module
+
+    real = bundle_module.sha256_file
+
+    def denied(path):
+        if Path(path).name == "model.fp32.onnx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(bundle_module, "sha256_file", denied)
+    with pytest.raises(UserError, match=r"model\.fp32\.onnx: cannot be read \(Permission denied\)\. .* "
+                                        rf"chmod -R a\+rX {cpu_bundle}$"):
+        Predictor.from_bundle(cpu_bundle, device="cpu")
 
 
 def test_refusals_that_name_the_cause(cpu_bundle, tmp_path):
