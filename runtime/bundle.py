@@ -79,6 +79,9 @@ class Bundle:
                 fix = f"it is a fine-tune run; export it first: `edge-tl export {path} --out BUNDLE`, then pass BUNDLE"
             elif path.is_file():
                 fix = "it is a file; pass the bundle folder first (e.g. `edge-tl predict BUNDLE IMAGE`)"
+            elif path.is_dir() and (inside := sorted(m.parent for m in path.glob(f"*/{MANIFEST}"))):
+                fix = f"the bundle is inside it: pass {inside[0]}" + (f" (or {', '.join(map(str, inside[1:]))})"
+                                                                       if len(inside) > 1 else "")
             else:
                 fix = f"make one with `edge-tl export RUN --out {path}`"
             raise BundleError(f"{path}: not a bundle (no {MANIFEST}); {fix}.")
@@ -175,7 +178,10 @@ class Bundle:
         for a in self.artifacts:
             if a["name"] == name:
                 return a
-        raise BundleError(f"{self.path}: no artifact '{name}' (has: {', '.join(a['name'] for a in self.artifacts)}).")
+        dropped = name in (self.manifest.get("slimmed") or {}).get("dropped", [])
+        raise BundleError(f"{self.path}: no artifact '{name}' (has: {', '.join(a['name'] for a in self.artifacts)})"
+                          + (f"; `edge-tl slim` dropped it: use the bundle it was slimmed from, "
+                             f"{self.manifest['slimmed'].get('from')}." if dropped else "."))
 
     def file(self, artifact: dict) -> Path:
         return self.path / artifact["file"]

@@ -436,6 +436,7 @@ def test_cli_predict_json(cpu_bundle, elpv_small):
     for command in (["predict", str(cpu_bundle.parent), str(_images(elpv_small)[0])], ["bench", str(cpu_bundle.parent)]):
         res = _cli(*command, "--json")  # a refused bundle: scripts get the reason as JSON too
         assert res.returncode == 2 and "not a bundle" in json.loads(res.stdout)["error"], res.stdout
+        assert f"the bundle is inside it: pass {cpu_bundle}" in json.loads(res.stdout)["error"]  # an unzip's folder
 
 
 def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp_path):
@@ -498,6 +499,9 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     assert [a["name"] for a in slim.artifacts] == ["int8-cpu"] and not (slim.path / "model.fp32.onnx").exists()
     assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
     assert slim.manifest["slimmed"]["from_manifest_sha256"] == Bundle.load(cpu_bundle).manifest["manifest_sha256"]
+    with pytest.raises(UserError, match=rf"no artifact 'fp32' \(has: int8-cpu\); `edge-tl slim` dropped it: use the "
+                                        rf"bundle it was slimmed from, {cpu_bundle.resolve()}\.$"):
+        slim.artifact("fp32")
     assert set(slim.manifest["files"]) == {"model.int8-cpu.onnx", "golden.npz", "labels.txt"}
     assert "model.fp32.onnx" not in (slim.path / "README.md").read_text()
     logs = []
