@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
-from edge_tl.runtime.images import IMAGE_EXTENSIONS, UnreadableImage, class_folders, load_rgb, visible_files
+from edge_tl.runtime.images import (IMAGE_EXTENSIONS, UnreadableImage, class_folders, in_order, load_rgb,
+                                    visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS
@@ -302,9 +303,27 @@ class DecodeBudget:
                 f"{advice}")
 
 
+def decode_threads() -> int:
+    """Threads for the one-time decoding: Pillow lets go of the GIL while it decodes and resizes,
+    so threads use every core; torchrun's processes on one machine share them."""
+    copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, (os.cpu_count() or 1) // copies)
+
+
+def _read_image(decode: Callable, path: Path) -> tuple[np.ndarray, str] | str:
+    """(pixels, sha256 of the file) of ``path``, or why it is skipped."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS and path.exists():  # a broken link: load_rgb names it
+        return f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
+    try:
+        array = decode(path)
+    except UnreadableImage as exc:
+        return str(exc)
+    return array, sha256_file(path)  # read again from the page cache: far cheaper than the decode
+
+
 def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
             desc: str, progress: bool, budget: DecodeBudget | None = None) -> Split:
-    """Decode every file once (this is also the check); unreadable ones go to ``skipped``.
+    """Decode every file once (this is also the check), on every core; unreadable ones go to ``skipped``.
 
     Decoding a JPEG every epoch costs more CPU than a small model on small images; a
     dataset of a few thousand images, resized, fits in a few hundred MB. What ``budget``
@@ -313,19 +332,17 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     decode, budget = partial(decode_resized, spec), budget or DecodeBudget(None)
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays, digests = [], [], [], []
-    for p, ci in tqdm(todo, desc=desc, unit="img", disable=not progress, leave=False):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS and p.exists():  # a broken link: load_rgb names it
-            skipped.append(f"{p}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+    results = in_order(partial(_read_image, decode), [p for p, _ in todo], decode_threads())
+    for (p, ci), result in zip(todo, tqdm(results, desc=desc, total=len(todo), unit="img", disable=not progress,
+                                          leave=False)):
+        if isinstance(result, str):
+            skipped.append(result)
             continue
-        try:
-            array = decode(p)
-        except UnreadableImage as exc:
-            skipped.append(str(exc))
-            continue
+        array, digest = result
         arrays.append(array if budget.keep(array) else None)
         paths.append(p)
         labels.append(ci)
-        digests.append(sha256_file(p))  # read again from the page cache: far cheaper than the decode
+        digests.append(digest)
     return Split(paths, labels, arrays, digests, decode)
 
 

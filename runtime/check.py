@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -24,7 +25,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_text
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import UnreadableImage, class_folders, image_files, load_rgb, to_input
+from .images import UnreadableImage, class_folders, image_files, in_order, load_rgb, to_input
 from .predictor import make_runner, runnable, tensorrt_available
 from .scores import ece, softmax
 
@@ -39,16 +40,21 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     if not folders or unknown:
         raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "
                         "--data needs DIR/<class>/* with the bundle's class names.")
+    def read(f: Path) -> np.ndarray | UnreadableImage:
+        try:
+            return spec.to_pixels(load_rgb(f, keep_gray=True))
+        except UnreadableImage as exc:
+            return exc
+
+    files = [(f, classes.index(d.name)) for d in folders for f in image_files(d)]
     pixels, labels, paths, skipped = [], [], [], []
-    for d in folders:
-        for f in image_files(d):
-            try:
-                pixels.append(spec.to_pixels(load_rgb(f, keep_gray=True)))
-            except UnreadableImage as exc:
-                skipped.append(str(exc))
-                continue
-            labels.append(classes.index(d.name))
-            paths.append(str(f))
+    for (f, y), result in zip(files, in_order(read, [f for f, _ in files], os.cpu_count() or 1)):
+        if isinstance(result, UnreadableImage):
+            skipped.append(str(result))
+            continue
+        pixels.append(result)
+        labels.append(y)
+        paths.append(str(f))
     if not pixels:
         raise UserError(f"{root}: no readable images in its class folders.")
     return np.stack(pixels), np.asarray(labels), paths, skipped

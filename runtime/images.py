@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -128,6 +131,25 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
         raise UnreadableImage(f"{name}: too large to decode safely ({exc}); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
+
+
+def in_order(fn: Callable, items: list, threads: int):
+    """``fn(item)`` of each item, in order, computed by ``threads`` threads at most 4 × threads
+    items ahead (so results waiting to be taken stay few). For decoding: Pillow lets go of the GIL
+    while it decodes and resizes, so threads use every core."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(threads)
+    try:
+        pending = deque(pool.submit(fn, item) for item in items[:4 * threads])
+        for item in items[4 * threads:] + [None] * len(pending):
+            result = pending.popleft().result()
+            if item is not None:
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def visible_files(folder: Path) -> list[Path]:

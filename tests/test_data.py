@@ -263,3 +263,23 @@ def test_memory_is_read_where_proc_meminfo_is_missing(monkeypatch):
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
                         if str(self) == "/proc/meminfo" else real_read(self, *a, **k))
     assert data_module.available_memory() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def test_decoding_on_several_threads_gives_what_one_gives(tmp_path, monkeypatch):
+    """The one-time decoding runs on every core (Pillow lets go of the GIL); the images, their
+    order, digests and the skipped files' list are those of one thread."""
+    from edge_tl.finetune import data as data_module
+
+    root = make_image_folder(tmp_path / "d", per_class=12)
+    (root / "checker" / "broken.png").write_bytes(b"not a png")
+    (root / "hstripes" / "notes.txt").write_text("not an image")
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(data_module, "decode_threads", lambda t=threads: t)
+        runs[threads] = discover(root, SPEC, progress=False)
+    one, three = runs[1], runs[3]
+    assert len(one.skipped) == 2 and one.skipped == three.skipped
+    for a, b in ((one.train, three.train), (one.val, three.val)):
+        assert (a.paths, a.labels, a.digests) == (b.paths, b.labels, b.digests)
+        assert all((x == y).all() for x, y in zip(a.arrays, b.arrays))
+

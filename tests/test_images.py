@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_tl.runtime.images import UnreadableImage, load_rgb, visible_files
+from edge_tl.runtime.images import UnreadableImage, in_order, load_rgb, visible_files
 
 
 def _rgb(path):
@@ -110,3 +110,24 @@ def test_strips_far_longer_than_wide_are_refused_before_decoding(tmp_path):
     with pytest.raises(UnreadableImage, match=r"strip\.png: 3×302 pixels, 101 times longer than wide \(at most 100\)"
                                               r".* Crop or tile it"):
         load_rgb(tmp_path / "strip.png")
+
+
+def test_in_order_runs_ahead_boundedly_and_raises_in_order():
+    import threading
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        if i == 30:
+            raise MemoryError("item 30")
+        return i * i
+
+    results = in_order(work, list(range(40)), threads=2)
+    for i in range(30):
+        assert next(results) == i * i
+        assert len(started) <= i + 1 + 4 * 2  # never more than 4 × threads ahead of the consumer
+    with pytest.raises(MemoryError, match="item 30"):
+        next(results)
+    assert list(in_order(work, [3, 1, 2], threads=4)) == [9, 1, 4]  # fewer items than the window
