@@ -242,9 +242,9 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
 
 
 def available_memory() -> int | None:
-    """Bytes that can still be allocated without swapping: Linux's MemAvailable; elsewhere
-    (macOS, Windows: not run here) half the physical memory, a guess that keeps the budget on the
-    safe side; None where even that is unknown."""
+    """Bytes that can still be allocated without swapping: Linux's MemAvailable; Windows' available
+    physical memory; elsewhere (macOS) half the physical memory, a guess on the safe side (neither
+    run here); None where even that is unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import re
 import signal
 import threading
 import time
@@ -207,12 +206,13 @@ def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, d
 
 
 def worker_error(exc: UserError) -> UserError:
-    """``exc`` with its one-line message: a DataLoader worker's error comes back with the worker's
-    traceback in its message, ending in the original line ("edge_tl.errors.UserError: ...")."""
-    text = str(exc)
-    if "Original Traceback" not in text:
+    """``exc`` with its own message: a DataLoader worker's error comes back with the worker's traceback
+    in its message, which ends in the original ("edge_tl.errors.UserError: <message>")."""
+    text, cls = str(exc), type(exc)
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    if "Original Traceback" not in text or marker not in text:
         return exc
-    return UserError(re.sub(r"^[\w.]+: ", "", text.rstrip().splitlines()[-1], count=1))
+    return cls(text[text.rindex(marker) + len(marker):].rstrip("\n"))
 
 
 def confusion_matrix(labels: list[int], preds: list[int], num_classes: int) -> list[list[int]]:

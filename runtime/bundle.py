@@ -26,6 +26,8 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 LABELS = "labels.txt"
 SELF_DIGEST = "manifest_sha256"
+READABLE = ("Every file of a bundle is checked against its manifest, so this user needs read access to all of "
+            "them: chmod -R a+rX {}")
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -87,7 +89,9 @@ class Bundle:
             raise BundleError(f"{path}: not a bundle (no {MANIFEST}); {fix}.")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except OSError as exc:
+            raise BundleError(f"{mpath}: cannot be read ({exc.strerror or exc}). {READABLE.format(path)}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{mpath}: unreadable manifest ({exc}). Re-export the bundle.") from None
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         if not isinstance(schema, int):
@@ -127,9 +131,7 @@ class Bundle:
             try:
                 actual = sha256_file(f)
             except OSError as exc:
-                raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). Every file of a bundle is checked "
-                                  f"against its manifest, so this user needs read access to all of them: "
-                                  f"chmod -R a+rX {self.path}") from None
+                raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(self.path)}") from None
             if actual != digest:
                 if hashlib.sha256(f.read_bytes().replace(b"\r\n", b"\n")).hexdigest() == digest:
                     raise BundleError(f"{f}: its line endings were changed to CRLF (git's core.autocrlf on "
@@ -178,10 +180,16 @@ class Bundle:
         for a in self.artifacts:
             if a["name"] == name:
                 return a
-        dropped = name in (self.manifest.get("slimmed") or {}).get("dropped", [])
         raise BundleError(f"{self.path}: no artifact '{name}' (has: {', '.join(a['name'] for a in self.artifacts)})"
-                          + (f"; `edge-tl slim` dropped it: use the bundle it was slimmed from, "
-                             f"{self.manifest['slimmed'].get('from')}." if dropped else "."))
+                          f"{self.slim_note()}.")
+
+    def slim_note(self) -> str:
+        """Where the artifacts ``edge-tl slim`` dropped from this bundle are ("" for a bundle not slimmed)."""
+        slimmed = self.manifest.get("slimmed") or {}
+        if not slimmed.get("dropped"):
+            return ""
+        return (f"; `edge-tl slim` dropped {', '.join(slimmed['dropped'])}: use the bundle it was slimmed from, "
+                f"{slimmed.get('from')}")
 
     def file(self, artifact: dict) -> Path:
         return self.path / artifact["file"]

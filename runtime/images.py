@@ -53,15 +53,16 @@ MAX_ASPECT = 100  # longer side / shorter side: a 1×1500 strip scaled to a 256-
 
 def check_aspect(size: tuple[int, int], name) -> None:
     """Refuse an image far longer than wide (a line-scan strip, a mis-set camera ROI): scaling its
-    shorter side to the model's size makes it hundreds of times larger in memory, for a centre crop
-    that keeps a sliver of it."""
+    shorter side to the model's size makes it that many times a square image in memory (a 1×1500
+    strip: ~300 MB), for a centre crop that keeps a sliver of it."""
     w, h = size
-    ratio = max(w, h) / max(1, min(w, h))
-    if ratio > MAX_ASPECT:
-        raise UnreadableImage(f"{name}: {w}×{h} pixels, {ratio:.0f} times longer than wide (at most {MAX_ASPECT}): "
-                              "the model sees a square centre crop after its shorter side is scaled to the input size, "
-                              f"which would make this image {ratio:.0f} times that square in memory. Crop or tile it "
-                              "to the region of interest first.")
+    if not w or not h:
+        raise UnreadableImage(f"{name}: {w}×{h} pixels, no image.")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UnreadableImage(f"{name}: {w}×{h} pixels, over {MAX_ASPECT} times longer than it is wide or tall "
+                              f"({max(w, h) / min(w, h):.1f}:1): the model sees a square centre crop after its shorter "
+                              "side is scaled to the input size, which would make this image that many times the "
+                              "square in memory. Crop or tile it to the region of interest first.")
 
 
 def _to_uint8(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:

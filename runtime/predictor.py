@@ -61,6 +61,10 @@ def _array_image(a: np.ndarray, channel_order: str) -> Image.Image:
         fix = "floats: pass (a * 255).round().astype(np.uint8) for values 0–1, a.astype(np.uint8) for 0–255"
     elif (gray or (a.ndim == 3 and a.shape[2] == 3)) and a.dtype == np.uint16:
         fix = "16-bit: pass (a // 257).astype(np.uint8), as files are read"
+    elif (gray or (a.ndim == 3 and a.shape[2] == 3)) and a.dtype == np.bool_:
+        fix = "a mask: pass a.astype(np.uint8) * 255"
+    elif (gray or (a.ndim == 3 and a.shape[2] == 3)) and np.issubdtype(a.dtype, np.integer):
+        fix = "integers: pass a.astype(np.uint8) for values 0–255"
     else:
         fix = "expected uint8 H×W×3 (colour) or H×W (grayscale)"
     raise UserError(f"image array of dtype {a.dtype} and shape {shape}: {fix}.")
@@ -134,7 +138,8 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                 return cands[0], b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
     if precision and precision not in {a["precision"] for a in bundle.artifacts}:
-        raise UserError(f"precision {precision!r}: {bundle.path} has no {precision} artifact (it has: {have}).")
+        raise UserError(f"precision {precision!r}: {bundle.path} has no {precision} artifact (it has: {have})"
+                        f"{bundle.slim_note()}.")
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
                     f"(bundle has: {have}). Build engines on the device with `edge-tl engine {bundle.path}`.")
 
@@ -232,7 +237,7 @@ class Predictor:
             if channel_order != "RGB":
                 raise UserError(f"channel_order {channel_order!r} with a PIL image: it is RGB already (for an "
                                 "OpenCV BGR array, pass the array itself with channel_order='BGR').")
-            check_aspect(image.size, f"PIL image of {image.size[0]}×{image.size[1]} pixels")
+            check_aspect(image.size, "PIL image")
             image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
         else:
             raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, bytes, a binary file "
@@ -270,8 +275,10 @@ class Predictor:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read") \
                 or (isinstance(images, np.ndarray) and images.ndim < 4):
             one = f"array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+            stack = isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] != 3
             raise UserError(f"predict_batch takes a list of images (or an N×H×W×3 array), not one {one}: use "
-                            "predict for one image, or predict_batch([image]).")
+                            "predict for one image, or predict_batch([image])"
+                            + ("; for N grayscale frames stacked N×H×W, predict_batch(list(a))." if stack else "."))
         images = list(images)
         pixels = (np.stack([self.preprocess(im, channel_order) for im in images]) if len(images)
                   else np.zeros((0, 1, 1, 3), np.uint8))

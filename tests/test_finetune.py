@@ -312,3 +312,23 @@ def test_an_image_changed_while_training_stops_with_one_line_and_resumes_exactly
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["state_dict"] for r in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["best_val_accuracy"] == ref["best_val_accuracy"]
+
+
+def test_worker_error_keeps_the_message_and_kind_of_a_data_loader_workers_error():
+    from edge_tl.finetune.train import worker_error
+    from edge_tl.runtime.images import UnreadableImage
+
+    class Failing(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise UnreadableImage("a/b.png: first line\nsecond line: the fix")
+
+    with pytest.raises(UnreadableImage) as caught:
+        next(iter(torch.utils.data.DataLoader(Failing(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # what DataLoader makes of it
+    cut = worker_error(caught.value)
+    assert type(cut) is UnreadableImage and str(cut) == "a/b.png: first line\nsecond line: the fix"
+    plain = UserError("x.png: Original Traceback is in the name")
+    assert worker_error(plain) is plain

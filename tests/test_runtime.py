@@ -108,8 +108,10 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
                          (np.zeros((8, 8, 3), np.uint16), "16-bit: pass"), (np.zeros((8, 8), np.uint16), "16-bit: pass"),
                          (np.zeros((3, 8, 9), np.uint8), "channels first"), (np.zeros((2, 8, 8, 3), np.uint8), "a batch"),
                          (np.zeros((8, 8, 5), np.uint8), "expected uint8"),
-                         (np.zeros((2, 300, 3), np.uint8), r"image array of shape \(2, 300, 3\): 300×2 pixels, 150 times "
-                                                           r"longer than wide \(at most 100\)")):
+                         (np.zeros((8, 8), bool), r"a mask: pass a\.astype\(np\.uint8\) \* 255"),
+                         (np.zeros((8, 8, 3), np.int64), r"integers: pass a\.astype\(np\.uint8\) for values 0–255"),
+                         (np.zeros((2, 300, 3), np.uint8), r"image array of shape \(2, 300, 3\): 300×2 pixels, over 100 "
+                                                           r"times longer than it is wide or tall \(150\.0:1\)")):
             with pytest.raises(UserError, match=fix):
                 p.predict(bad)
         gray = np.asarray(Image.open(paths[2]))  # a mono camera's frame: H×W or H×W×1, as its file gives
@@ -118,6 +120,11 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
             p.predict_batch(np.asarray(Image.open(paths[1]).convert("RGB")))
         with pytest.raises(UserError, match="not one PosixPath: use predict"):
             p.predict_batch(paths[0])
+        with pytest.raises(UserError, match=r"for N grayscale frames stacked N×H×W, predict_batch\(list\(a\)\)"):
+            p.predict_batch(np.stack([gray, gray]))
+        assert p.predict_batch(list(np.stack([gray, gray])))[1] == p.predict(gray)
+        with pytest.raises(UserError, match=r"PIL image: 0×5 pixels, no image"):
+            p.predict(Image.new("L", (0, 5)))
         frames = np.stack([np.asarray(Image.open(x).convert("RGB")) for x in paths[:2]])  # N×H×W×3: N images
         assert [b.label for b in p.predict_batch(frames)] == [b.label for b in batch[:2]]
         with pytest.raises(UserError, match="channel_order 'BGR' with a PIL image: it is RGB already"):
@@ -451,7 +458,7 @@ def test_cli_predict_folder_and_bad_file_keeps_going(cpu_bundle, elpv_small, tmp
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert "error" in lines[0] and lines[0]["image"] == str(bad) and lines[0]["manifest_sha256"]
     assert lines[-1]["image"] == str(strip) and lines[-1]["error"].startswith(
-        f"{strip}: 1500×1 pixels, 1500 times longer than wide (at most 100)")
+        f"{strip}: 1500×1 pixels, over 100 times longer than it is wide or tall (1500.0:1)")
     lines = lines[:-1]
     assert [x["image"] for x in lines[1:]] == sorted(map(str, folder.iterdir())) + [str(good)]
     assert all("label" in x for x in lines[1:])
@@ -499,9 +506,11 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     assert [a["name"] for a in slim.artifacts] == ["int8-cpu"] and not (slim.path / "model.fp32.onnx").exists()
     assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
     assert slim.manifest["slimmed"]["from_manifest_sha256"] == Bundle.load(cpu_bundle).manifest["manifest_sha256"]
-    with pytest.raises(UserError, match=rf"no artifact 'fp32' \(has: int8-cpu\); `edge-tl slim` dropped it: use the "
-                                        rf"bundle it was slimmed from, {cpu_bundle.resolve()}\.$"):
+    hint = rf"; `edge-tl slim` dropped fp32, fp16: use the bundle it was slimmed from, {cpu_bundle.resolve()}\.$"
+    with pytest.raises(UserError, match=r"no artifact 'fp32' \(has: int8-cpu\)" + hint):
         slim.artifact("fp32")
+    with pytest.raises(UserError, match=r"has no fp32 artifact \(it has: int8-cpu \(onnx, int8\)\)" + hint):
+        Predictor.from_bundle(slim.path, precision="fp32", device="cpu")
     assert set(slim.manifest["files"]) == {"model.int8-cpu.onnx", "golden.npz", "labels.txt"}
     assert "model.fp32.onnx" not in (slim.path / "README.md").read_text()
     logs = []
