@@ -103,7 +103,8 @@ def finetune(
     vflip: float = VFLIP,
     rot90: float = ROT90,
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
-    workers: int = typer.Option(D["workers"], help="Data-loader worker processes (0: in the training process)."),
+    workers: Optional[int] = typer.Option(D["workers"], help="DataLoader worker processes (0: in the training "
+                                          "process). Default: 0 when every image fits in memory, else min(4, cores - 1)."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),
@@ -413,7 +414,7 @@ def build(
     batch_size: int = typer.Option(D["batch_size"], help="Fine-tune batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate."),
     seed: int = typer.Option(D["seed"], help="Training seed."),
-    workers: int = typer.Option(D["workers"], help="Data-loader workers."),
+    workers: Optional[int] = typer.Option(D["workers"], help="DataLoader workers (default: as finetune's)."),
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),

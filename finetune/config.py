@@ -44,7 +44,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     split_seed: int = 0
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # None: 0 when every image is held in memory, else auto_workers()
     device: str = "auto"
     compile: bool = False  # torch.compile the training model (CUDA; on CPU it needs a C++ compiler)
     tune_depthwise: bool = True  # CPU: depthwise backward timed per shape, fastest exact form kept (depthwise.py)
@@ -80,7 +80,7 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
         raise UserError(f"--scale-min {cfg.scale_min}: the smallest crop area is a fraction in (0, 1], e.g. 0.8.")
     if not 0 <= cfg.low_res_epochs <= 1:
         raise UserError(f"--low-res-epochs {cfg.low_res_epochs}: a fraction of the epochs in [0, 1].")
-    if cfg.workers < 0 or cfg.freeze_stages < 0:
+    if (cfg.workers is not None and cfg.workers < 0) or cfg.freeze_stages < 0:
         raise UserError(f"--workers {cfg.workers} / --freeze-stages {cfg.freeze_stages}: neither can be negative.")
     if cfg.layer_decay is not None and not (positive(cfg.layer_decay) and cfg.layer_decay <= 1):
         raise UserError(f"--layer-decay {cfg.layer_decay}: use a factor in (0, 1], e.g. 0.85, or leave it out for one LR.")

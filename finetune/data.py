@@ -295,8 +295,9 @@ class DecodeBudget:
             return None
         share = (f"each of the {self.copies} processes on this machine can keep {self.limit / 1e9:.1f} GB"
                  if self.copies > 1 else f"this process can keep {self.limit / 1e9:.1f} GB")
-        advice = ("slower epochs. --workers N decodes them in N processes; a smaller --img-size or more memory "
-                  "keeps them all." if command == "finetune" else f"{command} takes longer.")
+        advice = ("slower epochs, less so with DataLoader workers decoding them beside the training step; a "
+                  "smaller --img-size or more memory keeps them all." if command == "finetune"
+                  else f"{command} takes longer.")
         return (f"warning: {on_demand} of {total} images do not fit in memory (decoded they take "
                 f"{(self.kept + self.dropped) / 1e9:.2f} GB; {share}: {self.SHARE:.0%} of the "
                 f"{self.available / 1e9:.1f} GB available), so they are decoded again from their files at each use: "

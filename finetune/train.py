@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -185,6 +186,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def auto_workers() -> int:
+    """DataLoader workers when images are decoded at each use: min(4, cores - 1) per process on a
+    machine (torchrun's share), at least 1, so decoding overlaps the training step."""
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cores - 1))
 
 
 @torch.no_grad()
@@ -409,8 +417,10 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
     _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
+    if cfg.workers is None:
+        cfg = replace(cfg, workers=auto_workers() if data.train.on_demand + data.val.on_demand else 0)
     if note := data.memory_note():
-        log(note)
+        log(f"{note} DataLoader workers: {cfg.workers} (--workers).")
     duplicates = data.duplicates()
     _log_first(duplicates.lines(), f"warning: byte-identical image files: {'; '.join(describe_duplicates(duplicates.counts()))}:",
                out / "duplicates.txt", log)

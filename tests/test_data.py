@@ -209,8 +209,8 @@ def test_images_that_do_not_fit_in_memory_are_decoded_at_each_use(tmp_path, monk
     part = discover(root, SPEC, progress=False)
     assert part.train.on_demand + part.val.on_demand == 90 - 22
     assert part.memory_note().startswith("warning: 68 of 90 images do not fit in memory")
-    assert part.memory_note().endswith("--workers N decodes them in N processes; a smaller --img-size or more "
-                                       "memory keeps them all.")
+    assert part.memory_note().endswith("slower epochs, less so with DataLoader workers decoding them beside the "
+                                       "training step; a smaller --img-size or more memory keeps them all.")
     assert part.memory_note("export").endswith("at each use: export takes longer.")
     assert part.train.paths == in_memory.train.paths and part.val.paths == in_memory.val.paths
     for split, ref in ((part.train, in_memory.train), (part.val, in_memory.val)):
@@ -242,8 +242,9 @@ def test_the_memory_warning_gives_the_numbers(monkeypatch):
     assert kept == [True, True, False, False]
     assert budget.note(2, 4) == (
         "warning: 2 of 4 images do not fit in memory (decoded they take 120.00 GB; this process can keep 70.0 GB: "
-        "70% of the 100.0 GB available), so they are decoded again from their files at each use: slower epochs. "
-        "--workers N decodes them in N processes; a smaller --img-size or more memory keeps them all.")
+        "70% of the 100.0 GB available), so they are decoded again from their files at each use: slower epochs, "
+        "less so with DataLoader workers decoding them beside the training step; a smaller --img-size or more memory "
+        "keeps them all.")
     assert budget.note(0, 4) is None
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: the machine's 70 % shared by its 8 processes
     budget = DecodeBudget(100e9)

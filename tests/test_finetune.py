@@ -17,8 +17,8 @@ import torch
 from edge_tl.errors import UserError
 from edge_tl.finetune import depthwise
 from edge_tl.finetune.data import discover
-from edge_tl.finetune.train import (TrainConfig, _train_sizes, finetune, load_checkpoint, load_model, make_optimizer,
-                                   mixup_batch)
+from edge_tl.finetune.train import (TrainConfig, _train_sizes, auto_workers, finetune, load_checkpoint, load_model,
+                                   make_optimizer, mixup_batch)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from conftest import make_image_folder
@@ -271,9 +271,12 @@ def test_images_decoded_at_each_use_train_exactly_as_in_memory(tiny_folder, tmp_
     ref = finetune(_cfg(tiny_folder, tmp_path / "ref", **exact), progress=False, log=lambda s: None)
     monkeypatch.setattr(data_module, "available_memory", lambda: 1)
     logs = []
-    streamed = finetune(_cfg(tiny_folder, tmp_path / "streamed", workers=1, **exact), progress=False, log=logs.append)
-    assert any(line.startswith("warning: 24 of 24 images do not fit in memory") for line in logs), logs
+    streamed = finetune(_cfg(tiny_folder, tmp_path / "streamed", **exact), progress=False, log=logs.append)
+    workers = auto_workers()  # by default, when images are decoded at each use: min(4, cores - 1), at least 1
+    assert any(line.startswith("warning: 24 of 24 images do not fit in memory") and
+               line.endswith(f"DataLoader workers: {workers} (--workers).") for line in logs), logs
     assert (ref["decoded_at_each_use"], streamed["decoded_at_each_use"]) == (0, 24)
+    assert (ref["config"]["workers"], streamed["config"]["workers"]) == (0, workers) and workers >= 1
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["state_dict"] for r in ("ref", "streamed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
