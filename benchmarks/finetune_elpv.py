@@ -86,7 +86,10 @@ def main() -> None:
     cfg = TrainConfig(data=str(args.data.resolve()), out=str(args.out.resolve()), device="cpu")
     for item in args.set:
         key, value = item.split("=", 1)
-        setattr(cfg, key, type(getattr(cfg, key))(value) if getattr(cfg, key) is not None else json.loads(value))
+        current = getattr(cfg, key)
+        if isinstance(current, bool):  # bool("false") is True
+            value = {"true": True, "false": False}[value.lower()]
+        setattr(cfg, key, json.loads(value) if current is None else type(current)(value))
     t0 = time.perf_counter()
     metrics = finetune(cfg)
     wall = time.perf_counter() - t0
