@@ -70,6 +70,24 @@ def test_accuracy(run: Path, data: Path) -> dict:
             "test_confusion": confusion_matrix(labels, preds, len(out["classes"]))}
 
 
+def set_value(current, text: str):
+    """``text`` of --set KEY=VALUE as the type of the field's current value (``null``: None; a field
+    that defaults to None takes JSON, else the text itself, e.g. a path or an augment string)."""
+    if text == "null":
+        return None
+    if isinstance(current, bool):  # bool("false") is True
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.lower() not in words:
+            raise SystemExit(f"--set {text!r}: a boolean field takes true or false")
+        return words[text.lower()]
+    if current is None:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return type(current)(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("runs/elpv_data"))
@@ -86,10 +104,7 @@ def main() -> None:
     cfg = TrainConfig(data=str(args.data.resolve()), out=str(args.out.resolve()), device="cpu")
     for item in args.set:
         key, value = item.split("=", 1)
-        current = getattr(cfg, key)
-        if isinstance(current, bool):  # bool("false") is True
-            value = {"true": True, "false": False}[value.lower()]
-        setattr(cfg, key, json.loads(value) if current is None else type(current)(value))
+        setattr(cfg, key, set_value(getattr(cfg, key), value))
     t0 = time.perf_counter()
     metrics = finetune(cfg)
     wall = time.perf_counter() - t0

@@ -104,7 +104,8 @@ def finetune(
     rot90: float = ROT90,
     seed: int = typer.Option(D["seed"], help="Training seed (the validation split always uses seed 0)."),
     workers: Optional[int] = typer.Option(D["workers"], help="DataLoader worker processes (0: in the training "
-                                          "process). Default: 0 when every image fits in memory, else min(4, cores - 1)."),
+                                          "process). Default: 0 when every image fits in memory, else min(4, cores - 1), "
+                                          "at least 1."),
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),

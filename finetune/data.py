@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
-from edge_tl.runtime.images import (IMAGE_EXTENSIONS, UnreadableImage, class_folders, in_order, load_rgb,
-                                    visible_files)
+from edge_tl.runtime.images import (IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores,
+                                    in_order, load_rgb, visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS
@@ -306,9 +306,10 @@ class DecodeBudget:
 
 def decode_threads() -> int:
     """Threads for the one-time decoding: Pillow lets go of the GIL while it decodes and resizes,
-    so threads use every core; torchrun's processes on one machine share them."""
+    so threads use the cores (at most MAX_DECODE_THREADS: each holds a full-size image); torchrun's
+    processes on one machine share them."""
     copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, (os.cpu_count() or 1) // copies)
+    return max(1, min(MAX_DECODE_THREADS, cpu_cores() // copies))
 
 
 def _read_image(decode: Callable, path: Path) -> tuple[np.ndarray, str] | str:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write, write_json, write_text
+from edge_tl.runtime.images import cpu_cores
 from edge_tl.runtime.spec import PreprocessSpec
 
 from . import distributed
@@ -190,8 +191,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def auto_workers() -> int:
     """DataLoader workers when images are decoded at each use: min(4, cores - 1) per process on a
-    machine (torchrun's share), at least 1, so decoding overlaps the training step."""
-    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    machine (torchrun's share of the cores this process may use), at least 1, so decoding overlaps
+    the training step."""
+    cores = cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, cores - 1))
 
 

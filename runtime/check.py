@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -25,7 +24,8 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_text
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import UnreadableImage, class_folders, image_files, in_order, load_rgb, to_input
+from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores, image_files, in_order,
+                     load_rgb, to_input)
 from .predictor import make_runner, runnable, tensorrt_available
 from .scores import ece, softmax
 
@@ -48,7 +48,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
 
     files = [(f, classes.index(d.name)) for d in folders for f in image_files(d)]
     pixels, labels, paths, skipped = [], [], [], []
-    for (f, y), result in zip(files, in_order(read, [f for f, _ in files], os.cpu_count() or 1)):
+    for (f, y), result in zip(files, in_order(read, [f for f, _ in files], min(MAX_DECODE_THREADS, cpu_cores()))):
         if isinstance(result, UnreadableImage):
             skipped.append(str(result))
             continue

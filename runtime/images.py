@@ -134,6 +134,18 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
         raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container or `taskset` may pin it to
+    fewer than the machine has), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+MAX_DECODE_THREADS = 8  # each holds one full-size decoded image at a time (a 5000×5000 JPEG: ~190 MB)
+
+
 def in_order(fn: Callable, items: list, threads: int):
     """``fn(item)`` of each item, in order, computed by ``threads`` threads at most 4 × threads
     items ahead (so results waiting to be taken stay few). For decoding: Pillow lets go of the GIL
@@ -143,11 +155,12 @@ def in_order(fn: Callable, items: list, threads: int):
         return
     pool = ThreadPoolExecutor(threads)
     try:
-        pending = deque(pool.submit(fn, item) for item in items[:4 * threads])
-        for item in items[4 * threads:] + [None] * len(pending):
+        ahead = 4 * threads
+        pending = deque(pool.submit(fn, item) for item in items[:ahead])
+        for k in range(len(items)):
             result = pending.popleft().result()
-            if item is not None:
-                pending.append(pool.submit(fn, item))
+            if k + ahead < len(items):
+                pending.append(pool.submit(fn, items[k + ahead]))
             yield result
     finally:
         pool.shutdown(cancel_futures=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +134,14 @@ def test_in_order_runs_ahead_boundedly_and_raises_in_order():
     with pytest.raises(MemoryError, match="item 30"):
         next(results)
     assert list(in_order(work, [3, 1, 2], threads=4)) == [9, 1, 4]  # fewer items than the window
+    assert list(in_order(repr, [None, 1, None, 2], threads=2)) == ["None", "1", "None", "2"]  # any item
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's (os.sched_setaffinity)")
+def test_threads_and_workers_follow_the_cores_this_process_may_use():
+    """A container or `taskset` may pin a process to fewer cores than the machine has."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from edge_tl.finetune.data import decode_threads; from edge_tl.finetune.train import auto_workers; "
+            "from edge_tl.runtime.images import cpu_cores; print(cpu_cores(), decode_threads(), auto_workers())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1", "1"]
