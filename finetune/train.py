@@ -189,6 +189,36 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _raise_any_rank_error(found: list, mine) -> None:
+    """Raise this rank's data error, else another rank's (``found``: one entry per rank, a UserError
+    or None/a result), so that every rank stops at the same point."""
+    errors = [(rank, e) for rank, e in enumerate(found) if isinstance(e, UserError)]
+    if isinstance(mine, UserError):
+        raise mine
+    if errors:
+        rank, error = errors[0]
+        raise UserError(f"process {rank} of the run: {error}")
+
+
+def _agreed_batches(loader, d: distributed.Dist, check: bool):
+    """``loader``'s batches; with ``check`` (torchrun, images decoded at each use, which can fail
+    to load), the ranks tell each other before every step whether their batch loaded, so one
+    rank's data error stops all of them at the same step instead of leaving them waiting."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch, error = next(batches), None
+        except StopIteration:
+            return
+        except UserError as exc:
+            if not check:
+                raise
+            batch, error = None, worker_error(exc)
+        if check:
+            _raise_any_rank_error(d.gather(error), error)
+        yield batch
+
+
 def auto_workers() -> int:
     """DataLoader workers when images are decoded at each use: min(4, cores - 1) per process on a
     machine (torchrun's share of the cores this process may use), at least 1, so decoding overlaps
@@ -390,8 +420,12 @@ def _validation_logits(eval_model, val: Split, spec: PreprocessSpec, device, cfg
     if d.world > 1:  # shard validation and gather it
         d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
         shard = list(range(d.rank, len(val), d.world))
-        parts = d.gather(predict_logits(eval_model, val.subset(shard), spec, device, cfg.batch_size * 2,
-                                        cfg.workers))
+        try:
+            part = predict_logits(eval_model, val.subset(shard), spec, device, cfg.batch_size * 2, cfg.workers)
+        except UserError as exc:  # an image decoded at each use changed: every rank must stop, not wait
+            part = exc
+        parts = d.gather(part)
+        _raise_any_rank_error(parts, part)
         logits = torch.zeros(len(val), num_classes)
         for r, part in enumerate(parts):
             logits[r::d.world] = part
@@ -524,7 +558,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         for m in frozen:
             m.eval()
         loss_sum, correct, seen = partial if start_step else (0.0, 0, 0)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
+        batches = _agreed_batches(loader, d, check=d.world > 1 and data.train.on_demand > 0)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
                    initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
         step = start_step
         interrupt = _StepBoundaryInterrupt()

@@ -105,3 +105,55 @@ def test_cuda_amp_finetune(tmp_path):
                              device="cuda", amp="auto"), progress=False, log=lambda s: None)
     assert m["device"].startswith("cuda")
     assert amp_dtype("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
+
+
+# Every image decoded at each use; after step 1, rank 0 gives the validation images of rank 1's shard
+# (the odd ones in images.tsv's order) other bytes: only rank 1 finds them, at the end of epoch 1.
+CHANGED_FILE_RUN = """
+import os, sys
+from pathlib import Path
+from edge_tl.finetune import data as data_module
+from edge_tl.finetune.data import read_images_table
+from edge_tl.finetune.train import TrainConfig, finetune
+data_module.available_memory = lambda: 1
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+def on_step(step):
+    if step == 1 and os.environ["RANK"] == "0":
+        val = [data / r[3] for r in read_images_table(out / "images.tsv") if r[0] == "val"]
+        for path in val[1::2]:
+            path.write_bytes(val[0].read_bytes())
+finetune(TrainConfig(data=str(data), out=str(out), epochs=3, img_size=48, batch_size=4, device="cpu",
+                     tune_depthwise=False, workers=0), progress=False, on_step=on_step)
+"""
+
+
+def test_ddp_a_changed_file_one_rank_finds_stops_every_rank_with_the_steps_saved(tmp_path):
+    """Under torchrun, images decoded at each use that changed since the scan are found by the rank
+    that reads them; the ranks agree on it, so all stop at the same point, rank 0 saves the steps
+    done, and once the files are restored --resume ends where a run never stopped ends."""
+    data = make_image_folder(tmp_path / "imgs", per_class=24)
+    whole = subprocess.run(_torchrun_finetune(data, tmp_path / "whole", "--no-tune-depthwise"), capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    kept = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    out = tmp_path / "stopped"
+    script = tmp_path / "changed_file_run.py"
+    script.write_text(CHANGED_FILE_RUN)
+    stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script), str(data), str(out)], capture_output=True, text=True, timeout=600)
+    assert stopped.returncode != 0
+    assert "UserError: process 1 of the run: " in stopped.stderr, stopped.stderr[-3000:]  # rank 0 learns of it
+    assert "its content changed since the data was scanned" in stopped.stderr
+    state = load_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["step"]) == (0, 7)  # epoch 1's 7 steps, saved before its validation
+    for path, content in kept.items():
+        path.write_bytes(content)
+    resumed = subprocess.run(_torchrun_finetune(data, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for got, want in zip(_history(out), _history(tmp_path / "whole"), strict=True):
+        assert got == pytest.approx(want, rel=1e-9), (got, want)
+
+
+def _history(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
