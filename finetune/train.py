@@ -197,7 +197,7 @@ def _raise_any_rank_error(found: list, mine) -> None:
         raise mine
     if errors:
         rank, error = errors[0]
-        raise UserError(f"process {rank} of the run: {error}")
+        raise UserError(f"rank {rank} of {len(found)} (torchrun) found: {error}")
 
 
 def _agreed_batches(loader, d: distributed.Dist, check: bool):
@@ -540,7 +540,11 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         seconds += time.perf_counter() - t0
         if d.is_main:
             _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
+        d.barrier()  # every rank is here (the error was agreed on): torchrun stops them all once one exits
         raise worker_error(exc) from None
+
+    # decided once for all ranks (each one's memory budget is its own): a rank that checks waits for the others
+    agree_on_data_errors = d.world > 1 and d.sum((float(data.train.on_demand),), device)[0] > 0
 
     eval_model = ema.module if ema is not None else model
     step = start_step
@@ -558,7 +562,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         for m in frozen:
             m.eval()
         loss_sum, correct, seen = partial if start_step else (0.0, 0, 0)
-        batches = _agreed_batches(loader, d, check=d.world > 1 and data.train.on_demand > 0)
+        batches = _agreed_batches(loader, d, check=agree_on_data_errors)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
                    initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
         step = start_step

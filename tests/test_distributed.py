@@ -142,7 +142,7 @@ def test_ddp_a_changed_file_one_rank_finds_stops_every_rank_with_the_steps_saved
     stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               str(script), str(data), str(out)], capture_output=True, text=True, timeout=600)
     assert stopped.returncode != 0
-    assert "UserError: process 1 of the run: " in stopped.stderr, stopped.stderr[-3000:]  # rank 0 learns of it
+    assert "UserError: rank 1 of 2 (torchrun) found: " in stopped.stderr, stopped.stderr[-3000:]  # rank 0 learns of it
     assert "its content changed since the data was scanned" in stopped.stderr
     state = load_checkpoint(out / "last.pt")
     assert (state["epoch"], state["step"]) == (0, 7)  # epoch 1's 7 steps, saved before its validation
