@@ -101,7 +101,7 @@ def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str 
         else:
             from edge_tl.runtime.images import load_rgb
 
-            img = load_rgb(path)
+            img = load_rgb(path, min_shorter=2 * size)  # a large JPEG decoded at a fraction of its size
     except Exception:  # noqa: BLE001 - a missing image only drops its thumbnail
         return None
     img.thumbnail((size, size))

@@ -181,6 +181,9 @@ def bundle_readme(bundle: Bundle, where: str | Path) -> str:
     port = ("\nAn app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds\n"
             "half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`."
             if "steps" in p else "")  # bundles exported before they existed
+    jpeg = (f"\nA JPEG at least {p['jpeg_reducing_gap'] * 2:g}× {p['resize_size']} px on its shorter side (a camera's photo) is first decoded at\n"
+            "1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, as in training (`preprocess.steps.decode`)."
+            if p.get("jpeg_reducing_gap") else "")
     fit = m.get("scores") or {"skipped": "a bundle from before the fit"}
     scores = ("scores are their plain softmax (temperature 1: " + fit["skipped"] + ")" if "skipped" in fit else
               f"scores are softmax(logits / {fit['temperature']}), the temperature fitted on the validation split")
@@ -194,7 +197,7 @@ Input `{m['input']['name']}`: float32 N×3×{p['input_size'][0]}×{p['input_size
 shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mean/std are inside the graph.
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
-enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{port}
+enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{jpeg}{port}
 Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`; {scores}.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |

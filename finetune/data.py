@@ -23,7 +23,7 @@ from tqdm import tqdm
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.images import (IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores,
-                                    in_order, load_rgb, visible_files)
+                                    in_order, visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS
@@ -32,7 +32,7 @@ from .config import VAL_FOLDERS
 def decode_resized(spec: PreprocessSpec, image) -> np.ndarray:
     """RGB uint8 pixels of ``image`` (a path or the file's bytes), shorter side resized per
     ``spec``: what the memory cache holds."""
-    return np.asarray(spec.resize_shorter(load_rgb(image)))
+    return np.asarray(spec.resize_shorter(spec.load(image, keep_gray=False)))
 
 
 _MUST_STAY = ("It is decoded again at each use (the images did not all fit in memory), so it must stay as it was "

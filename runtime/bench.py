@@ -22,7 +22,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import load_rgb, to_input
+from .images import to_input
 from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
 
@@ -160,7 +160,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 files = _jpegs(golden, b)
 
                 def end_to_end():
-                    pix = np.stack([spec.to_pixels(load_rgb(f, keep_gray=True)) for f in files])
+                    pix = np.stack([spec.to_pixels(spec.load(f)) for f in files])
                     runner.infer(to_input(pix))
 
                 e2e = stats(time_calls(end_to_end, max(1, warmup // 2), iters, seconds), b)

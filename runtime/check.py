@@ -25,7 +25,7 @@ from edge_tl.fileio import sha256_file, write_text
 
 from .bundle import SELF_DIGEST, Bundle
 from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores, image_files, in_order,
-                     load_rgb, to_input)
+                     to_input)
 from .predictor import make_runner, runnable, tensorrt_available
 from .scores import ece, softmax
 
@@ -42,7 +42,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
                         "--data needs DIR/<class>/* with the bundle's class names.")
     def read(f: Path) -> np.ndarray | UnreadableImage:
         try:
-            return spec.to_pixels(load_rgb(f, keep_gray=True))
+            return spec.to_pixels(spec.load(f))
         except UnreadableImage as exc:
             return exc
 

@@ -13,7 +13,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 
 from .bundle import Bundle
-from .images import UnreadableImage, check_aspect, load_rgb, to_input, to_rgb
+from .images import UnreadableImage, check_aspect, to_input, to_rgb
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
 from .scores import softmax
 
@@ -230,7 +230,7 @@ class Predictor:
         if channel_order not in ("RGB", "BGR"):
             raise UserError(f"channel_order {channel_order!r}: use 'RGB', or 'BGR' for OpenCV arrays.")
         if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
-            image = load_rgb(image, keep_gray=True)
+            image = self.spec.load(image)
         elif isinstance(image, np.ndarray):
             image = _array_image(image, channel_order)
         elif isinstance(image, Image.Image):

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from .images import load_rgb
+
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,11 +39,26 @@ class PreprocessSpec:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     crop_mode: str = field(default="center")
+    # a JPEG much larger than the input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
+    # draft) keeping its shorter side >= this × resize_size: ~4× faster for phone photos, pixels within a grey
+    # level or two of the full decode (benchmarks/jpeg_draft.py). 2 is Pillow's thumbnail() default; None
+    # decodes at full size (what bundles and runs made before this field existed did)
+    jpeg_reducing_gap: float | None = 2.0
 
     @property
     def resize_size(self) -> int:
         """Shorter-side size before the center crop (timm: ``floor(size / crop_pct)``)."""
         return math.floor(max(self.input_size) / self.crop_pct)
+
+    @property
+    def jpeg_min_shorter(self) -> int | None:
+        """The shorter side a JPEG may be decoded down to (None: always full size)."""
+        return None if self.jpeg_reducing_gap is None else math.ceil(self.jpeg_reducing_gap * self.resize_size)
+
+    def load(self, image, keep_gray: bool = True) -> Image.Image:
+        """Decode ``image`` (a path, encoded bytes or a binary file object) per the ``decode`` step,
+        or raise ``UnreadableImage``; ``keep_gray`` keeps a grayscale image one channel ("L")."""
+        return load_rgb(image, keep_gray, min_shorter=self.jpeg_min_shorter)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,7 +76,7 @@ class PreprocessSpec:
         h, w = self.input_size
         return {
             "decode": "8-bit RGB: EXIF orientation applied, alpha composited on white, a grayscale image's "
-                      "channel repeated 3 times, 16-bit values // 257",
+                      "channel repeated 3 times, 16-bit values // 257" + self._jpeg_step(),
             "resize": {"side": "shorter", "to": self.resize_size, "longer_to": f"floor({self.resize_size} * longer / shorter)",
                        "skip_when": f"shorter == {self.resize_size}",
                        "filter": f"Pillow Image.resize {self.interpolation}: separable convolution whose support "
@@ -73,6 +90,13 @@ class PreprocessSpec:
                         "(x / 255 - mean) / std is inside the ONNX graph: do not normalize",
         }
 
+    def _jpeg_step(self) -> str:
+        if self.jpeg_min_shorter is None:
+            return ""
+        return ("; a JPEG decoded by libjpeg at scale 1/s (its DCT scaling: Pillow's draft, libjpeg-turbo's "
+                "scale_denom, OpenCV's IMREAD_REDUCED_*), s the largest of 8, 4, 2 with floor(shorter side / s) >= "
+                f"{self.jpeg_min_shorter}, to ceil(width / s) x ceil(height / s), before the EXIF turn; else at full size")
+
     def __post_init__(self):
         """Refuse values no preprocessing can follow (a hand-edited manifest, a corrupt checkpoint)."""
         size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and x > 0 for x in self.input_size)
@@ -85,6 +109,9 @@ class PreprocessSpec:
             (self.channel_order == "RGB", f"channel_order {self.channel_order!r} (RGB)"),
             (self.layout == "NCHW", f"layout {self.layout!r} (NCHW)"),
             (self.crop_mode == "center", f"crop_mode {self.crop_mode!r} (center)"),
+            (self.jpeg_reducing_gap is None or (type(self.jpeg_reducing_gap) in (int, float) and
+                                                1 <= self.jpeg_reducing_gap < math.inf),
+             f"jpeg_reducing_gap {self.jpeg_reducing_gap} (null, or >= 1)"),
         ) if not ok]
         if problems:
             raise ValueError("preprocessing spec: unsupported " + "; ".join(problems))
@@ -100,6 +127,7 @@ class PreprocessSpec:
             channel_order=d.get("channel_order", "RGB"),
             layout=d.get("layout", "NCHW"),
             crop_mode=d.get("crop_mode", "center"),
+            jpeg_reducing_gap=d.get("jpeg_reducing_gap"),
         )
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:

@@ -6,6 +6,8 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -145,3 +147,65 @@ def test_threads_and_workers_follow_the_cores_this_process_may_use():
             "from edge_tl.runtime.images import cpu_cores; print(cpu_cores(), decode_threads(), auto_workers())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "1", "1"]
+
+
+def _photo_jpeg(path, size, exif=None):
+    """A real photo (scikit-image's coffee) at a camera's size, with sensor-like noise, as a JPEG."""
+    import skimage.data
+
+    big = np.asarray(Image.fromarray(skimage.data.coffee()).resize(size, Image.Resampling.LANCZOS), np.int16)
+    noisy = big + np.random.default_rng(0).normal(0, 5, big.shape[:2] + (1,)).astype(np.int16)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90, **({"exif": exif} if exif else {}))
+    return path
+
+
+@pytest.mark.parametrize("size, scale", [((2100, 1500), 2), ((4101, 2101), 4)])
+def test_a_large_jpeg_is_decoded_at_a_dct_scale_to_nearly_the_full_decodes_pixels(tmp_path, size, scale):
+    from edge_tl.finetune.data import decode_resized
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    spec = PreprocessSpec((224, 224))  # resized to 256: a JPEG may be decoded down to a shorter side of 512
+    path = _photo_jpeg(tmp_path / "photo.jpg", size)
+    # the manifest's decode step, followed without edge-tl: s the largest of 8, 4, 2 with floor(shorter / s) >= 512
+    s = max(s for s in (1, 2, 4, 8) if min(size) // s >= spec.jpeg_min_shorter)
+    assert s == scale and spec.jpeg_min_shorter == 512 and "floor(shorter side / s) >= 512" in spec.steps()["decode"]
+    reduced = spec.load(path)
+    assert reduced.size == (-(-size[0] // s), -(-size[1] // s))  # ceil(size / s)
+    full = load_rgb(path)
+    assert full.size == size
+    # libjpeg's scaled IDCT ≈ the mean of each s × s block of the full decode (its last row and column
+    # partial blocks, as Pillow's reduce() takes them)
+    diff = np.abs(np.asarray(reduced, np.int16) - np.asarray(full.reduce(s)))
+    assert diff.mean() < 1, diff.mean()
+    # training's cache and the runtime decode alike: the model sees at deployment what it trained on
+    assert np.array_equal(spec.to_pixels(Image.fromarray(decode_resized(spec, path))), spec.to_pixels(reduced))
+    # no reducing gap (runs and bundles made before it existed): full size; other formats: always full size
+    assert PreprocessSpec((224, 224), jpeg_reducing_gap=None).load(path).size == size
+    Image.open(path).save(tmp_path / "photo.png")
+    assert spec.load(tmp_path / "photo.png").size == size
+
+
+def test_a_reduced_jpeg_is_still_turned_upright():
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° CW to display: the landscape file shows as portrait
+    with TemporaryDirectory() as tmp:
+        path = _photo_jpeg(Path(tmp) / "turned.jpg", (2100, 1500), exif)
+        img = PreprocessSpec((224, 224)).load(path)
+        assert img.size == (750, 1050)
+        upright = load_rgb(path).resize(img.size, Image.Resampling.BOX)
+        assert np.abs(np.asarray(img, np.int16) - np.asarray(upright)).mean() < 3
+
+
+def test_the_reducing_gap_is_recorded_and_old_records_decode_at_full_size():
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    spec = PreprocessSpec((224, 224))
+    assert spec.jpeg_reducing_gap == 2.0 and PreprocessSpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in spec.to_dict().items() if k != "jpeg_reducing_gap"}  # a manifest from before
+    assert PreprocessSpec.from_dict(old).jpeg_min_shorter is None
+    assert "libjpeg" not in PreprocessSpec.from_dict(old).steps()["decode"]
+    for bad in (0.5, float("nan"), float("inf"), "fast"):
+        with pytest.raises(ValueError, match="jpeg_reducing_gap"):
+            PreprocessSpec.from_dict({**spec.to_dict(), "jpeg_reducing_gap": bad})
