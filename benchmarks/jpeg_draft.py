@@ -28,6 +28,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +81,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="labelled ImageFolder with the bundle's classes")
     ap.add_argument("--shorter", type=int, default=3000, help="shorter side of the camera-sized JPEGs (px)")
     ap.add_argument("--gap", type=float, default=2.0, help="jpeg_reducing_gap of the reduced decode")
-    ap.add_argument("--limit", type=int, default=None, help="at most this many images of --data")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many images of --data (classes in turn)")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "jpeg_draft.json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     with Predictor.from_bundle(args.bundle, backend="onnxruntime", precision="fp32", device="cpu", threads=1) as p:
         reduced_spec = dataclasses.replace(p.spec, jpeg_reducing_gap=args.gap)
         full_spec = dataclasses.replace(p.spec, jpeg_reducing_gap=None)
-        files = [(f, p.classes.index(d.name)) for d in sorted(args.data.iterdir()) if d.is_dir()
-                 for f in image_files(d)][:args.limit]
+        per_class = [[(f, p.classes.index(d.name)) for f in image_files(d)] for d in sorted(args.data.iterdir())
+                     if d.is_dir()]
+        files = [x for group in zip_longest(*per_class) for x in group if x is not None][:args.limit]  # round-robin
         result = {"benchmark": "jpeg_draft", "machine": machine(), "bundle": str(args.bundle), "data": str(args.data),
                   "shorter": args.shorter, "gap": args.gap, "min_shorter": reduced_spec.jpeg_min_shorter}
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.fileio import write_json
-from edge_tl.runtime import Predictor, load_rgb
+from edge_tl.runtime import Predictor
 from edge_tl.runtime.bench import machine
 from edge_tl.runtime.images import IMAGE_EXTENSIONS
 
@@ -38,7 +38,7 @@ def main() -> None:
     precisions = [args.precision] if args.precision else ["fp32", "int8"]
     for precision in precisions:
         with Predictor.from_bundle(args.bundle, precision=precision, device="cpu") as p:
-            images = [load_rgb(f, keep_gray=True) for f in paths]  # as predict(path) decodes them
+            images = [p.spec.load(f) for f in paths]  # as predict(path) decodes them
             pixels = [p.preprocess(im)[None] for im in images]
             cases = {"infer": lambda i: p.infer(pixels[i]), "predict_image": lambda i: p.predict(images[i]),
                      "predict_path": lambda i: p.predict(paths[i])}

@@ -19,7 +19,7 @@ from typing import Callable
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
-from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, training_roots
+from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, split_folder, training_roots
 from edge_tl.finetune.data import describe_duplicates
 from edge_tl.runtime.images import visible_files
 
@@ -113,6 +113,8 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     else:
         b.run("data", {"folder": str(data_dir)}, [data_dir], lambda: None)
     data_fp = _hash([folder_fingerprint(r) for r in training_roots(data_dir)])  # not test/ (the check stage's) or OUT
+    test_dir = split_folder(data_dir, "test")
+    _check_test_classes(data_dir, test_dir)
 
     # the data is its content's fingerprint, not its path: a moved or differently spelled folder is the same data
     train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out", "data")},
@@ -140,8 +142,6 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
     manifest_sha = sha256_file(bundle_dir / "manifest.json")
 
-    test_dir = data_dir / "test" if (data_dir / "test").is_dir() else None
-
     def check() -> None:
         from edge_tl.finetune.data import copies_in, run_images
         from edge_tl.runtime.check import check_bundle
@@ -150,8 +150,8 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
         copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
                            run_images(run_dir, data_dir)) if test_dir else []
-        report["test_in_training"] = [{"test": str(t), "training": str(c), "same_class": t.parent.name == cls}
-                                      for t, c, cls in copies]
+        report["test_in_training"] = [{"test": str(t), "training": str(c),
+                                       "same_class": t.relative_to(test_dir).parts[0] == cls} for t, c, cls in copies]
         if copies:
             log(f"  warning: byte-identical files: {'; '.join(describe_duplicates(test_copy_counts(report)))} "
                 f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
@@ -165,10 +165,11 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         from edge_tl.runtime.bench import bench_bundle
 
         report = bench_bundle(bundle_dir, batches=bench_batches, seconds=bench_seconds, reference="torch",
-                              device="cpu", log=lambda s: log(f"  {s}"))
+                              device="cpu", images=test_dir, log=lambda s: log(f"  {s}"))
         write_json(out / "bench.json", report)
 
-    b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds},
+    b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds,
+                    "images": folder_fingerprint(test_dir) if test_dir else None},  # end to end decodes the test images
           [out / "bench.json"], bench)
 
     def report() -> None:
@@ -203,6 +204,20 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
+def _check_test_classes(data_dir: Path, test_dir: Path | None) -> None:
+    """Refuse, before any training, a test/ class the training data lacks (the check stage would)."""
+    from edge_tl.runtime.images import class_folders
+
+    train = split_folder(data_dir, "train")
+    if test_dir is None or train is None:  # no test/, or flat classes (the fine-tune refuses test/ beside them)
+        return
+    classes = {d.name for d in class_folders(train)}
+    if unknown := sorted({d.name for d in class_folders(test_dir)} - classes):
+        raise UserError(f"{test_dir}: class folders {unknown} are not among the training classes in {train} "
+                        f"({', '.join(sorted(classes))}), so the check after the fine-tune could not score them. Rename "
+                        "them to a training class's name, add them to training, or move them out of test/.")
 
 
 def _finished_without_best(run_dir: Path) -> bool:
@@ -266,15 +281,20 @@ def summarize(out: Path) -> dict:
     bench = json.loads((out / "bench.json").read_text())
     bundle = Bundle.load(out / "bundle")
     rows = []
+    exported = {a["name"]: a for a in bundle.manifest["artifacts"]}
     for name, r in check["artifacts"].items():
         lat = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == name}
+        art = exported.get(name, {})
         rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
-                     "passed": r["passed"], **lat})
+                     "passed": r["passed"], "layers_in_float": len(art.get("float_nodes", [])),
+                     "accepted": art.get("accepted", True), **({"rejected": art["rejected"]} if "rejected" in art else {}),
+                     **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
     transfer = scratch_comparison(out)
-    found = json.loads((out / "run" / "metrics.json").read_text()).get("duplicates", {})
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
     return {"passed": check["passed"], "data": check["data"], "bundle": str(out / "bundle"),
-            "duplicates": {**found, **test_copy_counts(check)},
+            "duplicates": {**metrics.get("duplicates", {}), **test_copy_counts(check)},
+            "skipped_training_files": metrics.get("skipped_files", 0),
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
@@ -293,6 +313,9 @@ def format_summary(summary: dict) -> str:
     if summary["torch_reference"]:
         lines.append(f"{'torch':<10} {'fp32':<9} {'':>8} {'':>5} " + " ".join(
             f"{summary['torch_reference'].get(k, float('nan')):>7.2f} ms" for k in batches))
+    lines += [f"{r['artifact']}: " + (f"not accepted at export ({r['rejected']})" if not r.get("accepted", True) else
+                                      f"{r['layers_in_float']} layers kept in float to meet --max-drop")
+              for r in summary["artifacts"] if not r.get("accepted", True) or r.get("layers_in_float")]
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
               f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
     if summary.get("transfer"):
@@ -303,6 +326,8 @@ def format_summary(summary: dict) -> str:
             win = w["slope" if key.startswith("slope") else key]
             vals = [f"{e[k][key]:>7.4g}" if e[k][key] is not None else "  never (at chance)" for k in ("pretrained", "scratch")]
             lines.append(f"  {label:<24} {vals[0]} vs {vals[1]}  {win}")
+    if skipped := summary.get("skipped_training_files"):
+        lines.append(f"{skipped} training files skipped (unreadable, or not images): listed in run/skipped.txt")
     if found := describe_duplicates({k: n for k, n in summary.get("duplicates", {}).items() if k != "moved_to_train"}):
         lines.append("byte-identical images (all in run/duplicates.txt and check.json): " + "; ".join(found))
     if summary["not_run_here"]:

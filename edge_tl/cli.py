@@ -331,6 +331,9 @@ def bench(
     reference: Optional[str] = typer.Option(None, help="'torch': also time the run's PyTorch model in this process."),
     device: str = typer.Option("cpu", help="cpu, openvino, cuda or auto (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
+    images: Optional[Path] = typer.Option(None, help="An image file or folder (yours: e.g. a camera's photos) that "
+                                          "end-to-end timing decodes; default: the golden images as JPEGs at the "
+                                          "input size, which decode far faster than a camera's photo."),
     json_out: bool = typer.Option(False, "--json", help="Print {machine, results} as JSON."),
 ) -> None:
     """Latency p50/p90/p99/mean/std and throughput per backend x precision x batch, inference and end to end.
@@ -341,7 +344,8 @@ def bench(
 
     with _errors_as_json(json_out):
         report = bench_bundle(bundle, _csv(backend), _csv(precision), _ints(batch, "--batch"), warmup, iters,
-                              None if iters is not None else seconds, reference, device, threads, _log_for(json_out))
+                              None if iters is not None else seconds, reference, device, threads, images,
+                              _log_for(json_out))
     if json_out:
         typer.echo(json.dumps(report, indent=2))
 

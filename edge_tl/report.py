@@ -111,16 +111,21 @@ def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str 
 
 
 def _data_warnings(metrics: dict, check: dict) -> list[str]:
-    """Byte-identical images found by the fine-tune (train/val) and the check (test vs training)."""
+    """Training files the fine-tune skipped, and byte-identical images found by the fine-tune
+    (train/val) and the check (test vs training)."""
     from edge_tl.build import test_copy_counts
     from edge_tl.finetune.data import describe_duplicates
 
     found = {k: n for k, n in metrics.get("duplicates", {}).items() if k != "moved_to_train"}
     notes = describe_duplicates({**found, **test_copy_counts(check)})
-    if not notes:
-        return []
-    return [f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one is "
-            "listed in run/duplicates.txt and check.json's test_in_training).</p>"]
+    out = []
+    if skipped := metrics.get("skipped_files"):
+        out.append(f"<p><b class=\"fail\">Data:</b> {skipped} training files were skipped (unreadable, or not "
+                   "images): each is listed, with why, in run/skipped.txt.</p>")
+    if notes:
+        out.append(f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one "
+                   "is listed in run/duplicates.txt and check.json's test_in_training).</p>")
+    return out
 
 
 def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
@@ -144,12 +149,18 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
              f"of {metrics['epochs']} ({metrics['seconds'] / 60:.1f} min on {html.escape(metrics['device'])}), "
              f"{metrics['num_train']} train / {metrics['num_val']} val images, weights {html.escape(str(metrics['pretrained']))}.</p>"]
     parts += _data_warnings(metrics, check)
+    exported = {a["name"]: a for a in manifest["artifacts"]}
     parts += ["<h2>Accuracy per artifact</h2>", _table(
-        ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "score ECE", "check"],
+        ["artifact", "precision", "backend", "accuracy", "reference", "drop (pts)", "golden agreement", "score ECE",
+         "layers in float", "check"],
         [[n, r["precision"], r["backend"], r["accuracy"], r["reference_accuracy"] if r["reference_accuracy"] is not None
           else "-", "-" if r["drop"] is None else f"{r['drop']:+.2f}", r["agreement"],
-          "-" if r.get("score_ece") is None else r["score_ece"], "ok" if r["passed"] else r["reason"]]
+          "-" if r.get("score_ece") is None else r["score_ece"], len(exported.get(n, {}).get("float_nodes", [])),
+          "ok" if r["passed"] else r["reason"]]
          for n, r in arts.items()])]
+    parts += [f"<p class=\"fail\">{html.escape(n)} was not accepted at export: {html.escape(a['rejected'])}. Apps use "
+              "it only when they ask for it by name or precision.</p>"
+              for n, a in exported.items() if not a.get("accepted", True) and "rejected" in a]
     if scores := manifest.get("scores"):
         how = (f"plain softmax (temperature 1: {html.escape(scores['skipped'])}, too few to fit one)" if "skipped" in scores
                else f"softmax of logits / {scores['temperature']}, the temperature fitted on the {scores['images']} "
@@ -192,8 +203,11 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
                   f"<div class=\"grid\">{''.join(figs)}</div>"]
     rows = [[r["artifact"], r["backend"], r["precision"], r["batch"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
              r["throughput"], r.get("e2e_p50_ms", "-")] for r in bench["results"]]
+    e2e = bench.get("e2e_input", "the golden images as JPEGs at the input size")  # bench.json from before it was said
     parts += ["<h2>Latency</h2>", _table(["artifact", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms",
                                          "images/s", "end-to-end p50 ms"], rows),
+              f"<p>End to end: decode + preprocess + infer of {html.escape(e2e)} (<code>edge-tl bench BUNDLE --images "
+              "DIR</code> times your own).</p>",
               _img(_latency_png(bench["results"]), "latency plot")]
     env = {**bench["machine"], **{f"bundle {k}": v for k, v in manifest["versions"].items()}}
     parts += ["<h2>Environment</h2>", _table(["", "value"], [[k, v] for k, v in env.items()])]

@@ -203,8 +203,9 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
                    noise_pts=record["noise_pts"], noise_allowance_pts=record["noise_allowance_pts"],
                    max_drop=record["max_drop"], fp32_agreement=record["fp32_agreement"], tries=record["tries"])
         if not record["accepted"]:
-            log(f"warning: {name} stays {record['drop_pts']:.2f} pts below fp32 even with every layer in float; "
-                "it is kept but marked not accepted (Predictor skips it unless asked by name).")
+            art["rejected"] = record["rejected"]
+            log(f"warning: {name} not accepted: {record['rejected']}. Predictor uses it only when asked for "
+                f"(--precision int8); `edge-tl check BUNDLE --data TEST_DIR` measures it on more images.")
         artifacts.append(art)
 
     scores = fit_temperature(torch_logits, val_labels)  # argmax unchanged: only the scores apps threshold

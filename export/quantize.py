@@ -19,6 +19,8 @@ kept in float, doubling their number until the drop fits (OpenVINO's accuracy-aw
 
 from __future__ import annotations
 
+import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,9 +260,12 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
     fp32_accuracy = accuracy(fp32_logits, val_labels)
     with tempfile.TemporaryDirectory(prefix="edge-tl-quant-") as tmp:
         prepared = prepare(fp32_path, Path(tmp) / "prepared.onnx")
+        fully_quantized = Path(tmp) / "fully_quantized.onnx"
         tries, exclude, ranking = [], (), None
         while True:
             quantize_int8(prepared, out_path, calib_pixels, flavour, method, exclude)
+            if not exclude:
+                shutil.copyfile(out_path, fully_quantized)
             logits = onnx_logits(out_path, val_pixels)
             acc = accuracy(logits, val_labels)
             drop = round((fp32_accuracy - acc) * 100, 3)
@@ -280,11 +285,36 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
             if len(exclude) >= len(ranking):
                 break
             exclude = tuple(ranking[:max(1, 2 * len(exclude))])
+        within = tries[-1]["drop_pts"] <= max_drop + tries[-1]["noise_allowance_pts"]
+        if ranking is not None and len(exclude) >= len(ranking):  # every layer in float: an FP32 model, not INT8
+            shutil.copyfile(fully_quantized, out_path)
+            kept, exclude = tries[0], ()
+            rejected = _not_reached(kept, tries[-1], len(val_labels), max_drop, within)
+        else:
+            kept, rejected = tries[-1], None
     return {"flavour": flavour, "why": FLAVOURS[flavour].why, "calib_method": method, "float_nodes": list(exclude),
-            "val_accuracy": tries[-1]["val_accuracy"], "drop_pts": tries[-1]["drop_pts"],
-            "noise_pts": tries[-1]["noise_pts"], "noise_allowance_pts": tries[-1]["noise_allowance_pts"],
-            "max_drop": max_drop, "fp32_agreement": tries[-1]["fp32_agreement"],
-            "accepted": tries[-1]["drop_pts"] <= max_drop + tries[-1]["noise_allowance_pts"], "tries": tries}
+            "val_accuracy": kept["val_accuracy"], "drop_pts": kept["drop_pts"], "noise_pts": kept["noise_pts"],
+            "noise_allowance_pts": kept["noise_allowance_pts"], "max_drop": max_drop,
+            "fp32_agreement": kept["fp32_agreement"], "accepted": rejected is None,
+            **({"rejected": rejected} if rejected else {}), "tries": tries}
+
+
+def _not_reached(fully: dict, all_float: dict, images: int, max_drop: float, all_float_within: bool) -> str:
+    """Why no INT8 model meets the budget (``fully``: the try with no layer in float, ``all_float``:
+    with every one), and what to do, for the log and the manifest."""
+    lost = round(fully["drop_pts"] * images / 100)
+    why = (f"fully quantized it loses {fully['drop_pts']:.2f} pts ({lost} of {images} validation images) and meets "
+           f"--max-drop {max_drop:g} only with every layer in float (an FP32 model, not INT8)" if all_float_within else
+           f"it stays {all_float['drop_pts']:.2f} pts below FP32 even with every layer in float")
+    if images < NOISE_MIN_IMAGES:
+        fix = (f"with {images} validation images one image is {100 / images:.1f} pts, too coarse to measure a "
+               f"{max_drop:g}-pt budget: add validation images (DIR/val/<class>/; {NOISE_MIN_IMAGES} or more let the "
+               "budget allow for sampling noise), or accept this drop with --max-drop "
+               f"{math.ceil(fully['drop_pts'])}")
+    else:
+        fix = ("try --calib-method percentile or entropy, more --calib-images, or accept the drop with --max-drop "
+               f"{math.ceil(fully['drop_pts'])}")
+    return f"{why}; the fully quantized model is kept, marked not accepted: {fix}"
 
 
 NOISE_MIN_IMAGES = 50  # fewer validation images: the budget is strict (as scores.MIN_IMAGES for the temperature)

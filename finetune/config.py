@@ -97,20 +97,38 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
     check_out_beside_data(out, Path(cfg.data))
 
 
+def split_folder(data: Path, *names: str) -> Path | None:
+    """``data``'s sub-folder named one of ``names`` (the first found, in their order) in any letter
+    case — Train/, TEST/, Validation/ from Windows or a dataset export are split folders, not
+    classes; None when there is none. Two spelled alike but for case are refused."""
+    found: dict[str, list[Path]] = {}
+    for d in sorted(data.iterdir()) if data.is_dir() else ():
+        if d.name.lower() in names and d.is_dir():
+            found.setdefault(d.name.lower(), []).append(d)
+    for name in names:
+        if len(dirs := found.get(name, [])) > 1:
+            raise UserError(f"{data}: {' and '.join(f'{d.name}/' for d in dirs)} differ only in letter case; "
+                            f"merge them into one {name}/ folder.")
+        if dirs:
+            return dirs[0]
+    return None
+
+
 def training_roots(data: Path) -> list[Path]:
     """The folders a fine-tune reads images from: DIR, or DIR/train and its validation folder."""
-    if not (data / "train").is_dir():
+    if (train := split_folder(data, "train")) is None:
         return [data]
-    return [data / "train", *[data / n for n in VAL_FOLDERS if (data / n).is_dir()][:1]]
+    return [train, *[v for v in [split_folder(data, *VAL_FOLDERS)] if v is not None]]
 
 
 def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> None:
     """Refuse an output folder where the data's images are read from (it would become a class);
     ``with_test``: DIR/test/ too (build's check reads it)."""
     target, data = out.resolve(), data.resolve()
-    roots = training_roots(data) + ([data / "test"] if with_test else [])  # made by the --out itself, it still is
+    roots = training_roots(data) + ([split_folder(data, "test") or data / "test"] if with_test else [])  # made by
+    # the --out itself, it still is
     for root in roots:
         if target == root or root in target.parents:
-            raise UserError(f"{out}: is inside {root}, where the {'test' if root.name == 'test' else 'training'} "
+            raise UserError(f"{out}: is inside {root}, where the {'test' if root.name.lower() == 'test' else 'training'} "
                             "images are read from, so its files would become images or a class. Choose an --out "
                             "outside it.")

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
-from edge_tl.runtime.images import (IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores,
-                                    in_order, visible_files)
+from edge_tl.runtime.images import (CONVERT_FIRST, IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage,
+                                    class_folders, cpu_cores, in_order, visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
-from .config import VAL_FOLDERS
+from .config import VAL_FOLDERS, split_folder
 
 
 def decode_resized(spec: PreprocessSpec, image) -> np.ndarray:
@@ -314,7 +314,8 @@ def decode_threads() -> int:
 
 def _read_image(decode: Callable, path: Path) -> tuple[np.ndarray, str] | str:
     """(pixels, sha256 of the file) of ``path``, or why it is skipped."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS and path.exists():  # a broken link: load_rgb names it
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS and suffix not in CONVERT_FIRST and path.exists():  # broken links: load_rgb
         return f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
     try:
         array = decode(path)
@@ -408,14 +409,14 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     if not root.is_dir():
         raise UserError(f"{root}: {'is a file, not a folder' if root.exists() else 'no such folder'}. Pass --data DIR "
                         "(an ImageFolder), or run `edge-tl data elpv --out DIR` for the demo data.")
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    val_dir = next((root / n for n in VAL_FOLDERS if (root / n).is_dir()), None) if train_dir != root else None
+    train_dir = split_folder(root, "train") or root
+    val_dir = split_folder(root, *VAL_FOLDERS) if train_dir != root else None
     skipped: list[str] = []
     train_files = _scan_classes(train_dir)
     for name in train_files if train_dir == root else ():
         subdirs = {d.name for d in (root / name).iterdir() if d.is_dir() and not d.name.startswith(".")}
         like_classes = sorted(subdirs & set(train_files) - {name})
-        if name in ("test", "val") or like_classes:
+        if name.lower() in ("test", "val") or like_classes:
             inside = f" (it holds {', '.join(like_classes)}/ like the class folders)" if like_classes else ""
             raise UserError(f"{root / name}: a '{name}' folder beside the class folders{inside} would be trained on as a "
                             f"class. Use the layout DIR/train/<class>/ + DIR/{name}/<class>/, or move {name}/ out of DIR.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -396,6 +397,17 @@ def _resume_state(given: TrainConfig, out: Path, log) -> tuple[TrainConfig, dict
     return cfg, state
 
 
+def _better(val_acc: float, val_loss: float, best: dict, history: list[dict]) -> bool:
+    """Whether this epoch beats ``best``: higher validation accuracy, or the same with a lower
+    validation loss. On a small validation split many epochs tie on accuracy (all at 100 %), and
+    the first of them is often a warm-up or low-resolution epoch, less sure of what it gets right."""
+    if val_acc != best["val_accuracy"]:
+        return val_acc > best["val_accuracy"]
+    best_loss = best.get("val_loss",  # a run resumed from before it was kept: its history has it
+                         next((h["val_loss"] for h in history if h["epoch"] == best["epoch"]), math.inf))
+    return val_loss < best_loss
+
+
 def _log_first(lines: list[str], header: str, listing: Path, log, n: int = 20) -> None:
     """``header`` and the first ``n`` of ``lines`` (all of them go to ``listing``)."""
     if lines:
@@ -447,6 +459,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
+    if state is not None:  # a run keeps the decode it started with (runs from before the reduced JPEG decode: none)
+        spec = replace(spec, jpeg_reducing_gap=state.get("preprocess", {}).get("jpeg_reducing_gap"))
     _frozen_modules(probe, 0 if cfg.scratch else cfg.freeze_stages)  # a bad --freeze-stages fails before decoding
     data = discover(cfg.data, spec, cfg.val_fraction, cfg.split_seed, progress)
     if state is not None and data.classes != state["classes"]:
@@ -608,8 +622,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                         "img_size": sizes[epoch], "seconds": round(seconds, 2)})
         log(f"epoch {epoch + 1}/{cfg.epochs}: train_loss {history[-1]['train_loss']:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.4f} ({seconds:.0f}s)")
-        if val_acc > best["val_accuracy"]:
-            best = {"val_accuracy": val_acc, "epoch": epoch + 1,
+        if _better(val_acc, val_loss, best, history):
+            best = {"val_accuracy": val_acc, "val_loss": val_loss, "epoch": epoch + 1,
                     "confusion": confusion_matrix(data.val.labels, logits.argmax(1).tolist(), num_classes)}
             if d.is_main:
                 _save_checkpoint(out / "best.pt", {**meta, "epoch": epoch + 1, "val_accuracy": val_acc,

@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import to_input
+from .images import expand_images, to_input
 from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
 
@@ -115,11 +116,33 @@ def _jpegs(pixels: np.ndarray, n: int) -> list[bytes]:
     return out
 
 
+def e2e_inputs(spec, golden: np.ndarray, images: str | Path | None) -> tuple[Callable[[int], list], str]:
+    """What end-to-end timing decodes: ``batch -> inputs`` and its description. ``images`` (a file or
+    folder: the user's own, e.g. a camera's photos) are read from disk at each call; without them,
+    the golden images as JPEGs at the input size, which decode far faster than a camera's photo."""
+    if images is None:
+        h, w = spec.input_size
+        return (lambda b: _jpegs(golden, b)), f"the golden images as {w}x{h} JPEGs (quality 95, in memory)"
+    found = expand_images([images])
+    files = [found[i] for i in np.linspace(0, len(found) - 1, min(len(found), E2E_FILES)).round().astype(int)]
+    sizes = set()
+    for f in files:
+        spec.load(f)  # an unreadable one is refused before any timing, named with the fix
+        with Image.open(f) as img:
+            sizes.add(f"{img.width}x{img.height} {img.format}")
+    shown = ", ".join(sorted(sizes)[:3]) + (f" and {len(sizes) - 3} more" if len(sizes) > 3 else "")
+    return (lambda b: [files[i % len(files)] for i in range(b)]), f"{len(files)} files of {images} ({shown}), read from disk"
+
+
+E2E_FILES = 64  # of --images, evenly spaced: enough for its mix of sizes, quick to check before timing
+
+
 def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions: list[str] | None = None,
                  batches: tuple[int, ...] = (1, 8, 32), warmup: int = 10, iters: int | None = None,
                  seconds: float | None = 2.0, reference: str | None = None, device: str | None = "cpu",
-                 threads: int = 0, log=print) -> dict:
-    """Time every runnable artifact (filtered by backend and precision) at each batch size."""
+                 threads: int = 0, images: str | Path | None = None, log=print) -> dict:
+    """Time every runnable artifact (filtered by backend and precision) at each batch size; end to
+    end (decode + preprocess + infer) on ``images`` (see ``e2e_inputs``)."""
     if warmup < 0 or (iters is not None and iters < 1) or (iters is None and not (seconds and seconds > 0)):
         raise UserError(f"--warmup {warmup} / --iters {iters} / --seconds {seconds}: warm-up calls >= 0 and "
                         "either at least one timed call or a positive number of seconds.")
@@ -132,6 +155,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()
     spec = bundle.spec
+    e2e_files, e2e_input = e2e_inputs(spec, golden, images)
+    log(f"end to end: decode + preprocess + infer of {e2e_input}")
     results = []
     for art in bundle.artifacts:
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
@@ -157,7 +182,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 if transfers:
                     for k in ("h2d_ms", "compute_ms", "d2h_ms"):
                         row[f"{k[:-3]}_p50_ms"] = float(np.median([t[k] for t in transfers]))
-                files = _jpegs(golden, b)
+                files = e2e_files(b)
 
                 def end_to_end():
                     pix = np.stack([spec.to_pixels(spec.load(f)) for f in files])
@@ -176,7 +201,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                         f"precision {', '.join(precisions or ['any'])} (it has: "
                         f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
     return {"machine": machine(), "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
-            "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "results": results}
+            "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "e2e_input": e2e_input,
+            "results": results}
 
 
 def _reference_checkpoint(bundle: Bundle) -> Path:

@@ -21,8 +21,14 @@ from edge_tl.errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
 
-# .jfif: Windows saves JPEGs so; .gif: its first frame; .ppm/.pgm: Netpbm, as many camera tools write
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+# .jfif: Windows saves JPEGs so; .gif: its first frame; .ppm/.pgm: Netpbm, as many camera tools write;
+# .avif: read where Pillow was built with AVIF support (elsewhere named with the fix)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
+                    ".avif")
+# photo formats Pillow does not read: listed as unreadable with the fix, never passed over in silence
+CONVERT_FIRST = {**dict.fromkeys((".heic", ".heif"), "a HEIC/HEIF photo (iPhones' default format)"),
+                 **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"), "a camera RAW file"),
+                 ".jxl": "a JPEG XL image", ".psd": "a Photoshop document"}
 
 
 def to_input(pixels: np.ndarray) -> np.ndarray:
@@ -31,8 +37,9 @@ def to_input(pixels: np.ndarray) -> np.ndarray:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """A folder's image files (by extension, hidden ones left out), sorted."""
-    return [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    """A folder's image files (by extension, hidden ones left out, photos to convert first kept so
+    that reading them names the fix), sorted."""
+    return [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS or f.suffix.lower() in CONVERT_FIRST]
 
 
 def expand_images(paths) -> list[Path]:
@@ -103,8 +110,9 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
 
     ``path``: a file path, encoded bytes (e.g. a JPEG from a camera) or a binary file object.
     ``min_shorter``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where its shorter side stays at
-    least this (libjpeg's DCT scaling: a 12-megapixel photo decodes ~4× faster, in a sixteenth of
-    the memory); other formats always at full size. ``PreprocessSpec.load`` passes it.
+    least this (``draft_jpeg``: libjpeg's DCT scaling, several times faster for a camera's photo,
+    in a fraction of the memory); other formats always at full size. ``PreprocessSpec.load``
+    passes it.
     """
     if isinstance(path, (bytes, bytearray, memoryview)):
         if not len(path):
@@ -123,7 +131,7 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
         with Image.open(path if hasattr(path, "read") else name) as img:
             check_aspect(img.size, name)
             if min_shorter:
-                _draft(img, min_shorter)
+                draft_jpeg(img, min_shorter)
             img.load()
             return to_rgb(img, keep_gray)
     except UnreadableImage:
@@ -136,15 +144,23 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"{name}: too large to decode safely ({exc}); downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        suffix = Path(str(name)).suffix.lower()
+        if kind := CONVERT_FIRST.get(suffix, "an AVIF image" if suffix == ".avif" else None):
+            fix = "pip install -U pillow (one built with AVIF), or convert it" if suffix == ".avif" else "convert it"
+            raise UnreadableImage(f"{name}: {kind}, which this Pillow ({Image.__version__}) cannot decode: {fix} to "
+                                  "JPEG or PNG") from exc
         raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
 
 
-def _draft(img: Image.Image, min_shorter: int) -> None:
-    """Have a JPEG decoder produce 1/s of the size, s the largest of 8, 4, 2 that keeps the shorter
-    side >= ``min_shorter`` (no-op for other formats: Pillow's ``draft`` only acts on JPEGs)."""
-    scale = next((s for s in (8, 4, 2) if min(img.size) // s >= min_shorter), 1)
-    if scale > 1:  # asked for floor(size / s), Pillow picks exactly s and returns ceil(size / s)
-        img.draft(img.mode, (img.size[0] // scale, img.size[1] // scale))
+def draft_jpeg(img: Image.Image, min_shorter: int) -> None:
+    """Have a not yet loaded JPEG decode at 1/s of its size, s the largest of 8, 4, 2 that divides
+    both sides and keeps the shorter one >= ``min_shorter`` (a side s does not divide would end in
+    a partial pixel, shifting the image by up to half an output pixel). A no-op for other formats
+    (Pillow's ``draft`` acts on JPEGs only) and for an image already loaded."""
+    w, h = img.size
+    scale = next((s for s in (8, 4, 2) if w % s == 0 and h % s == 0 and min(w, h) // s >= min_shorter), 1)
+    if scale > 1:
+        img.draft(img.mode, (w // scale, h // scale))
 
 
 def cpu_cores() -> int:
@@ -179,21 +195,33 @@ def in_order(fn: Callable, items: list, threads: int):
         pool.shutdown(cancel_futures=True)
 
 
+# folders that NAS boxes, operating systems and archivers put beside (or inside) any folder: their
+# files are thumbnails or deleted copies of images, never images of their own (Synology's @eaDir holds
+# a re-encoded thumbnail of each photo, which would leak validation images into training unseen)
+SYSTEM_FOLDERS = frozenset(n.lower() for n in ("@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot",
+                                                "$RECYCLE.BIN", "System Volume Information", "__MACOSX", "lost+found"))
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FOLDERS
+
+
 def visible_files(folder: Path) -> list[Path]:
     """Files under ``folder``, sorted, none hidden at any level below it: no ``.DS_Store``,
-    ``._x.png`` (macOS AppleDouble) or ``.ipynb_checkpoints/`` copies of other images.
+    ``._x.png`` (macOS AppleDouble), ``.ipynb_checkpoints/`` copies of other images, or files in
+    ``SYSTEM_FOLDERS`` (Synology's ``@eaDir/`` thumbnails, recycle bins).
 
     Broken symbolic links are included, so that decoding lists them as skipped instead of a
     class silently losing images (a dataset of links copied without their targets)."""
     return sorted(p for p in folder.rglob("*")
                   if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                  and not any(_hidden(part) for part in p.relative_to(folder).parts))
 
 
 def class_folders(root: Path) -> list[Path]:
     """An ImageFolder's class folders, sorted, hidden ones left out. A broken link in their place
     is refused: its class would silently vanish from the class list."""
-    entries = sorted(d for d in root.iterdir() if not d.name.startswith("."))
+    entries = sorted(d for d in root.iterdir() if not _hidden(d.name))
     for d in entries:
         if d.is_symlink() and not d.exists():
             raise UserError(f"{d}: broken symbolic link (to {os.readlink(d)}) where a class folder is expected; "

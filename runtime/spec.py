@@ -40,9 +40,10 @@ class PreprocessSpec:
     layout: str = "NCHW"
     crop_mode: str = field(default="center")
     # a JPEG much larger than the input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
-    # draft) keeping its shorter side >= this × resize_size: ~4× faster for phone photos, pixels within a grey
-    # level or two of the full decode (benchmarks/jpeg_draft.py). 2 is Pillow's thumbnail() default; None
-    # decodes at full size (what bundles and runs made before this field existed did)
+    # draft; only a scale that divides both sides) keeping its shorter side >= this × resize_size: several
+    # times faster for a camera's photo, its pixels close to the full decode's (benchmarks/jpeg_draft.py).
+    # 2 is Pillow's thumbnail() default; None decodes at full size (what bundles and runs made before this
+    # field existed do)
     jpeg_reducing_gap: float | None = 2.0
 
     @property
@@ -94,8 +95,9 @@ class PreprocessSpec:
         if self.jpeg_min_shorter is None:
             return ""
         return ("; a JPEG decoded by libjpeg at scale 1/s (its DCT scaling: Pillow's draft, libjpeg-turbo's "
-                "scale_denom, OpenCV's IMREAD_REDUCED_*), s the largest of 8, 4, 2 with floor(shorter side / s) >= "
-                f"{self.jpeg_min_shorter}, to ceil(width / s) x ceil(height / s), before the EXIF turn; else at full size")
+                "scale_denom, OpenCV's IMREAD_REDUCED_*), s the largest of 8, 4, 2 that divides both width and height "
+                f"with shorter side / s >= {self.jpeg_min_shorter}, to width / s x height / s, before the EXIF turn; "
+                "else at full size")
 
     def __post_init__(self):
         """Refuse values no preprocessing can follow (a hand-edited manifest, a corrupt checkpoint)."""

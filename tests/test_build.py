@@ -112,6 +112,28 @@ def test_report_has_the_figures(built):
     # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
     assert open_image_count(page) >= 4
     assert "http://" not in page and "https://" not in page  # self-contained
+    assert f"End to end: decode + preprocess + infer of 18 files of {root / 'imgs' / 'test'} (40x40 JPEG, 40x40 PNG)" in page
+
+
+def test_report_and_summary_show_an_int8_not_accepted_and_skipped_training_files(built, tmp_path):
+    from edge_tl.build import summarize
+    from edge_tl.runtime.bundle import Bundle
+
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    bundle = Bundle.load(out / "bundle")
+    int8 = next(a for a in bundle.manifest["artifacts"] if a["precision"] == "int8")
+    int8.update(accepted=False, rejected="fully quantized it loses 5.56 pts (1 of 18 validation images)")
+    bundle.save()  # re-signed, as export writes it
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    (out / "run" / "metrics.json").write_text(json.dumps({**metrics, "skipped_files": 3}))
+    page = write_report(out).read_text()
+    assert "int8 was not accepted at export: fully quantized it loses 5.56 pts (1 of 18 validation images)" in page
+    assert "3 training files were skipped (unreadable, or not images)" in page and "layers in float" in page
+    text = format_summary(summarize(out))
+    assert "int8: not accepted at export (fully quantized it loses 5.56 pts" in text
+    assert "3 training files skipped (unreadable, or not images): listed in run/skipped.txt" in text
 
 
 def test_report_says_why_misclassified_images_are_missing(built, tmp_path):
@@ -232,7 +254,8 @@ def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
     root, _, _ = built
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    extra = root / "imgs" / "test" / "checker" / "extra.png"
+    extra = root / "imgs" / "test" / "checker" / "from_bob" / "extra.png"  # a sub-folder of its class
+    extra.parent.mkdir()
     trained = sorted((root / "imgs" / "train" / "checker").glob("*.png"))[0]
     shutil.copy(trained, extra)  # a training image leaked into test/: the check finds it
     conflict = root / "imgs" / "test" / "hstripes" / "conflict.png"
@@ -242,7 +265,7 @@ def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
         summary = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4),
                         bench_seconds=0.2, log=logs.append)
     finally:
-        extra.unlink()
+        shutil.rmtree(extra.parent)
         conflict.unlink()
     skipped = {stage for stage in ("finetune", "export", "check") if any(f"] {stage}" in line and "up to date" in line
                                                                       for line in logs)}
@@ -255,6 +278,14 @@ def test_new_test_images_rerun_only_the_check_onwards(built, tmp_path):
                                                       {"test": str(conflict), "training": trained, "same_class": False}]
     assert summary["duplicates"]["test_in_training"] == 1 == summary["duplicates"]["test_label_conflicts"]
     assert said in format_summary(summary) and said in (out / "report.html").read_text()
+
+
+def test_a_test_class_training_lacks_is_refused_before_any_training(tmp_path):
+    make_image_folder(tmp_path / "imgs" / "train", per_class=2)
+    make_image_folder(tmp_path / "imgs" / "Test", per_class=1, classes=("checker", "dog"))
+    with pytest.raises(UserError, match=r"Test: class folders \['dog'\] are not among the training classes"):
+        build(str(tmp_path / "imgs"), "cpu", tmp_path / "out", TRAIN, "fp32", log=lambda s: None)
+    assert not (tmp_path / "out" / "run").exists()
 
 
 def test_compare_scratch_adds_the_transfer_section(built, tmp_path):

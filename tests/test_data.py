@@ -35,6 +35,37 @@ def test_train_val_test_layout_never_reads_test(tmp_path):
     assert all("test" not in p.parts for p in data.train.paths + data.val.paths)
 
 
+def test_split_folders_in_any_letter_case_are_splits_not_classes(tmp_path):
+    """Train/, Validation/ and Test/ (Windows, dataset exports) split the data as their lower-case names do."""
+    make_image_folder(tmp_path / "d" / "Train", per_class=4)
+    make_image_folder(tmp_path / "d" / "Validation", per_class=2, seed=1)
+    make_image_folder(tmp_path / "d" / "Test", per_class=2, seed=2, classes=("zzz",))
+    data = discover(tmp_path / "d", SPEC, progress=False)
+    assert data.classes == ["checker", "hstripes", "vstripes"] and data.val_source == "Validation/ folder"
+    assert len(data.train) == 12 and len(data.val) == 6
+    make_image_folder(tmp_path / "d" / "train", per_class=1)
+    with pytest.raises(UserError, match="Train/ and train/ differ only in letter case; merge them into one train/"):
+        discover(tmp_path / "d", SPEC, progress=False)
+    flat = make_image_folder(tmp_path / "flat", per_class=2)
+    make_image_folder(flat / "Test", per_class=2, seed=2)
+    with pytest.raises(UserError, match="a 'Test' folder beside the class folders"):
+        discover(flat, SPEC, progress=False)
+
+
+def test_nas_and_system_folders_hold_no_images(tiny_folder):
+    """Synology's @eaDir/ (a re-encoded thumbnail of every photo, in every folder), recycle bins and
+    macOS archive folders are neither images nor classes."""
+    photo = sorted((tiny_folder / "checker").glob("*.jpg"))[0]
+    thumbs = tiny_folder / "checker" / "@eaDir" / photo.name
+    thumbs.mkdir(parents=True)
+    Image.open(photo).resize((8, 8)).save(thumbs / "SYNOPHOTO_THUMB_S.jpg")
+    make_image_folder(tiny_folder / "@eaDir", per_class=2)  # at the top too: not a class
+    make_image_folder(tiny_folder / "#recycle", per_class=2)
+    data = discover(tiny_folder, SPEC, progress=False)
+    assert data.classes == ["checker", "hstripes", "vstripes"] and len(data.train) + len(data.val) == 24
+    assert not data.skipped
+
+
 def test_copies_stay_on_the_training_side_and_conflicts_are_named(tiny_folder):
     """Byte-identical files: a carved validation image never has a copy in train, and one image
     under two classes is reported as a labelling error."""
@@ -106,8 +137,11 @@ def test_bad_files_skipped_and_listed(tiny_folder):
     (tiny_folder / "checker" / "fake.jpg").write_text("hello")
     (tiny_folder / "checker" / "link.png").symlink_to(tiny_folder / "gone.png")  # a link copied without its target
     (tiny_folder / "checker" / "sub").symlink_to(tiny_folder / "gone_dir")  # named as a broken link, not "not an image"
+    (tiny_folder / "checker" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))  # an iPhone's photo
     data = discover(tiny_folder, SPEC, progress=False)
-    assert len(data.skipped) == 5
+    assert len(data.skipped) == 6
+    assert any("IMG_0001.HEIC: a HEIC/HEIF photo (iPhones' default format), which this Pillow" in line
+               and "convert it to JPEG or PNG" in line for line in data.skipped), data.skipped
     assert any("link.png: broken symbolic link (to " in line and "gone.png" in line for line in data.skipped)
     assert any("sub: broken symbolic link (to " in line for line in data.skipped)
     assert sum(data.train.counts(3)) + sum(data.val.counts(3)) == 24

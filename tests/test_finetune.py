@@ -41,6 +41,7 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2]
     assert set(hist[0]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
+    assert metrics["best_epoch"] == max(hist, key=lambda h: (h["val_accuracy"], -h["val_loss"]))["epoch"]
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     rows = [line.split("\t") for line in (out / "images.tsv").read_text().splitlines()]
     assert rows[0] == ["split", "class", "sha256", "path"] and len(rows) == 1 + metrics["num_train"] + 3
@@ -97,16 +98,19 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monk
             (b["train_loss"], b["train_accuracy"], b["val_loss"]), abs=1e-6)
 
 
-def test_runs_from_before_the_tuned_depthwise_backward_resume_without_it(tiny_folder, tmp_path):
+def test_runs_from_before_the_tuned_depthwise_backward_and_reduced_jpeg_decode_resume_without_them(tiny_folder, tmp_path):
     out = tmp_path / "run"
     finetune(_cfg(tiny_folder, out, epochs=1), progress=False, log=lambda s: None)
     state = torch.load(out / "last.pt", weights_only=True)
+    assert state["preprocess"]["jpeg_reducing_gap"] == 2.0  # new runs record their decode
     del state["config"]["tune_depthwise"], state["depthwise_plans"]  # as an older edge-tl wrote it
+    del state["preprocess"]["jpeg_reducing_gap"]
     state["config"]["epochs"] = 2
     torch.save(state, out / "last.pt")
     finetune(_cfg(tiny_folder, out), resume=True, progress=False, log=lambda s: None)
     resumed = torch.load(out / "last.pt", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["config"]["tune_depthwise"] is False and resumed["depthwise_plans"] == {}
+    assert resumed["preprocess"]["jpeg_reducing_gap"] is None  # it keeps decoding at full size, as it started
 
 
 def test_quarter_turns_cover_four_orientations():
@@ -195,6 +199,17 @@ def test_cli_refuses_to_overwrite_a_run(tiny_folder, tmp_path):
     (out / "last.pt").write_bytes(b"x")
     res = _cli("finetune", "--data", tiny_folder, "--out", out)
     assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_ties_in_validation_accuracy_go_to_the_lower_validation_loss():
+    from edge_tl.finetune.train import _better
+
+    history = [{"epoch": 1, "val_loss": 0.31}, {"epoch": 2, "val_loss": 0.2}]
+    best = {"val_accuracy": 1.0, "val_loss": 0.31, "epoch": 1}
+    assert _better(1.0, 0.08, best, history) and not _better(1.0, 0.4, best, history)
+    assert _better(1.0, 0.9, {"val_accuracy": 0.9, "epoch": 1}, history) and not _better(0.9, 0.01, best, history)
+    old = {"val_accuracy": 1.0, "epoch": 2}  # kept by a run from before: its loss comes from the history
+    assert _better(1.0, 0.1, old, history) and not _better(1.0, 0.25, old, history)
 
 
 def test_last_epoch_always_at_full_size():

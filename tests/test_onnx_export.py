@@ -10,7 +10,6 @@ import torch
 from edge_tl.export.onnx_export import INPUT_NAME, export_onnx
 from edge_tl.finetune.data import _decode, _scan_classes
 from edge_tl.finetune.train import load_model, predict_logits
-from edge_tl.runtime.images import load_rgb
 from edge_tl.runtime.spec import PreprocessSpec
 
 
@@ -33,7 +32,7 @@ def test_onnx_runtime_matches_pytorch_on_real_images(elpv_run, elpv_small, tmp_p
     path = export_onnx(model, spec, tmp_path / "model.onnx")
     test = _decode(_scan_classes(elpv_small / "test"), ckpt["classes"], spec, [], "", False)
     ref = predict_logits(model, test, spec, torch.device("cpu")).numpy()
-    pixels = np.stack([spec.to_pixels(load_rgb(p)) for p in test.paths])
+    pixels = np.stack([spec.to_pixels(spec.load(p)) for p in test.paths])
     x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT_NAME: x})[0]

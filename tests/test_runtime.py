@@ -179,6 +179,31 @@ def test_pil_image_preprocessed_like_its_file(cpu_bundle, tmp_path):
                 np.testing.assert_array_equal(p.preprocess(img), expected, err_msg=name)
 
 
+def test_a_cameras_jpeg_gives_the_pixels_training_saw_from_every_input_form(cpu_bundle, tmp_path):
+    """Path, bytes, file object and a not yet loaded Image.open() all take the reduced decode training's
+    scan took; a decoded image (a loaded PIL image, an array) is taken at full size, close to it."""
+    import skimage.data
+
+    from edge_tl.finetune.data import decode_resized
+
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(skimage.data.chelsea()).resize((1800, 1200), Image.Resampling.LANCZOS).save(path, quality=90)
+    with Predictor.from_bundle(cpu_bundle, backend="onnxruntime", precision="fp32", device="cpu") as p:
+        assert p.spec.jpeg_reducing_gap == 2.0 and p.spec.jpeg_min_shorter == 218  # 96-px model: resized to 109
+        trained = p.spec.to_pixels(Image.fromarray(decode_resized(p.spec, path)))
+        data = path.read_bytes()
+        with open(path, "rb") as f, Image.open(path) as lazy:
+            for same in (path, str(path), data, io.BytesIO(data), f, lazy):
+                np.testing.assert_array_equal(p.preprocess(same), trained, err_msg=type(same).__name__)
+            assert lazy.size == (450, 300)  # 1/4 (1/8 would be under 218): in place, as Pillow's thumbnail() does
+        with Image.open(path) as img:
+            img.load()
+            decoded = [img, np.asarray(img)]
+            for other in decoded:
+                diff = np.abs(p.preprocess(other).astype(np.int16) - trained)
+                assert 0 < diff.mean() < 1, diff.mean()
+
+
 def test_concurrent_predicts_agree_with_serial(cpu_bundle, elpv_small):
     paths = _images(elpv_small)
     with Predictor.from_bundle(cpu_bundle, precision="fp32", device="cpu") as p:
@@ -430,6 +455,24 @@ def test_bench_json_is_consistent(cpu_bundle):
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["std_ms"] >= 0 and r["iters"] == 8
         assert abs(r["throughput"] - r["batch"] * 1000 / r["mean_ms"]) < 1e-6 * r["throughput"]
         assert r["e2e_p50_ms"] > 0
+    assert report["e2e_input"] == "the golden images as 96x96 JPEGs (quality 95, in memory)"
+
+
+def test_bench_times_end_to_end_on_the_users_own_images(cpu_bundle, elpv_small, tmp_path, monkeypatch):
+    """--images: decode + preprocess + infer of those files, read from disk; one it cannot read is named first."""
+    from edge_tl.runtime.spec import PreprocessSpec
+
+    read, load = [], PreprocessSpec.load
+    monkeypatch.setattr(PreprocessSpec, "load", lambda self, f: read.append(f) or load(self, f))  # records each read
+    report = bench_bundle(cpu_bundle, precisions=["fp32"], batches=(2,), warmup=1, iters=3, seconds=None,
+                          images=elpv_small / "test", log=lambda s: None)
+    files = sorted(f for f in (elpv_small / "test").rglob("*.png"))
+    assert report["e2e_input"] == f"24 files of {elpv_small / 'test'} (300x300 PNG), read from disk"
+    assert set(read) == set(files) and len(read) > len(files)  # all checked first, then decoded in the timed calls
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="bad.jpg: not a readable image"):
+        bench_bundle(cpu_bundle, precisions=["fp32"], batches=(1,), iters=1, seconds=None, images=tmp_path,
+                     log=lambda s: None)
 
 
 def test_cli_predict_json(cpu_bundle, elpv_small):
