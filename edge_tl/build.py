@@ -157,8 +157,8 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
                 f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
         write_json(out / "check.json", report)
 
-    b.run("check", {"manifest": manifest_sha, "test": folder_fingerprint(test_dir) if test_dir else None,
-                    "max_drop": max_drop},
+    test_fp = folder_fingerprint(test_dir) if test_dir else None  # read once: check and bench both decode test/
+    b.run("check", {"manifest": manifest_sha, "test": test_fp, "max_drop": max_drop},
           [out / "check.json"], check)
 
     def bench() -> None:
@@ -169,7 +169,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         write_json(out / "bench.json", report)
 
     b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds,
-                    "images": folder_fingerprint(test_dir) if test_dir else None},  # end to end decodes the test images
+                    "images": test_fp},  # end to end decodes the test images
           [out / "bench.json"], bench)
 
     def report() -> None:
@@ -271,6 +271,9 @@ def test_copy_counts(check: dict) -> dict:
             "test_label_conflicts": sum(not c.get("same_class", True) for c in copies)}
 
 
+NOT_ACCEPTED = "below --max-drop even with every layer in float"  # the reason bundles exported before it was kept
+
+
 def summarize(out: Path) -> dict:
     """Accuracy per artifact, latency per backend and precision, pretrained vs scratch where
     trained, and the next steps."""
@@ -286,8 +289,8 @@ def summarize(out: Path) -> dict:
         lat = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == name}
         art = exported.get(name, {})
         rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
-                     "passed": r["passed"], "layers_in_float": len(art.get("float_nodes", [])),
-                     "accepted": art.get("accepted", True), **({"rejected": art["rejected"]} if "rejected" in art else {}),
+                     "passed": r["passed"], "gated": r.get("gated", True), "layers_in_float": len(art.get("float_nodes", [])),
+                     "accepted": art.get("accepted", True), "rejected": art.get("rejected", NOT_ACCEPTED),
                      **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
     transfer = scratch_comparison(out)
@@ -308,12 +311,14 @@ def format_summary(summary: dict) -> str:
         f"{k.split('_')[0].replace('b', 'batch '):>10}" for k in batches)
     lines = [head, "-" * len(head)]
     for r in summary["artifacts"]:
-        lines.append(f"{r['artifact']:<10} {r['precision']:<9} {r['accuracy']:>8.4f} {'ok' if r['passed'] else 'FAIL':>5} "
+        verdict = ("ok" if r["passed"] else "FAIL") if r.get("gated", True) else "-"
+        lines.append(f"{r['artifact']:<10} {r['precision']:<9} {r['accuracy']:>8.4f} {verdict:>5} "
                      + " ".join(f"{r.get(k, float('nan')):>7.2f} ms" for k in batches))
     if summary["torch_reference"]:
         lines.append(f"{'torch':<10} {'fp32':<9} {'':>8} {'':>5} " + " ".join(
             f"{summary['torch_reference'].get(k, float('nan')):>7.2f} ms" for k in batches))
-    lines += [f"{r['artifact']}: " + (f"not accepted at export ({r['rejected']})" if not r.get("accepted", True) else
+    lines += [f"{r['artifact']}: " + (f"not accepted at export, so not gated and used only when asked for "
+                                      f"({r.get('rejected', NOT_ACCEPTED)})" if not r.get("accepted", True) else
                                       f"{r['layers_in_float']} layers kept in float to meet --max-drop")
               for r in summary["artifacts"] if not r.get("accepted", True) or r.get("layers_in_float")]
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",

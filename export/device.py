@@ -48,6 +48,7 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
         art = {"name": name, "file": rel,
                "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
                "float_nodes": src.get("float_nodes", []), "accepted": src.get("accepted", True),
+               **({"rejected": src["rejected"]} if "rejected" in src else {}),
                "fp32_agreement": src.get("fp32_agreement"), **facts}  # check's golden gate allows for it
         art["val_accuracy"] = None  # measured by `edge-tl check` on the device
         # one engine per name: one built by an earlier TensorRT (another file) cannot run on this one

@@ -97,20 +97,25 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
     check_out_beside_data(out, Path(cfg.data))
 
 
+SPLIT_NAMES = ("train", "test", *VAL_FOLDERS)
+
+
 def split_folder(data: Path, *names: str) -> Path | None:
-    """``data``'s sub-folder named one of ``names`` (the first found, in their order) in any letter
-    case — Train/, TEST/, Validation/ from Windows or a dataset export are split folders, not
-    classes; None when there is none. Two spelled alike but for case are refused."""
-    found: dict[str, list[Path]] = {}
-    for d in sorted(data.iterdir()) if data.is_dir() else ():
-        if d.name.lower() in names and d.is_dir():
-            found.setdefault(d.name.lower(), []).append(d)
+    """``data``'s sub-folder named one of ``names`` (the first found, in their order); None when
+    there is none. Spelled in another letter case (Windows' Train/ and Test/, a dataset export's
+    Validation/), it is a split only where every folder beside it is named as a split too: among
+    flat class folders Bus/ Car/ Train/, Train/ is a class. Two spelled alike but for case are refused."""
+    from edge_tl.runtime.images import class_folders
+
+    dirs = class_folders(data) if data.is_dir() else []  # hidden and NAS/system folders left out
+    all_splits = all(d.name.lower() in SPLIT_NAMES for d in dirs)
     for name in names:
-        if len(dirs := found.get(name, [])) > 1:
-            raise UserError(f"{data}: {' and '.join(f'{d.name}/' for d in dirs)} differ only in letter case; "
+        same = [d for d in dirs if d.name.lower() == name]
+        if len(same) > 1:
+            raise UserError(f"{data}: {' and '.join(f'{d.name}/' for d in same)} differ only in letter case; "
                             f"merge them into one {name}/ folder.")
-        if dirs:
-            return dirs[0]
+        if same and (same[0].name == name or all_splits):
+            return same[0]
     return None
 
 
@@ -125,6 +130,9 @@ def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> Non
     """Refuse an output folder where the data's images are read from (it would become a class);
     ``with_test``: DIR/test/ too (build's check reads it)."""
     target, data = out.resolve(), data.resolve()
+    if target.parent == data and target.name.lower() in SPLIT_NAMES:
+        raise UserError(f"{out}: a folder named {target.name}/ in {data} would be read as its {target.name.lower()} "
+                        "split. Choose an --out outside the data folder.")
     roots = training_roots(data) + ([split_folder(data, "test") or data / "test"] if with_test else [])  # made by
     # the --out itself, it still is
     for root in roots:

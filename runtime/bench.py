@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import os
 import platform
 import time
@@ -23,7 +24,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import expand_images, to_input
+from .images import UnreadableImage, expand_images, to_input
 from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
 
 
@@ -116,22 +117,34 @@ def _jpegs(pixels: np.ndarray, n: int) -> list[bytes]:
     return out
 
 
-def e2e_inputs(spec, golden: np.ndarray, images: str | Path | None) -> tuple[Callable[[int], list], str]:
-    """What end-to-end timing decodes: ``batch -> inputs`` and its description. ``images`` (a file or
-    folder: the user's own, e.g. a camera's photos) are read from disk at each call; without them,
-    the golden images as JPEGs at the input size, which decode far faster than a camera's photo."""
+def e2e_inputs(spec, golden: np.ndarray, images: str | Path | None, log=print) -> tuple[Callable[[int], list], str]:
+    """What end-to-end timing decodes: ``batch -> the next inputs`` (each call takes the next ones in
+    turn, so every input is timed) and its description. ``images`` (a file or folder: the user's
+    own, e.g. a camera's photos) are read from disk at each call, the unreadable ones left out as
+    check leaves them; without them, the golden images as JPEGs at the input size, which decode far
+    faster than a camera's photo."""
     if images is None:
         h, w = spec.input_size
-        return (lambda b: _jpegs(golden, b)), f"the golden images as {w}x{h} JPEGs (quality 95, in memory)"
-    found = expand_images([images])
-    files = [found[i] for i in np.linspace(0, len(found) - 1, min(len(found), E2E_FILES)).round().astype(int)]
-    sizes = set()
-    for f in files:
-        spec.load(f)  # an unreadable one is refused before any timing, named with the fix
-        with Image.open(f) as img:
-            sizes.add(f"{img.width}x{img.height} {img.format}")
-    shown = ", ".join(sorted(sizes)[:3]) + (f" and {len(sizes) - 3} more" if len(sizes) > 3 else "")
-    return (lambda b: [files[i % len(files)] for i in range(b)]), f"{len(files)} files of {images} ({shown}), read from disk"
+        items, what = _jpegs(golden, len(golden)), f"the golden images as {w}x{h} JPEGs (quality 95, in memory)"
+    else:
+        found = expand_images([images])
+        sample = [found[i] for i in np.linspace(0, len(found) - 1, min(len(found), E2E_FILES)).round().astype(int)]
+        items, sizes = [], set()
+        for f in sample:
+            try:
+                spec.load(f)
+                with Image.open(f) as img:
+                    sizes.add(f"{img.width}x{img.height} {img.format}")
+                items.append(f)
+            except (UnreadableImage, OSError) as exc:
+                log(f"end to end: left out {exc}")
+        if not items:
+            raise UserError(f"{images}: none of its images can be read ({len(sample)} tried); pass readable images "
+                            "to --images.")
+        shown = ", ".join(sorted(sizes)[:3]) + (f" and {len(sizes) - 3} more" if len(sizes) > 3 else "")
+        what = f"{len(items)} files of {images} ({shown}), read from disk"
+    turn = itertools.cycle(items)
+    return (lambda b: [next(turn) for _ in range(b)]), what
 
 
 E2E_FILES = 64  # of --images, evenly spaced: enough for its mix of sizes, quick to check before timing
@@ -155,7 +168,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()
     spec = bundle.spec
-    e2e_files, e2e_input = e2e_inputs(spec, golden, images)
+    e2e_files, e2e_input = e2e_inputs(spec, golden, images, log)
     log(f"end to end: decode + preprocess + infer of {e2e_input}")
     results = []
     for art in bundle.artifacts:
@@ -182,10 +195,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 if transfers:
                     for k in ("h2d_ms", "compute_ms", "d2h_ms"):
                         row[f"{k[:-3]}_p50_ms"] = float(np.median([t[k] for t in transfers]))
-                files = e2e_files(b)
-
                 def end_to_end():
-                    pix = np.stack([spec.to_pixels(spec.load(f)) for f in files])
+                    pix = np.stack([spec.to_pixels(spec.load(f)) for f in e2e_files(b)])
                     runner.infer(to_input(pix))
 
                 e2e = stats(time_calls(end_to_end, max(1, warmup // 2), iters, seconds), b)

@@ -198,11 +198,17 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             "agreement": agreement, "agreement_floor": agreement_floor,
             "score_ece": round(ece(softmax(logits, bundle.temperature), labels), 4) if finite else None,
             "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
-            "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2)}
+            "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2),
+            # export already found it short of --max-drop: measured and shown, not gated (apps use it only when asked)
+            "gated": art.get("accepted", True)}
+        if not art.get("accepted", True):
+            results[art["name"]]["not_accepted"] = art.get("rejected", "below --max-drop even with every layer in float")
         if keep_predictions:
             results[art["name"]]["predictions"] = logits.argmax(1).tolist()
         r = results[art["name"]]
-        log(f"  {art['name']}: {'PASS' if r['passed'] else 'FAIL'} accuracy {acc:.4f}"
+        verdict = ('PASS' if r['passed'] else 'FAIL') if r["gated"] else "NOT GATED (not accepted at export; would " + (
+            'pass' if r['passed'] else 'fail') + ")"
+        log(f"  {art['name']}: {verdict} accuracy {acc:.4f}"
             f"{'' if drop is None else f' (drop {drop:+.2f} pts)'}, golden agreement {agreement:.3f}, "
             f"max |diff| {r['max_abs_diff'] if r['max_abs_diff'] is None else format(r['max_abs_diff'], '.3g')}"
             + ("" if r["passed"] else f": {r['reason']}"))
@@ -213,7 +219,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         log(f"  {name}: FAIL: in the baseline but not in the bundle")
     for name in sorted(dropped & set(base.accuracies if base else ())):
         log(f"  {name}: in the baseline, left out of this bundle by `edge-tl slim`: not judged")
-    passed = all(r["passed"] for r in results.values()) and not unknown and (preprocess or {}).get("passed", True)
+    passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
+              and (preprocess or {}).get("passed", True))
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
               "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "model": bundle.manifest.get("model"),
               "data": source, "image_count": len(labels), "images_sha256": images_sha, "unreadable": skipped,
@@ -228,7 +235,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
 
 def failures(report: dict) -> list[str]:
     """One line per failed part of a check report: artifact, baseline artifact gone, preprocessing."""
-    lines = [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"]]
+    lines = [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"] and r.get("gated", True)]
     lines += [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]
     if (pre := report.get("preprocess")) and not pre["passed"]:
         lines.append(f"preprocess: {pre['reason']}")
@@ -299,6 +306,8 @@ def write_junit(report: dict, path: str | Path) -> Path:
     cases = []
     for name, r in report["artifacts"].items():
         body = "" if r["passed"] else f"<failure message={quoteattr(r['reason'])}>{escape(json.dumps(r))}</failure>"
+        if not r.get("gated", True):
+            body = f"<skipped message={quoteattr('not accepted at export, not gated: ' + r['not_accepted'])}/>"
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)} time="{r["seconds"]}">{body}</testcase>')
     for name in report.get("missing", []):
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><failure message="in the baseline '
@@ -309,8 +318,10 @@ def write_junit(report: dict, path: str | Path) -> Path:
     for name in report["skipped"]:
         cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message="not runnable on '
                      f'this machine"/></testcase>')
-    failures = (sum(not r["passed"] for r in report["artifacts"].values()) + len(report.get("missing", []))
-                + (not (report.get("preprocess") or {}).get("passed", True)))
+    not_gated = sum(not r.get("gated", True) for r in report["artifacts"].values())
+    failures = (sum(not r["passed"] and r.get("gated", True) for r in report["artifacts"].values())
+                + len(report.get("missing", [])) + (not (report.get("preprocess") or {}).get("passed", True)))
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="{len(cases)}" '
-           f'failures="{failures}" skipped="{len(report["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+           f'failures="{failures}" skipped="{len(report["skipped"]) + not_gated}">\n' + "\n".join(cases)
+           + "\n</testsuite>\n")
     return write_text(path, xml)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from edge_tl.errors import UserError
+from edge_tl.finetune.config import check_out_beside_data
 from edge_tl.finetune.data import discover, keep_copies_together, read_images_table, stratified_split
 from edge_tl.runtime.spec import PreprocessSpec
 
@@ -50,6 +51,10 @@ def test_split_folders_in_any_letter_case_are_splits_not_classes(tmp_path):
     make_image_folder(flat / "Test", per_class=2, seed=2)
     with pytest.raises(UserError, match="a 'Test' folder beside the class folders"):
         discover(flat, SPEC, progress=False)
+    vehicles = make_image_folder(tmp_path / "vehicles", per_class=2, classes=("Bus", "Car", "Train"))
+    assert discover(vehicles, SPEC, progress=False).classes == ["Bus", "Car", "Train"]  # among classes, a class
+    with pytest.raises(UserError, match="a folder named Test/ in .* would be read as its test split"):
+        check_out_beside_data(tmp_path / "d" / "Test", tmp_path / "d")
 
 
 def test_nas_and_system_folders_hold_no_images(tiny_folder):

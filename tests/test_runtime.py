@@ -303,6 +303,16 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     assert not bad["passed"] and "agreement" in bad["reason"] and "below the reference" in bad["reason"]
     assert bad["reference"].startswith("baseline") and bad["drop"] > 1
     assert 'failures="1"' in (tmp_path / "bad.xml").read_text()
+    # the same INT8, had export found it short of --max-drop: measured and shown, not gated
+    int8 = next(a for a in bundle.manifest["artifacts"] if a["name"] == "int8-cpu")
+    int8.update(accepted=False, rejected="it loses 5.56 pts on 18 validation images")
+    bundle.save()
+    res = _cli("check", str(damaged), "--data", str(test_dir), "--json", "--junit", str(tmp_path / "not_gated.xml"))
+    out = json.loads(res.stdout)
+    assert res.returncode == 0 and out["passed"] and not out["artifacts"]["int8-cpu"]["passed"], res.stderr
+    assert out["artifacts"]["int8-cpu"]["gated"] is False and "5.56 pts" in out["artifacts"]["int8-cpu"]["not_accepted"]
+    junit = (tmp_path / "not_gated.xml").read_text()
+    assert 'failures="0" skipped="1"' in junit and "not accepted at export, not gated: it loses 5.56 pts" in junit
 
 
 def test_golden_tolerance_allows_sampling_noise_of_int8_but_not_a_broken_deployment():
@@ -459,19 +469,26 @@ def test_bench_json_is_consistent(cpu_bundle):
 
 
 def test_bench_times_end_to_end_on_the_users_own_images(cpu_bundle, elpv_small, tmp_path, monkeypatch):
-    """--images: decode + preprocess + infer of those files, read from disk; one it cannot read is named first."""
+    """--images: decode + preprocess + infer of those files, read from disk, each timed call the next ones in
+    turn; one it cannot read is left out and said, as check leaves it out."""
     from edge_tl.runtime.spec import PreprocessSpec
 
     read, load = [], PreprocessSpec.load
     monkeypatch.setattr(PreprocessSpec, "load", lambda self, f: read.append(f) or load(self, f))  # records each read
-    report = bench_bundle(cpu_bundle, precisions=["fp32"], batches=(2,), warmup=1, iters=3, seconds=None,
-                          images=elpv_small / "test", log=lambda s: None)
-    files = sorted(f for f in (elpv_small / "test").rglob("*.png"))
-    assert report["e2e_input"] == f"24 files of {elpv_small / 'test'} (300x300 PNG), read from disk"
-    assert set(read) == set(files) and len(read) > len(files)  # all checked first, then decoded in the timed calls
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(UserError, match="bad.jpg: not a readable image"):
-        bench_bundle(cpu_bundle, precisions=["fp32"], batches=(1,), iters=1, seconds=None, images=tmp_path,
+    images = tmp_path / "images"
+    shutil.copytree(elpv_small / "test", images)
+    (images / "p000" / "bad.jpg").write_bytes(b"not a jpeg")
+    logs = []
+    report = bench_bundle(cpu_bundle, precisions=["fp32"], batches=(1,), warmup=2, iters=5, seconds=None,
+                          images=images, log=logs.append)
+    files = sorted(f for f in images.rglob("*.png"))
+    assert report["e2e_input"] == f"24 files of {images} (300x300 PNG), read from disk"
+    assert any(line.startswith("end to end: left out ") and "bad.jpg: not a readable image" in line for line in logs)
+    timed = read[len(files) + 1:]  # after the check of each file: the timed calls, batch 1, each the next file
+    assert len(timed) >= 6 and timed == files[:len(timed)], timed
+    (images / "p000" / "bad.jpg").rename(tmp_path / "bad.jpg")
+    with pytest.raises(UserError, match="none of its images can be read"):
+        bench_bundle(cpu_bundle, precisions=["fp32"], batches=(1,), iters=1, seconds=None, images=tmp_path / "bad.jpg",
                      log=lambda s: None)
 
 
