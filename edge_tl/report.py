@@ -171,8 +171,10 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
         parts.append(f"<p>Scores: {how}. Score ECE above: on the check's images, how far the scores are from the "
                      "frequency of being right (0 = a score of 0.8 is right 80 % of the time).</p>")
     if pre := check.get("preprocess"):
+        jpeg = ("" if pre.get("jpeg_max_abs_diff") is None else
+                f", and decoding its camera-sized JPEG: max |Δ| {pre['jpeg_max_abs_diff']}")
         parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} test images: max |Δ| "
-                     f"{pre['max_abs_diff']} grey levels: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
+                     f"{pre['max_abs_diff']} grey levels{jpeg}: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
                      f"{html.escape(pre['reason'])}</b></p>")
     if check["skipped"]:
         parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "

@@ -7,6 +7,7 @@ end, so an interrupted export never leaves a half bundle behind.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import platform
 import shutil
 from pathlib import Path
@@ -213,9 +214,13 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         f", validation ECE {scores['ece'][0]:.3f} -> {scores['ece'][1]:.3f}, NLL {scores['nll'][0]:.3f} -> {scores['nll'][1]:.3f}"))
     gidx = np.linspace(0, len(ds.val) - 1, min(golden_count, len(ds.val))).round().astype(int)
     sources = preprocess_sources(spec, [ds.val.array(i) for i in gidx[:len(SOURCE_SHAPES)]])
+    jpeg = {}
+    if spec.jpeg_min_shorter:
+        data = camera_jpeg(spec, ds.val.array(gidx[0]))
+        jpeg = {"jpeg_source": np.frombuffer(data, np.uint8), "jpeg_pixels": spec.to_pixels(spec.load(data))}
     np.savez_compressed(tmp / GOLDEN, pixels=val_pixels[gidx], logits=torch_logits[gidx].astype(np.float32),
                         labels=val_labels[gidx], source_pixels=np.stack([spec.to_pixels(Image.fromarray(a)) for a in sources]),
-                        **{f"source_{i}": a for i, a in enumerate(sources)})
+                        **{f"source_{i}": a for i, a in enumerate(sources)}, **jpeg)
     write_text(tmp / LABELS, "".join(c + "\n" for c in classes))
     h, w = spec.input_size
     return {
@@ -250,6 +255,19 @@ def preprocess_sources(spec, arrays: list[np.ndarray]) -> list[np.ndarray]:
     h, w = spec.input_size
     return [np.asarray(Image.fromarray(a).convert("RGB").resize(shape(spec.resize_size, h, w), Image.Resampling.BILINEAR))
             for a, shape in zip(arrays, SOURCE_SHAPES)]
+
+
+def camera_jpeg(spec, array: np.ndarray) -> bytes:
+    """A real image as a camera's JPEG, the test vector of the decode step: 4:3, its shorter side the
+    first multiple of 16 from 2 × ``jpeg_min_shorter`` (so decoded at 1/2), EXIF orientation 6 (the
+    turn comes after the reduced decode)."""
+    short = -(-2 * spec.jpeg_min_shorter // 16) * 16
+    img = Image.fromarray(array).convert("RGB").resize((short * 4 // 3 // 16 * 16, short), Image.Resampling.LANCZOS)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, exif=exif)
+    return buf.getvalue()
 
 
 def _artifact(name: str, precision: str, backend: str, acc: float, fp32_acc: float) -> dict:

@@ -219,6 +219,12 @@ class Bundle:
             expected = z["source_pixels"]
             return [(z[f"source_{i}"], expected[i]) for i in range(len(expected))]
 
+    def jpeg_vector(self) -> tuple[bytes, np.ndarray] | None:
+        """(a camera-sized JPEG's bytes, its expected model input) from golden.npz: the test of the
+        reduced JPEG decode; None in bundles without one (no reducing gap, or older)."""
+        with np.load(self.path / GOLDEN) as z:
+            return (z["jpeg_source"].tobytes(), z["jpeg_pixels"]) if "jpeg_source" in z.files else None
+
     def add_file(self, rel: str) -> None:
         """Record ``rel``'s sha256 in the manifest (in memory; call :meth:`save`)."""
         self.manifest.setdefault("files", {})[rel] = sha256_file(self.path / rel)

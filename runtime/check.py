@@ -64,15 +64,23 @@ PREPROCESS_TOLERANCE = 2  # grey levels: another Pillow build may round differen
 
 
 def preprocess_parity(bundle: Bundle) -> dict | None:
-    """This machine's preprocessing of golden.npz's source images against the export machine's (None: no sources)."""
+    """This machine's preprocessing of golden.npz's source images (and its JPEG decode of the
+    camera-sized JPEG) against the export machine's (None: no sources)."""
     vectors = bundle.preprocess_vectors()
     if not vectors:
         return None
     diff = max(int(np.abs(bundle.spec.to_pixels(Image.fromarray(src)).astype(np.int16) - want).max()) for src, want in vectors)
-    passed = diff <= PREPROCESS_TOLERANCE
-    return {"images": len(vectors), "max_abs_diff": diff, "tolerance": PREPROCESS_TOLERANCE, "passed": passed,
-            "reason": "ok" if passed else f"resize/crop here differs from export's by up to {diff} grey levels "
-            f"(> {PREPROCESS_TOLERANCE}): another Pillow build? Install the Pillow of the manifest's versions"}
+    jpeg = bundle.jpeg_vector()
+    jpeg_diff = None if jpeg is None else int(np.abs(bundle.spec.to_pixels(bundle.spec.load(jpeg[0])).astype(np.int16)
+                                                      - jpeg[1]).max())
+    passed = diff <= PREPROCESS_TOLERANCE and (jpeg_diff or 0) <= PREPROCESS_TOLERANCE
+    what = (f"resize/crop here differs from export's by up to {diff} grey levels" if diff > PREPROCESS_TOLERANCE else
+            f"the camera-sized JPEG decodes here to pixels up to {jpeg_diff} grey levels from export's (another libjpeg, "
+            "or one without its DCT scaling?)")
+    return {"images": len(vectors), "max_abs_diff": diff, "jpeg_max_abs_diff": jpeg_diff,
+            "tolerance": PREPROCESS_TOLERANCE, "passed": passed,
+            "reason": "ok" if passed else f"{what} (> {PREPROCESS_TOLERANCE}): another Pillow build? Install the Pillow "
+            "of the manifest's versions"}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -148,7 +156,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     preprocess = preprocess_parity(bundle)
     if preprocess:
         log(f"  preprocess: {'PASS' if preprocess['passed'] else 'FAIL'} {preprocess['images']} source images, max |diff| "
-            f"{preprocess['max_abs_diff']} grey levels" + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
+            f"{preprocess['max_abs_diff']} grey levels" + ("" if preprocess["jpeg_max_abs_diff"] is None else
+            f", camera-sized JPEG decoded: {preprocess['jpeg_max_abs_diff']}")
+            + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
     results, accuracies = {}, {}
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from PIL import Image
+from PIL import Image, ImageOps
 
 import edge_tl
 from edge_tl.errors import UserError
@@ -254,6 +255,19 @@ def test_manifest_steps_alone_reproduce_the_preprocessing_test_vectors(cpu_bundl
         halves += ((img.height - h) % 2) + ((img.width - w) % 2)
         assert np.array_equal(np.asarray(img)[top:top + h, left:left + w], want)
     assert len(sources) == 3 and halves >= 2 and {s.shape[0] > s.shape[1] for s in sources} == {True, False}
+    with np.load(cpu_bundle / "golden.npz") as z:  # the decode step: a camera-sized JPEG, followed with plain Pillow
+        jpeg, want = io.BytesIO(z["jpeg_source"].tobytes()), z["jpeg_pixels"]
+    least = math.ceil(manifest["preprocess"]["jpeg_reducing_gap"] * to)
+    assert f"shorter side / s >= {least}" in steps["decode"]
+    with Image.open(jpeg) as img:
+        (w0, h0), s = img.size, max(s for s in (1, 2, 4, 8) if img.width % s == img.height % s == 0
+                                    and min(img.size) // s >= least)
+        img.draft(img.mode, (w0 // s, h0 // s))
+        img = ImageOps.exif_transpose(img)  # "before the EXIF turn"
+    assert s == 2 and img.size == (h0 // 2, w0 // 2) and w0 > h0  # decoded at 1/2, then turned to portrait
+    img = img.resize((to, to * img.height // img.width), getattr(Image.Resampling, interpolation.upper()))
+    top, left = round((img.height - h) / 2), round((img.width - w) / 2)
+    assert np.array_equal(np.asarray(img)[top:top + h, left:left + w], want)
     from edge_tl.runtime.spec import PreprocessSpec
 
     wide = PreprocessSpec((64, 64), crop_pct=1.15)  # "outside": a crop past the 55 px resize is black
@@ -274,6 +288,17 @@ def test_check_fails_when_this_machines_resize_differs_from_the_exports(cpu_bund
     assert not report["passed"] and report["preprocess"]["max_abs_diff"] > 2
     assert any(line.startswith("preprocess: resize/crop here differs") for line in failures(report))
     assert 'name="preprocess"><failure' in write_junit(report, tmp_path / "check.xml").read_text()
+
+
+def test_check_fails_when_this_machines_jpeg_decode_differs_from_the_exports(cpu_bundle, monkeypatch):
+    from edge_tl.runtime import images
+
+    report = check_bundle(cpu_bundle, max_drop=100, min_agreement=0, log=lambda s: None)
+    assert report["preprocess"]["jpeg_max_abs_diff"] == 0 and report["passed"]
+    monkeypatch.setattr(images, "draft_jpeg", lambda img, least: img.draft(img.mode, (img.width // 8, img.height // 8)))
+    report = check_bundle(cpu_bundle, max_drop=100, min_agreement=0, log=lambda s: None)  # a decoder at another scale
+    assert not report["passed"] and report["preprocess"]["max_abs_diff"] == 0
+    assert report["preprocess"]["jpeg_max_abs_diff"] > 2 and "the camera-sized JPEG decodes here" in report["preprocess"]["reason"]
 
 
 def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_path):
