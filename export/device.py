@@ -181,7 +181,7 @@ def bundle_readme(bundle: Bundle, where: str | Path) -> str:
     p = m["preprocess"]
     port = ("\nAn app that preprocesses itself follows `preprocess.steps` in the manifest (the crop offset rounds\n"
             "half to even) and tests itself on `golden.npz`: `source_<i>` images → `source_pixels`"
-            + (", the camera-sized JPEG `jpeg_source` → `jpeg_pixels`." if p.get("jpeg_reducing_gap") else ".")
+            + (", the camera-sized JPEG `jpeg_source` → `jpeg_pixels`." if bundle.jpeg_vector() else ".")
             if "steps" in p else "")  # bundles exported before they existed
     jpeg = (f"\nA JPEG at least {p['jpeg_reducing_gap'] * 2:g}× {p['resize_size']} px on its shorter side (a camera's photo) is first decoded at\n"
             "1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, as in training (`preprocess.steps.decode`)."

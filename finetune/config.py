@@ -103,18 +103,19 @@ SPLIT_NAMES = ("train", "test", *VAL_FOLDERS)
 def split_folder(data: Path, *names: str) -> Path | None:
     """``data``'s sub-folder named one of ``names`` (the first found, in their order); None when
     there is none. Spelled in another letter case (Windows' Train/ and Test/, a dataset export's
-    Validation/), it is a split only where every folder beside it is named as a split too: among
+    Validation/), it is a split where another split folder is beside it, or nothing else is: among
     flat class folders Bus/ Car/ Train/, Train/ is a class. Two spelled alike but for case are refused."""
     from edge_tl.runtime.images import class_folders
 
     dirs = class_folders(data) if data.is_dir() else []  # hidden and NAS/system folders left out
-    all_splits = all(d.name.lower() in SPLIT_NAMES for d in dirs)
+    splits = {d.name.lower() for d in dirs} & set(SPLIT_NAMES)
+    looks_split = len(splits) >= 2 or len(splits) == len(dirs)  # Train/ + Test/ (+ GTSRB's Meta/), or Train/ alone
     for name in names:
         same = [d for d in dirs if d.name.lower() == name]
         if len(same) > 1:
             raise UserError(f"{data}: {' and '.join(f'{d.name}/' for d in same)} differ only in letter case; "
                             f"merge them into one {name}/ folder.")
-        if same and (same[0].name == name or all_splits):
+        if same and (same[0].name == name or looks_split):
             return same[0]
     return None
 
@@ -130,9 +131,6 @@ def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> Non
     """Refuse an output folder where the data's images are read from (it would become a class);
     ``with_test``: DIR/test/ too (build's check reads it)."""
     target, data = out.resolve(), data.resolve()
-    if target.parent == data and target.name.lower() in SPLIT_NAMES:
-        raise UserError(f"{out}: a folder named {target.name}/ in {data} would be read as its {target.name.lower()} "
-                        "split. Choose an --out outside the data folder.")
     roots = training_roots(data) + ([split_folder(data, "test") or data / "test"] if with_test else [])  # made by
     # the --out itself, it still is
     for root in roots:
@@ -140,3 +138,6 @@ def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> Non
             raise UserError(f"{out}: is inside {root}, where the {'test' if root.name.lower() == 'test' else 'training'} "
                             "images are read from, so its files would become images or a class. Choose an --out "
                             "outside it.")
+    if target.parent == data and target.name.lower() in SPLIT_NAMES:
+        raise UserError(f"{out}: a folder named {target.name}/ in {data} would be read as its {target.name.lower()} "
+                        "split. Choose an --out outside the data folder.")

@@ -145,7 +145,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
     dropped = set((bundle.manifest.get("slimmed") or {}).get("dropped", []))
-    unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped)
+    unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped
+                     - (base.not_gated if base else set()))
     if base is not None:
         base.check_same_images(images_sha, class_counts, source, bundle, log)
     log(f"check {bundle.path} on {source}")
@@ -209,8 +210,10 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             "score_ece": round(ece(softmax(logits, bundle.temperature), labels), 4) if finite else None,
             "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
             "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2),
-            # export already found it short of --max-drop: measured and shown, not gated (apps use it only when asked)
-            "gated": art.get("accepted", True)}
+            # export already found it short of --max-drop: measured and shown, not gated (apps use it only when
+            # asked), unless it is broken (non-finite) or a baseline gated it (a regression from a passing release)
+            "gated": art.get("accepted", True) or not finite or (base is not None and art["name"] in base.accuracies
+                                                                 and art["name"] not in base.not_gated)}
         if not art.get("accepted", True):
             results[art["name"]]["not_accepted"] = art.get("rejected", "below --max-drop even with every layer in float")
         if keep_predictions:
@@ -229,6 +232,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         log(f"  {name}: FAIL: in the baseline but not in the bundle")
     for name in sorted(dropped & set(base.accuracies if base else ())):
         log(f"  {name}: in the baseline, left out of this bundle by `edge-tl slim`: not judged")
+    for name in sorted((base.not_gated if base else set()) - {a["name"] for a in bundle.artifacts} - dropped):
+        log(f"  {name}: in the baseline, not gated there (not accepted at export), not in this bundle: not judged")
     passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
               and (preprocess or {}).get("passed", True))
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
@@ -261,8 +266,10 @@ class Baseline:
     images it was measured on (``images_sha256``: each file's sha256 and class; class counts in
     reports from before it)."""
 
-    def __init__(self, path: Path, accuracies: dict[str, float], images_sha256: str | None, class_counts: list[int] | None):
+    def __init__(self, path: Path, accuracies: dict[str, float], images_sha256: str | None, class_counts: list[int] | None,
+                 not_gated: frozenset[str] = frozenset()):
         self.path, self.accuracies, self.images_sha256, self.class_counts = path, accuracies, images_sha256, class_counts
+        self.not_gated = not_gated  # artifacts that release's check measured without gating (not accepted at export)
 
     @classmethod
     def load(cls, path: str | Path, classes: list[str]) -> "Baseline":
@@ -281,13 +288,15 @@ class Baseline:
             raise UserError(f"{path}: not a baseline ({why}); save one with `edge-tl check BUNDLE --data DIR --json > "
                             "baseline.json`.") from None
         if data.get("passed") is False:
-            failed = [k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("passed") is False]
+            failed = [k for k, v in data["artifacts"].items()
+                      if isinstance(v, dict) and v.get("passed") is False and v.get("gated", True)]
             raise UserError(f"{path}: a check that FAILED ({', '.join(failed) or 'see its report'}); a "
                             "regressed release is no reference. Use the last passing release's report.")
         if counts is not None and len(counts) != len(classes):
             raise UserError(f"{path}: measured on {len(counts)} classes, the bundle has {len(classes)} ({classes}); "
                             "compare bundles of the same classes.")
-        return cls(path, accuracies, images, counts)
+        not_gated = frozenset(k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("gated") is False)
+        return cls(path, accuracies, images, counts, not_gated)
 
     def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, bundle: Bundle, log) -> None:
         """Refuse a comparison on other images, or with a baseline none of whose artifacts is in ``bundle``."""

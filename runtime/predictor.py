@@ -176,6 +176,9 @@ class Predictor:
         self.mismatch = flavour_mismatch(artifact, runner)
         if self.mismatch:
             warnings.warn(f"{bundle.path}: {artifact['name']} is {self.mismatch}", stacklevel=3)
+        if artifact.get("accepted") is False:
+            warnings.warn(f"{bundle.path}: {artifact['name']} was not accepted at export "
+                          f"({artifact.get('rejected', 'below --max-drop even with every layer in float')})", stacklevel=3)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", precision: str | None = None,

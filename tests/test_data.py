@@ -51,10 +51,14 @@ def test_split_folders_in_any_letter_case_are_splits_not_classes(tmp_path):
     make_image_folder(flat / "Test", per_class=2, seed=2)
     with pytest.raises(UserError, match="a 'Test' folder beside the class folders"):
         discover(flat, SPEC, progress=False)
+    gtsrb = make_image_folder(tmp_path / "gtsrb" / "Train", per_class=3)  # Kaggle's GTSRB: Train/ Test/ Meta/
+    make_image_folder(tmp_path / "gtsrb" / "Test", per_class=1, seed=1)
+    make_image_folder(tmp_path / "gtsrb" / "Meta", per_class=1, seed=2, classes=("signs",))
+    assert discover(gtsrb.parent, SPEC, progress=False).classes == ["checker", "hstripes", "vstripes"]
     vehicles = make_image_folder(tmp_path / "vehicles", per_class=2, classes=("Bus", "Car", "Train"))
     assert discover(vehicles, SPEC, progress=False).classes == ["Bus", "Car", "Train"]  # among classes, a class
-    with pytest.raises(UserError, match="a folder named Test/ in .* would be read as its test split"):
-        check_out_beside_data(tmp_path / "d" / "Test", tmp_path / "d")
+    with pytest.raises(UserError, match="a folder named Val/ in .* would be read as its val split"):
+        check_out_beside_data(tmp_path / "gtsrb" / "Val", tmp_path / "gtsrb")
 
 
 def test_nas_and_system_folders_hold_no_images(tiny_folder):

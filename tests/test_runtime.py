@@ -228,7 +228,8 @@ def test_check_on_real_images_runs_every_artifact(cpu_bundle, elpv_small, tmp_pa
     fp32 = report["artifacts"]["fp32"]
     assert fp32["agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3 and fp32["drop"] == 0.0
     assert report["artifacts"]["fp16"]["max_abs_diff"] < 0.05
-    assert report["preprocess"] == {"images": 3, "max_abs_diff": 0, "tolerance": 2, "passed": True, "reason": "ok"}
+    assert report["preprocess"] == {"images": 3, "max_abs_diff": 0, "jpeg_max_abs_diff": 0, "tolerance": 2,
+                                    "passed": True, "reason": "ok"}
     junit = write_junit(report, tmp_path / "check.xml").read_text()
     assert junit.count("<testcase") == 4 and 'name="preprocess"' in junit and 'failures="0"' in junit
 
@@ -338,6 +339,20 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     assert out["artifacts"]["int8-cpu"]["gated"] is False and "5.56 pts" in out["artifacts"]["int8-cpu"]["not_accepted"]
     junit = (tmp_path / "not_gated.xml").read_text()
     assert 'failures="0" skipped="1"' in junit and "not accepted at export, not gated: it loses 5.56 pts" in junit
+    # ... unless a passing release gated it: then its regression against that baseline fails the check
+    res = _cli("check", str(damaged), "--data", str(test_dir), "--baseline", str(baseline), "--json")
+    assert res.returncode == 1 and json.loads(res.stdout)["artifacts"]["int8-cpu"]["gated"], res.stderr
+    not_gated = tmp_path / "not_gated.json"  # a baseline that did not gate it: a bundle without it is no regression
+    not_gated.write_text(json.dumps(out))
+    slim = tmp_path / "fp32_only"
+    assert _cli("slim", str(damaged), "--keep", "fp32", "--out", str(slim)).returncode == 0
+    fp32_only = Bundle.load(slim)
+    del fp32_only.manifest["slimmed"]  # as an fp32-only export of the next release
+    fp32_only.save()
+    res = _cli("check", str(slim), "--data", str(test_dir), "--baseline", str(not_gated))
+    assert res.returncode == 0 and "not gated there (not accepted at export), not in this bundle" in res.stderr + res.stdout
+    with pytest.warns(UserWarning, match="int8-cpu was not accepted at export \\(it loses 5.56 pts"):
+        Predictor.from_bundle(damaged, precision="int8", device="cpu").close()
 
 
 def test_golden_tolerance_allows_sampling_noise_of_int8_but_not_a_broken_deployment():
