@@ -8,6 +8,7 @@ redoes every stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -95,95 +96,98 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
     run_dir = out / "run"
     cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir.resolve())})
     check_config(cfg, run_dir)  # a typo fails now, not after the data stage
-    out.mkdir(parents=True, exist_ok=True)
-    b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
-    b.state["compare_scratch"] = compare_scratch  # a run-scratch/ left by an earlier build is shown only when asked
-    write_json(b.state_path, b.state)
+    fresh = not out.exists()
+    with _removed_if_refused(out, fresh):  # bad data found by a stage leaves no OUT holding only build.json
+        out.mkdir(parents=True, exist_ok=True)
+        b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
+        b.state["compare_scratch"] = compare_scratch  # a run-scratch/ left by an earlier build is shown only when asked
+        write_json(b.state_path, b.state)
 
-    if data == "demo":
-        def make_demo() -> None:
-            from edge_tl.finetune.elpv import LICENSE_NOTICE, write_elpv
+        if data == "demo":
+            def make_demo() -> None:
+                from edge_tl.finetune.elpv import LICENSE_NOTICE, write_elpv
 
-            if data_dir.exists():
-                _remove_own(data_dir, _is_elpv_demo(data_dir), "demo data written by edge-tl (dataset.json)")
-            write_elpv(data_dir, "4class")
-            log(f"  demo data: ELPV solar cells in {data_dir}; license: {LICENSE_NOTICE}")
+                if data_dir.exists():
+                    _remove_own(data_dir, _is_elpv_demo(data_dir), "demo data written by edge-tl (dataset.json)")
+                write_elpv(data_dir, "4class")
+                log(f"  demo data: ELPV solar cells in {data_dir}; license: {LICENSE_NOTICE}")
 
-        b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
-    else:
-        b.run("data", {"folder": str(data_dir)}, [data_dir], lambda: None)
-    data_fp = _hash([folder_fingerprint(r) for r in training_roots(data_dir)])  # not test/ (the check stage's) or OUT
-    test_dir = split_folder(data_dir, "test")
-    _check_test_classes(data_dir, test_dir)
+            b.run("data", {"demo": "elpv-4class", "seed": 0}, [data_dir / "dataset.json"], make_demo)
+        else:
+            b.run("data", {"folder": str(data_dir)}, [data_dir], lambda: None)
+        data_fp = _hash([folder_fingerprint(r) for r in training_roots(data_dir)])  # not test/ (the check stage's) or OUT
+        test_dir = split_folder(data_dir, "test")
+        _check_test_classes(data_dir, test_dir)
 
-    # the data is its content's fingerprint, not its path: a moved or differently spelled folder is the same data
-    train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out", "data")},
-                    "data": data_fp,
-                    "weights": sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file() else cfg.weights}
+        # the data is its content's fingerprint, not its path: a moved or differently spelled folder is the same data
+        train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out", "data")},
+                        "data": data_fp,
+                        "weights": (sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file()
+                                    else cfg.weights)}
 
-    b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"],
-          lambda: _finetune_stage(b, "finetune", cfg, train_inputs))
-    if compare_scratch:
-        scratch_cfg = scratch_twin(cfg, out / SCRATCH_RUN)
-        scratch_inputs = {**train_inputs, "scratch": True}
-        b.run("scratch", scratch_inputs, [out / SCRATCH_RUN / "metrics.json"],
-              lambda: _finetune_stage(b, "scratch", scratch_cfg, scratch_inputs))
+        b.run("finetune", train_inputs, [run_dir / "metrics.json", run_dir / "best.pt"],
+              lambda: _finetune_stage(b, "finetune", cfg, train_inputs))
+        if compare_scratch:
+            scratch_cfg = scratch_twin(cfg, out / SCRATCH_RUN)
+            scratch_inputs = {**train_inputs, "scratch": True}
+            b.run("scratch", scratch_inputs, [out / SCRATCH_RUN / "metrics.json"],
+                  lambda: _finetune_stage(b, "scratch", scratch_cfg, scratch_inputs))
 
-    bundle_dir = out / "bundle"
-    export_inputs = {"best": sha256_file(run_dir / "best.pt"), "target": target, "precision": precision,
-                     "calib_images": calib_images, "max_drop": max_drop, "data": data_fp}
+        bundle_dir = out / "bundle"
+        export_inputs = {"best": sha256_file(run_dir / "best.pt"), "target": target, "precision": precision,
+                         "calib_images": calib_images, "max_drop": max_drop, "data": data_fp}
 
-    def export() -> None:
-        from edge_tl.export.bundle import export_bundle
+        def export() -> None:
+            from edge_tl.export.bundle import export_bundle
 
-        export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images,
-                      max_drop=max_drop, force=True, log=lambda s: log(f"  {s}"))
+            export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images,
+                          max_drop=max_drop, force=True, log=lambda s: log(f"  {s}"))
 
-    b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
-    manifest_sha = sha256_file(bundle_dir / "manifest.json")
+        b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
+        manifest_sha = sha256_file(bundle_dir / "manifest.json")
 
-    def check() -> None:
-        from edge_tl.finetune.data import copies_in, run_images
-        from edge_tl.runtime.check import check_bundle
-        from edge_tl.runtime.images import class_folders, image_files
+        def check() -> None:
+            from edge_tl.finetune.data import copies_in, run_images
+            from edge_tl.runtime.check import check_bundle
+            from edge_tl.runtime.images import class_folders, image_files
 
-        report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
-        copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
-                           run_images(run_dir, data_dir)) if test_dir else []
-        report["test_in_training"] = [{"test": str(t), "training": str(c),
-                                       "same_class": t.relative_to(test_dir).parts[0] == cls} for t, c, cls in copies]
-        if copies:
-            log(f"  warning: byte-identical files: {'; '.join(describe_duplicates(test_copy_counts(report)))} "
-                f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
-        write_json(out / "check.json", report)
+            report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
+            copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
+                               run_images(run_dir, data_dir)) if test_dir else []
+            report["test_in_training"] = [{"test": str(t), "training": str(c),
+                                           "same_class": t.relative_to(test_dir).parts[0] == cls} for t, c, cls in copies]
+            if copies:
+                log(f"  warning: byte-identical files: {'; '.join(describe_duplicates(test_copy_counts(report)))} "
+                    f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
+            write_json(out / "check.json", report)
 
-    test_fp = folder_fingerprint(test_dir) if test_dir else None  # read once: check and bench both decode test/
-    b.run("check", {"manifest": manifest_sha, "test": test_fp, "max_drop": max_drop},
-          [out / "check.json"], check)
+        test_fp = folder_fingerprint(test_dir) if test_dir else None  # read once: check and bench both decode test/
+        b.run("check", {"manifest": manifest_sha, "test": test_fp, "max_drop": max_drop},
+              [out / "check.json"], check)
 
-    def bench() -> None:
-        from edge_tl.runtime.bench import bench_bundle
+        def bench() -> None:
+            from edge_tl.runtime.bench import bench_bundle
 
-        report = bench_bundle(bundle_dir, batches=bench_batches, seconds=bench_seconds, reference="torch",
-                              device="cpu", images=test_dir, log=lambda s: log(f"  {s}"))
-        write_json(out / "bench.json", report)
+            report = bench_bundle(bundle_dir, batches=bench_batches, seconds=bench_seconds, reference="torch",
+                                  device="cpu", images=test_dir, log=lambda s: log(f"  {s}"))
+            write_json(out / "bench.json", report)
 
-    b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds,
-                    "images": test_fp},  # end to end decodes the test images
-          [out / "bench.json"], bench)
+        b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds,
+                        "images": test_fp},  # end to end decodes the test images
+              [out / "bench.json"], bench)
 
-    def report() -> None:
-        from edge_tl.report import write_report
+        def report() -> None:
+            from edge_tl.report import write_report
 
-        write_report(out)
+            write_report(out)
 
-    inputs = {k: sha256_file(out / k) for k in ("check.json", "bench.json")}
-    if compare_scratch:
-        inputs["scratch"] = sha256_file(out / SCRATCH_RUN / "metrics.json")
-    b.run("report", {**inputs, "manifest": manifest_sha}, [out / "report.html"], report)
-    summary = summarize(out)
-    write_json(out / "summary.json", summary)
-    return summary
+        inputs = {k: sha256_file(out / k) for k in ("check.json", "bench.json")}
+        if compare_scratch:
+            inputs["scratch"] = sha256_file(out / SCRATCH_RUN / "metrics.json")
+        b.run("report", {**inputs, "manifest": manifest_sha}, [out / "report.html"], report)
+        summary = summarize(out)
+        write_json(out / "summary.json", summary)
+        return summary
 
 
 def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None:
@@ -204,6 +208,18 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
     b.state[key] = _hash(inputs)
     write_json(b.state_path, b.state)
     run(cfg, resume=resumable, log=lambda s: b.log(f"  {s}"))
+
+
+@contextlib.contextmanager
+def _removed_if_refused(out: Path, fresh: bool):
+    """Remove ``out`` again when this build made it and a stage refuses the input before writing
+    anything but OUT/build.json (a rerun with the fix then starts clean, and no stray folder is left)."""
+    try:
+        yield
+    except UserError:
+        if fresh and all(p.name == "build.json" for p in out.rglob("*") if not p.is_dir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _check_test_classes(data_dir: Path, test_dir: Path | None) -> None:
