@@ -306,7 +306,8 @@ def summarize(out: Path) -> dict:
         art = exported.get(name, {})
         rows.append({"artifact": name, "precision": r["precision"], "backend": r["backend"], "accuracy": r["accuracy"],
                      "passed": r["passed"], "gated": r.get("gated", True), "layers_in_float": len(art.get("float_nodes", [])),
-                     "accepted": art.get("accepted", True), "rejected": art.get("rejected", NOT_ACCEPTED),
+                     "accepted": art.get("accepted", True),
+                     **({} if art.get("accepted", True) else {"rejected": art.get("rejected", NOT_ACCEPTED)}),
                      **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
     transfer = scratch_comparison(out)

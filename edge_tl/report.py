@@ -54,14 +54,13 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def per_class(labels: list[int], preds: list[int], classes: list[str]) -> list[list]:
-    """Rows of class, precision, recall, support."""
+    """Rows of class, precision, recall, support; "-" where undefined (a class never predicted has no
+    precision, one without test images no recall: not a measured 0)."""
     y, p = np.asarray(labels), np.asarray(preds)
     rows = []
     for i, c in enumerate(classes):
-        tp = int(((p == i) & (y == i)).sum())
-        prec = tp / max(int((p == i).sum()), 1)
-        rec = tp / max(int((y == i).sum()), 1)
-        rows.append([c, prec, rec, int((y == i).sum())])
+        tp, predicted, support = int(((p == i) & (y == i)).sum()), int((p == i).sum()), int((y == i).sum())
+        rows.append([c, tp / predicted if predicted else "-", tp / support if support else "-", support])
     return rows
 
 
@@ -193,6 +192,7 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
         parts.append(_table(["class"] + [f"{h} {n}" for n in dict.fromkeys(["fp32", deployed]) if n in arts
                                          for h in ("precision", "recall")] + ["support"],
                             _merge_per_class(check, classes, [n for n in dict.fromkeys(["fp32", deployed]) if n in arts])))
+        parts += _class_warnings(per_class(check["labels"], arts[deployed]["predictions"], classes), deployed)
         wrong = [i for i, (y, p) in enumerate(zip(check["labels"], arts[deployed]["predictions"])) if y != p]
         figs, golden = [], out / "bundle" / "golden.npz"
         with np.load(golden) if golden.is_file() else contextlib.nullcontext({}) as z:
@@ -247,6 +247,21 @@ def _transfer_section(out: Path) -> list[str]:
             f"<p>The same recipe trained from random initialization for the same {t['epochs']} epochs "
             f"(<code>{SCRATCH_RUN}/</code>), measured on the validation split.</p>",
             _img(_png(fig), "pretrained vs scratch"), _table(["effect", "pretrained", "scratch", "better"], rows)]
+
+
+def _class_warnings(rows: list[list], artifact: str) -> list[str]:
+    """Classes the headline accuracy hides: never right, or never tested; and the macro recall."""
+    recalls = [r[2] for r in rows if r[2] != "-"]
+    out = [f"<p>Macro recall of {html.escape(artifact)} (the mean of the classes' recalls, each class counting "
+           f"alike): {np.mean(recalls):.4f}.</p>"] if recalls else []
+    if never := [r[0] for r in rows if r[2] == 0]:
+        out.append(f"<p><b class=\"fail\">Never right:</b> {html.escape(', '.join(never))} ({len(never)} of "
+                   f"{len(rows)} classes have recall 0 with {html.escape(artifact)}): more training images of them, or "
+                   "--class-weights sqrt, may help.</p>")
+    if untested := [r[0] for r in rows if r[3] == 0]:
+        out.append(f"<p><b class=\"fail\">Not tested:</b> {html.escape(', '.join(untested))} (no test images: "
+                   "their recall is unknown).</p>")
+    return out
 
 
 def _merge_per_class(check: dict, classes: list[str], names: list[str]) -> list[list]:

@@ -200,7 +200,8 @@ shorter side to {p['resize_size']} ({p['interpolation']}) and a center crop. Mea
 The resize is Pillow's `Image.resize` (its {p['interpolation']} filter widens with the scale factor, i.e. it
 antialiases when shrinking): OpenCV's `INTER_CUBIC` or torch without `antialias=True` give other pixels,
 enough to flip some predictions; `edge_tl.runtime.Predictor.preprocess` does it exactly.{jpeg}{port}
-Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt`; {scores}.
+Output `{m['output']['name']}`: N×{len(m['classes'])} logits in the order of `labels.txt` (the class folders' names
+sorted as text: a folder "10" comes before "2"; map an index to its class through labels.txt); {scores}.
 
 | artifact | file | precision | made for | val accuracy | layers kept in float |
 |---|---|---|---|---|---|

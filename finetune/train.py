@@ -418,6 +418,21 @@ def _log_first(lines: list[str], header: str, listing: Path, log, n: int = 20) -
             log(f"  ... and {len(lines) - n} more (all listed in {listing})")
 
 
+IMBALANCE_RATIO = 10  # largest / smallest class: past it, the rare classes' recall is worth watching
+
+
+def imbalance_note(counts: list[int], classes: list[str], class_weights: str) -> str | None:
+    """A line for the log when the training classes are far apart in size; None when they are not."""
+    small, large = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
+    if counts[large] < IMBALANCE_RATIO * counts[small]:
+        return None
+    advice = ("--class-weights sqrt (or inverse) weighs the rare classes up" if class_weights == "none"
+              else f"--class-weights {class_weights} weighs the rare classes up")
+    return (f"note: classes differ {counts[large] / counts[small]:.0f}-fold in size ({classes[small]!r}: "
+            f"{counts[small]} training images, {classes[large]!r}: {counts[large]}); accuracy can stay high while "
+            f"a rare class is never right: watch the per-class recall in the report; {advice}.")
+
+
 def _class_loss_weight(counts: list[int], class_weights: str, device) -> torch.Tensor:
     """Cross-entropy class weights ∝ frequency^-power, scaled so the training set's mean weight is 1."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -478,6 +493,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
     log(f"data {data.root}: {num_classes} classes, {len(data.train)} train / {len(data.val)} val ({data.val_source})")
+    if note := imbalance_note(data.train.counts(num_classes), data.classes, cfg.class_weights):
+        log(note)
     log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}"
         + (f", {d.world} processes (DistributedDataParallel, batch {cfg.batch_size} each)" if d.world > 1 else ""))
 
@@ -621,7 +638,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                         "val_loss": val_loss, "val_accuracy": val_acc, "lr": max(g["lr"] for g in optimizer.param_groups),
                         "img_size": sizes[epoch], "seconds": round(seconds, 2)})
         log(f"epoch {epoch + 1}/{cfg.epochs}: train_loss {history[-1]['train_loss']:.4f} val_loss {val_loss:.4f} "
-            f"val_acc {val_acc:.4f} ({seconds:.0f}s)")
+            f"val_acc {val_acc:.4f} ({seconds:.0f}s elapsed)")
         if _better(val_acc, val_loss, best, history):
             best = {"val_accuracy": val_acc, "val_loss": val_loss, "epoch": epoch + 1,
                     "confusion": confusion_matrix(data.val.labels, logits.argmax(1).tolist(), num_classes)}

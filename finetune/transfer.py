@@ -15,7 +15,8 @@ from pathlib import Path
 
 def effects(curve: list[float], chance: float | None = None) -> dict:
     best = max(curve)
-    learned = chance is None or best > chance
+    # accuracies are float32 (0.6666667 for 2 of 3): a model stuck at the majority share is not above it
+    learned = chance is None or best > chance + 1e-6
     slope = next(i + 1 for i, a in enumerate(curve) if a >= 0.9 * best) if learned else None
     return {"start": curve[0], "slope_epochs_to_90pct_of_best": slope, "asymptote": best}
 

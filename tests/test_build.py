@@ -96,6 +96,7 @@ def test_build_runs_every_stage_and_summarizes(built):
         assert (out / f).is_file(), f
     assert summary["data"].endswith("(18 images)")  # the test/ folder, not the golden set
     assert {r["artifact"] for r in summary["artifacts"]} == {"fp32", "int8"}  # jetson: TensorRT Q/DQ flavour
+    assert all(r["accepted"] and "rejected" not in r for r in summary["artifacts"])
     assert all("b1_p50_ms" in r and "b4_p50_ms" in r for r in summary["artifacts"]) and summary["torch_reference"]
     text = format_summary(summary)
     assert "edge-tl engine bundle --precision int8" in text and "trtexec --onnx=bundle/model.int8.onnx" in text
@@ -112,6 +113,7 @@ def test_report_has_the_figures(built):
     # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
     assert open_image_count(page) >= 4
     assert "http://" not in page and "https://" not in page  # self-contained
+    assert "Macro recall of int8 (the mean of the classes' recalls" in page
     assert f"End to end: decode + preprocess + infer of 18 files of {root / 'imgs' / 'test'} (40x40 JPEG, 40x40 PNG)" in page
 
 
@@ -286,6 +288,25 @@ def test_a_test_class_training_lacks_is_refused_before_any_training(tmp_path):
     with pytest.raises(UserError, match=r"Test: class folders \['dog'\] are not among the training classes"):
         build(str(tmp_path / "imgs"), "cpu", tmp_path / "out", TRAIN, "fp32", log=lambda s: None)
     assert not (tmp_path / "out").exists()  # the build made it and wrote nothing but its state: removed again
+
+
+def test_classes_the_headline_accuracy_hides_are_named():
+    from edge_tl.report import _class_warnings, per_class
+
+    rows = per_class([0, 0, 0, 1, 1], [0, 0, 0, 0, 0], ["a", "b", "c"])  # b never right, c never tested nor predicted
+    assert rows == [["a", 0.6, 1.0, 3], ["b", "-", 0.0, 2], ["c", "-", "-", 0]]
+    page = "".join(_class_warnings(rows, "int8"))
+    assert "Macro recall of int8" in page and ": 0.5000." in page
+    assert "Never right:</b> b (1 of 3 classes" in page and "Not tested:</b> c (no test images" in page
+
+
+def test_a_far_larger_class_is_noted_with_the_fix():
+    from edge_tl.finetune.train import imbalance_note
+
+    assert imbalance_note([110, 12, 40], ["stop", "yield", "50"], "none") is None
+    note = imbalance_note([110, 3, 40], ["stop", "yield", "50"], "none")
+    assert "classes differ 37-fold in size ('yield': 3 training images, 'stop': 110)" in note
+    assert "--class-weights sqrt (or inverse)" in note
 
 
 def test_compare_scratch_adds_the_transfer_section(built, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from edge_tl.finetune.train import TrainConfig, finetune
 from edge_tl.finetune.transfer import compare_effects, compare_run_folders, effects
 
@@ -28,6 +30,8 @@ def test_a_curve_that_never_beats_chance_has_no_slope():
     """Scratch stuck at the majority share reaches "90 % of its own best" at epoch 1: that is no slope."""
     flat, learned = effects([0.5, 0.5, 0.5], chance=0.5), effects([0.5, 0.65, 0.6], chance=0.5)
     assert flat["slope_epochs_to_90pct_of_best"] is None and learned["slope_epochs_to_90pct_of_best"] == 2
+    two_thirds = float(np.float32(2 / 3))  # a float32 accuracy of 2 of 3 images, as history.jsonl holds it
+    assert effects([two_thirds] * 3, chance=2 / 3)["slope_epochs_to_90pct_of_best"] is None
     assert compare_effects(learned, flat)["slope"] == "pretrained"
     assert compare_effects(flat, flat)["slope"] == "tie"
 
