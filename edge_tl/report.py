@@ -185,7 +185,8 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     parts += _transfer_section(out)
     if "labels" in check:
         parts.append("<h2>Confusion matrix and per-class precision / recall</h2>")
-        for n in dict.fromkeys(["fp32", deployed]):
+        # past MANY_CLASSES one matrix (the deployed artifact's): two near-identical large ones only weigh the page
+        for n in dict.fromkeys(["fp32", deployed] if len(classes) <= MANY_CLASSES else [deployed]):
             if n in arts and "predictions" in arts[n]:
                 parts.append(_img(_confusion_png(check["labels"], arts[n]["predictions"], classes,
                                                  f"{n} on {check['data'].split(' (')[0]}"), f"confusion matrix {n}"))
@@ -247,6 +248,9 @@ def _transfer_section(out: Path) -> list[str]:
             f"<p>The same recipe trained from random initialization for the same {t['epochs']} epochs "
             f"(<code>{SCRATCH_RUN}/</code>), measured on the validation split.</p>",
             _img(_png(fig), "pretrained vs scratch"), _table(["effect", "pretrained", "scratch", "better"], rows)]
+
+
+MANY_CLASSES = 20
 
 
 def _class_warnings(rows: list[list], artifact: str) -> list[str]:

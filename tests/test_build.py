@@ -290,6 +290,18 @@ def test_a_test_class_training_lacks_is_refused_before_any_training(tmp_path):
     assert not (tmp_path / "out").exists()  # the build made it and wrote nothing but its state: removed again
 
 
+def test_many_classes_get_one_confusion_matrix(built, tmp_path, monkeypatch):
+    from edge_tl import report
+
+    root, _, _ = built
+    assert report.write_report(root / "out").read_text().count('alt="confusion matrix ') == 2  # fp32 and int8
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    monkeypatch.setattr(report, "MANY_CLASSES", 2)  # these 3 classes count as many
+    page = report.write_report(out).read_text()
+    assert page.count('alt="confusion matrix ') == 1 and 'alt="confusion matrix int8"' in page
+
+
 def test_classes_the_headline_accuracy_hides_are_named():
     from edge_tl.report import _class_warnings, per_class
 
