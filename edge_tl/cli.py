@@ -234,6 +234,7 @@ def engine(
     precision: str = typer.Option("fp16,int8", help="Comma list of fp32, fp16, int8."),
     dla_core: Optional[int] = typer.Option(None, help="Build for this DLA core (Jetson Orin), GPU fallback on."),
     workspace: int = typer.Option(1024, help="Builder workspace limit, MB."),
+    gpu: int = typer.Option(0, help="CUDA device index to build for (a machine with several GPU models)."),
 ) -> None:
     """Build TensorRT engines on this device from the bundle's ONNX files (TensorRT 10 or 11).
 
@@ -247,7 +248,7 @@ def engine(
     from edge_tl.export.tensorrt import parse_precisions
     from edge_tl.runtime.bundle import Bundle
 
-    build_engines(Bundle.load(bundle), parse_precisions(precision), dla_core, workspace)
+    build_engines(Bundle.load(bundle), parse_precisions(precision), dla_core, workspace, gpu)
 
 
 @app.command()
@@ -367,6 +368,10 @@ def check(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     junit: Optional[Path] = typer.Option(None, help="Also write JUnit XML here (one test case per artifact)."),
+    require_engines: bool = typer.Option(False, help="Fail unless the bundle has TensorRT engines and each kind of "
+                                         "them (precision, GPU or DLA) runs here (CI on the device: an engine built for "
+                                         "another TensorRT version or GPU, e.g. before a JetPack upgrade, is otherwise "
+                                         "skipped and apps fall back to ONNX Runtime)."),
 ) -> None:
     """Accuracy-parity gate: every artifact runnable here against golden outputs and a reference.
 
@@ -382,7 +387,7 @@ def check(
         if junit:
             check_writable(junit)  # before the check: its report must not be lost to an unwritable path
         report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, min_accuracy, threads,
-                              log=_log_for(json_out))
+                              require_engines=require_engines, log=_log_for(json_out))
     except Exception as exc:  # still leave CI a report that says why, then exit 2 (bad input) or 3 (a bug)
         error = str(exc) if isinstance(exc, UserError) else f"edge-tl failed unexpectedly: {exc!r}"
         if json_out:

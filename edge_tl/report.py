@@ -176,8 +176,9 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
                      f"{pre['max_abs_diff']} grey levels{jpeg}: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
                      f"{html.escape(pre['reason'])}</b></p>")
     if check["skipped"]:
+        why = check.get("skipped_reasons", {})  # checks from before edge-tl recorded why have none
         parts.append(f"<p>Not runnable on this machine (run <code>edge-tl check</code> on the device): "
-                     f"{html.escape(', '.join(check['skipped']))}</p>")
+                     f"{html.escape('; '.join(n + (f' ({why[n]})' if n in why else '') for n in check['skipped']))}</p>")
     curve = out / "run" / "learning_curve.png"  # written after metrics.json: an interrupted run may lack it
     parts += ["<h2>Learning curve</h2>", _img(_png(curve), "learning curve") if curve.is_file() else
               f"<p>{html.escape(str(curve))} is missing (the fine-tune stopped while plotting): "

@@ -135,6 +135,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         write_text(tmp / ".gitattributes", "# every file byte-exact: manifest.json holds their sha256\n* -text\n")
         if wanted != ["fp32"] and target in ("gpu", "jetson"):
             reason = ts.missing_reason()
+            if reason is None and target == "jetson" and not ts.on_jetson():  # its engines would be for this GPU
+                reason = f"this is not a Jetson: engines run only on the GPU model that built them ({ts.gpu_name()} here)"
             if reason is None:
                 build_engines(bundle, wanted, workspace_mb=workspace_mb, log=log)
             else:

@@ -20,13 +20,14 @@ ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "mod
 
 
 def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = None, workspace_mb: int = 1024,
-                  log=print) -> list[dict]:
-    """Build TensorRT engines on this machine from the bundle's ONNX files; record them in the manifest."""
+                  gpu: int = 0, log=print) -> list[dict]:
+    """Build TensorRT engines on this machine's CUDA device ``gpu`` from the bundle's ONNX files; record
+    them in the manifest."""
     trt = ts.import_tensorrt()
     if (reason := ts.missing_reason()) is not None:
         raise UserError(reason)
     mode = trt_build.typing_mode(trt.__version__)
-    info = ts.gpu_info()
+    info = ts.gpu_info(gpu)
     profile = trt_build.BatchProfile(**bundle.manifest["batch"])
     h, w = bundle.spec.input_size
     built = []
@@ -43,7 +44,7 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
         cache = bundle.path / "engines" / rel.split("/")[-1].replace(f"model.{precision}.", "timing.").replace(
             ".engine", ".cache")  # one timing cache per GPU and TensorRT version
         facts = trt_build.build_engine(bundle.file(src), bundle.path / rel, precision, bundle.manifest["input"]["name"],
-                                       (3, h, w), profile, workspace_mb, dla_core, cache, log)
+                                       (3, h, w), profile, workspace_mb, dla_core, cache, gpu, log)
         name = f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else "") + f"@{ts.slug(info['gpu'])}"
         art = {"name": name, "file": rel,
                "format": "engine", "precision": precision, "backend": "tensorrt", "source": src["file"],
@@ -142,10 +143,10 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
         names = set()
     else:
         steps += [
-            ("install the runtime (JetPack: keep the system TensorRT; python3 -m venv --system-site-packages; "
-             "cuda-python must match the device's CUDA major version: JetPack 6 or a driver older than r580 "
-             "needs 'cuda-python>=12.6,<13')",
-             f"pip install {pkg} cuda-python onnxruntime")
+            ("install the runtime (JetPack: keep the system TensorRT, in an environment made with python3 -m venv "
+             "--system-site-packages; cuda-python must match JetPack's CUDA major version: this line is for "
+             "JetPack 6, CUDA 12; on JetPack 7, CUDA 13, use 'cuda-python>=13')",
+             f"pip install {pkg} 'cuda-python>=12.6,<13' onnxruntime")
             if bundle.manifest["target"] == "jetson" else
             ("install the runtime with TensorRT (PyPI's tensorrt and cuda-python are CUDA 13 builds for driver "
              "r580 or newer; with an older driver: tensorrt-cu12 'cuda-python>=12.6,<13')",

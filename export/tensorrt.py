@@ -112,12 +112,14 @@ def format_command(cmd: list[str]) -> str:
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name: str, chw: tuple[int, int, int],
                  batch: BatchProfile, workspace_mb: int = 1024, dla_core: int | None = None,
-                 timing_cache: Path | None = None, log=print) -> dict:
-    """Parse ``onnx_path``, build and write a serialized engine; return the facts for the manifest."""
+                 timing_cache: Path | None = None, gpu: int = 0, log=print) -> dict:
+    """Parse ``onnx_path``, build and write a serialized engine for CUDA device ``gpu``; return the facts
+    for the manifest."""
     trt = ts.import_tensorrt()
     mode = typing_mode(trt.__version__)
     if dla_core is not None and precision == "fp32":
         raise UserError("--dla-core: DLA runs fp16 or int8 only; choose --precision fp16 or int8.")
+    ts.check(ts.import_cudart().cudaSetDevice(gpu))  # TensorRT builds for the current device
     logger = ts.logger()
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "strong" else 0
@@ -153,8 +155,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
         log(f"timing cache {timing_cache} is unreadable or does not match this GPU/TensorRT; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     if dla_core is not None:
-        if builder.num_DLA_cores == 0:
-            raise UserError(f"--dla-core {dla_core}: this GPU has no DLA cores (DLA is on Jetson AGX/NX Orin).")
+        if builder.num_DLA_cores <= dla_core:
+            raise UserError(f"--dla-core {dla_core}: {ts.gpu_name(gpu)} has {builder.num_DLA_cores} DLA cores under "
+                            f"TensorRT {trt.__version__} ({ts.DLA_SUPPORT}).")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -168,4 +171,4 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
     if timing_cache is not None and cache is not None:
         atomic_write(timing_cache, lambda tmp: tmp.write_bytes(bytes(cache.serialize())))
     return {"tensorrt": trt.__version__, "typing": mode, "workspace_mb": workspace_mb, "dla_core": dla_core,
-            "batch": batch.to_dict(), **ts.gpu_info()}
+            "batch": batch.to_dict(), **ts.gpu_info(gpu)}

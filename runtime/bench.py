@@ -25,7 +25,7 @@ from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, expand_images, to_input
-from .predictor import flavour_mismatch, make_runner, runnable, tensorrt_available
+from .predictor import flavour_mismatch, make_runner, not_runnable, tensorrt_available
 
 
 def machine() -> dict:
@@ -175,8 +175,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
         if (backends and backend not in backends) or (precisions and art["precision"] not in precisions):
             continue
-        if not runnable(art, backend):
-            log(f"{art['name']}: skipped (not runnable on this machine)")
+        if skip := not_runnable(art, backend, device):
+            log(f"{art['name']}: skipped ({skip})")
             continue
         with make_runner(bundle, art, backend, device, threads) as runner:
             log(f"{art['name']}: {runner.describe()}" + (f" ({why})" if (why := flavour_mismatch(art, runner)) else ""))

@@ -26,7 +26,7 @@ from edge_tl.fileio import sha256_file, write_text
 from .bundle import SELF_DIGEST, Bundle
 from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores, image_files, in_order,
                      to_input)
-from .predictor import make_runner, runnable, tensorrt_available
+from .predictor import make_runner, not_runnable, tensorrt_available
 from .scores import ece, softmax
 
 
@@ -118,13 +118,19 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
     return min(min_agreement, max(floor, min_agreement - 0.1)), max(max_drop, drop)
 
 
+NO_ENGINE = "tensorrt-engines"  # the report's name for "--require-engines, and the bundle has no engine"
+
+
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
                  baseline: str | Path | None = None, device: str | None = "cpu", min_accuracy: float | None = None,
-                 threads: int = 0, keep_predictions: bool = False, log=print) -> dict:
+                 threads: int = 0, keep_predictions: bool = False, require_engines: bool = False, log=print) -> dict:
     """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``.
 
     ``min_accuracy`` also fails any artifact below it (the reference included); ``keep_predictions``
-    adds the images, labels and each artifact's top-1 per image (for reports).
+    adds the images, labels and each artifact's top-1 per image (for reports); ``require_engines``
+    fails the check when the bundle has no TensorRT engine, or an engine cannot run here and no other of
+    its precision (on the GPU, or on a DLA) can (CI on the device: after a TensorRT or JetPack upgrade
+    the app would otherwise fall back to ONNX Runtime unnoticed).
     """
     if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1
             and (min_accuracy is None or 0 <= min_accuracy <= 1)):
@@ -161,14 +167,13 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             f", camera-sized JPEG decoded: {preprocess['jpeg_max_abs_diff']}")
             + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
-    results, accuracies = {}, {}
+    results, accuracies, skipped_why = {}, {}, {}
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
     for art in order:
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
-        if not runnable(art, backend):
-            why = ("needs TensorRT and the GPU/TensorRT version it was built for" if backend == "tensorrt"
-                   else "not runnable here")
-            log(f"  {art['name']}: skipped ({why})")
+        if why := not_runnable(art, backend, device):
+            skipped_why[art["name"]] = why
+            log(f"  {art['name']}: {'FAIL (--require-engines)' if require_engines else 'skipped'}: {why}")
             continue
         t0 = time.perf_counter()
         with make_runner(bundle, art, backend, device, threads) as runner:
@@ -234,14 +239,23 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         log(f"  {name}: in the baseline, left out of this bundle by `edge-tl slim`: not judged")
     for name in sorted((base.not_gated if base else set()) - {a["name"] for a in bundle.artifacts} - dropped):
         log(f"  {name}: in the baseline, not gated there (not accepted at export), not in this bundle: not judged")
+    # name -> why: an engine that cannot run here, and no engine of its kind (precision, GPU or DLA) can
+    kind = {a["name"]: (a["precision"], a.get("dla_core") is None) for a in bundle.artifacts if a["format"] == "engine"}
+    running = {kind[n] for n in results if n in kind}
+    engine_failures = {n: why for n, why in skipped_why.items() if require_engines and n in kind and kind[n] not in running}
+    if require_engines and not any(a["format"] == "engine" for a in bundle.artifacts):
+        engine_failures[NO_ENGINE] = (f"the bundle has none (--require-engines): build them here with "
+                                      f"`edge-tl engine {bundle.path}`")
+        log(f"  {NO_ENGINE}: FAIL: {engine_failures[NO_ENGINE]}")
     passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
-              and (preprocess or {}).get("passed", True))
+              and (preprocess or {}).get("passed", True) and not engine_failures)
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
               "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "model": bundle.manifest.get("model"),
               "data": source, "image_count": len(labels), "images_sha256": images_sha, "unreadable": skipped,
               "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
-              "tensorrt_available": tensorrt_available(), "skipped": not_run, "missing": unknown, "artifacts": results,
+              "tensorrt_available": tensorrt_available(), "skipped": not_run, "skipped_reasons": skipped_why,
+              "engine_failures": engine_failures, "missing": unknown, "artifacts": results,
               "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
@@ -252,6 +266,7 @@ def failures(report: dict) -> list[str]:
     """One line per failed part of a check report: artifact, baseline artifact gone, preprocessing."""
     lines = [f"{k}: {r['reason']}" for k, r in report["artifacts"].items() if not r["passed"] and r.get("gated", True)]
     lines += [f"{k}: in the baseline but not in the bundle" for k in report.get("missing", [])]
+    lines += [f"{k}: {why}" for k, why in report.get("engine_failures", {}).items()]
     if (pre := report.get("preprocess")) and not pre["passed"]:
         lines.append(f"preprocess: {pre['reason']}")
     return lines
@@ -334,13 +349,20 @@ def write_junit(report: dict, path: str | Path) -> Path:
     if pre := report.get("preprocess"):
         body = "" if pre["passed"] else f"<failure message={quoteattr(pre['reason'])}/>"
         cases.append(f'  <testcase classname="edge-tl.check" name="preprocess">{body}</testcase>')
-    for name in report["skipped"]:
-        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message="not runnable on '
-                     f'this machine"/></testcase>')
+    engine_failures = report.get("engine_failures", {})
+    skipped = [n for n in report["skipped"] if n not in engine_failures]
+    for name in skipped:
+        why = report.get("skipped_reasons", {}).get(name, "not runnable on this machine")
+        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><skipped message={quoteattr(why)}/>'
+                     '</testcase>')
+    for name, why in engine_failures.items():
+        cases.append(f'  <testcase classname="edge-tl.check" name={quoteattr(name)}><failure message={quoteattr(why)}/>'
+                     '</testcase>')
     not_gated = sum(not r.get("gated", True) for r in report["artifacts"].values())
     failures = (sum(not r["passed"] and r.get("gated", True) for r in report["artifacts"].values())
-                + len(report.get("missing", [])) + (not (report.get("preprocess") or {}).get("passed", True)))
+                + len(report.get("missing", [])) + (not (report.get("preprocess") or {}).get("passed", True))
+                + len(engine_failures))
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edge-tl check" tests="{len(cases)}" '
-           f'failures="{failures}" skipped="{len(report["skipped"]) + not_gated}">\n' + "\n".join(cases)
+           f'failures="{failures}" skipped="{len(skipped) + not_gated}">\n' + "\n".join(cases)
            + "\n</testsuite>\n")
     return write_text(path, xml)

@@ -89,17 +89,29 @@ def tensorrt_available() -> bool:
     return trt_support.available()
 
 
-def runnable(artifact: dict, backend: str) -> bool:
-    """Can ``backend`` run ``artifact`` here? Engines need TensorRT; ONNX files need ONNX Runtime."""
-    if artifact["format"] == "engine":
-        return backend == "tensorrt" and tensorrt_available() and _engine_matches(artifact)
-    return backend == "onnxruntime"
-
-
-def _engine_matches(artifact: dict) -> bool:
+def not_runnable(artifact: dict, backend: str, device: str | None = None) -> str | None:
+    """Why ``backend`` cannot run ``artifact`` here (None: it can). Engines need TensorRT and the
+    TensorRT version, GPU model and DLA core they were built for; ONNX files need ONNX Runtime."""
+    if artifact["format"] != "engine":
+        return None if backend == "onnxruntime" else f"an ONNX file: {backend} runs engines only"
+    if backend != "tensorrt":
+        return "a TensorRT engine: it runs on the tensorrt backend only"
     from . import trt_support
 
-    return trt_support.engine_matches_here(artifact)
+    if (missing := trt_support.missing_reason()) is not None:
+        return f"needs TensorRT and a GPU ({missing.rstrip('.')})"
+    if (mismatch := trt_support.engine_mismatch(artifact, gpu_index(device))) is not None:
+        return f"{mismatch}: rebuild it here with `edge-tl engine`"
+    return None
+
+
+def runnable(artifact: dict, backend: str, device: str | None = None) -> bool:
+    return not_runnable(artifact, backend, device) is None
+
+
+def gpu_index(device: str | None) -> int:
+    """The CUDA device a TensorRT runner uses for ``device`` ("1" -> 1; anything else -> 0)."""
+    return int(device) if device and str(device).isdigit() else 0
 
 
 def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None = None,
@@ -117,6 +129,7 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
     backends = ["tensorrt", "onnxruntime"] if backend == "auto" else [backend]
     if device in ("cpu", "openvino") and backend == "auto":
         backends = ["onnxruntime"]
+    stale = _stale_engines(bundle, device) if backend == "auto" else []
     for b in backends:
         if b == "tensorrt" and not tensorrt_available():
             if backend == "tensorrt":
@@ -131,10 +144,14 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
         for p in wanted:
             # left to choose, only files made for this backend's flavour (or for any): the TensorRT
             # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
-            cands = [a for a in bundle.artifacts if a["precision"] == p and runnable(a, b)
+            cands = [a for a in bundle.artifacts if a["precision"] == p and runnable(a, b, device)
                      and (precision or (a.get("accepted", True) and a.get("backend", "any") in (flavour, "any")))]
-            cands.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
+            # a DLA engine only when asked for by name: the GPU runs the same precision faster
+            cands.sort(key=lambda a: ({flavour: 0, "any": 1}.get(a.get("backend"), 2), a.get("dla_core") is not None))
             if cands:
+                if stale and b != "tensorrt":
+                    warnings.warn(f"{bundle.path}: running {cands[0]['name']} on ONNX Runtime, not the bundle's TensorRT "
+                                  f"engines: {'; '.join(stale)}", stacklevel=3)
                 return cands[0], b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
     if precision and precision not in {a["precision"] for a in bundle.artifacts}:
@@ -142,6 +159,15 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                         f"{bundle.slim_note()}.")
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
                     f"(bundle has: {have}). Build engines on the device with `edge-tl engine {bundle.path}`.")
+
+
+def _stale_engines(bundle: Bundle, device: str | None) -> list[str]:
+    """'name: why' of each engine this machine's TensorRT could run but not this one (another TensorRT
+    version or GPU: after a JetPack upgrade the app would fall back to ONNX Runtime unnoticed)."""
+    engines = [a for a in bundle.artifacts if a["format"] == "engine"]
+    if not engines or not tensorrt_available():
+        return []
+    return [f"{a['name']}: {why}" for a in engines if (why := not_runnable(a, "tensorrt", device))]
 
 
 def _ort_flavour(device: str | None) -> str:
@@ -156,8 +182,7 @@ def _ort_flavour(device: str | None) -> str:
 def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0) -> Runner:
     path = bundle.file(artifact)
     if backend == "tensorrt":
-        return TensorRTRunner(path, int(device) if device and str(device).isdigit() else 0,
-                              artifact.get("dla_core"))
+        return TensorRTRunner(path, gpu_index(device), artifact.get("dla_core"))
     return OnnxRuntimeRunner(path, device, threads)
 
 

@@ -274,7 +274,8 @@ class TensorRTRunner(Runner):
             host_in[n:] = 0
             if not self.context.set_input_shape(self.input_name, host_in.shape):
                 raise UserError(f"{self.path}: batch {m} is outside the engine's profile "
-                                f"{self.min_batch}..{self.max_batch}; rebuild with a wider --batch.")
+                                f"{self.min_batch}..{self.max_batch}: re-export the bundle with a wider --batch "
+                                "MIN:OPT:MAX, then run `edge-tl engine` on it again.")
             ts.check(cudart.cudaEventRecord(ev[0], stream))
             ts.check(cudart.cudaMemcpyAsync(self._dev_in, host_in.ctypes.data, host_in.nbytes, h2d, stream))
             ts.check(cudart.cudaEventRecord(ev[1], stream))

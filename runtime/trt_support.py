@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -18,15 +19,28 @@ INSTALL_HINT = ("pip install tensorrt cuda-python (or pip install -e '.[tensorrt
                 "those are CUDA 13 builds, which need driver r580 or newer: with an older driver, "
                 "pip install tensorrt-cu12 'cuda-python>=12.6,<13'. On Jetson use JetPack's system TensorRT "
                 "(python3 -c 'import tensorrt') and the cuda-python of JetPack's CUDA major version (JetPack 6: 'cuda-python>=12.6,<13')")
+JETSON_HINT = ("this is a Jetson: use JetPack's own TensorRT, not PyPI's (a virtual environment made with "
+               "python3 -m venv --system-site-packages sees it: python3 -c 'import tensorrt'; a tensorrt from PyPI "
+               "in the environment hides it), and the cuda-python of JetPack's CUDA major version: JetPack 6 "
+               "(CUDA 12) pip install 'cuda-python>=12.6,<13', JetPack 7 (CUDA 13) pip install 'cuda-python>=13'")
+
+
+def on_jetson() -> bool:
+    """A Jetson (JetPack's Linux for Tegra), whose TensorRT and CUDA come with the system image."""
+    return Path("/etc/nv_tegra_release").exists()
+
+
+def install_hint() -> str:
+    return JETSON_HINT if on_jetson() else INSTALL_HINT
 
 
 def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise UserError(f"TensorRT is not installed here: {INSTALL_HINT}.") from None
+        raise UserError(f"TensorRT is not installed here: {install_hint()}.") from None
     except OSError as exc:  # its libraries are missing (TensorRT's loader raises this on Windows)
-        raise UserError(f"TensorRT is installed but cannot load its libraries ({exc}): {INSTALL_HINT}.") from None
+        raise UserError(f"TensorRT is installed but cannot load its libraries ({exc}): {install_hint()}.") from None
     return tensorrt
 
 
@@ -38,7 +52,7 @@ def import_cudart():
         try:
             from cuda import cudart
         except ImportError:
-            raise UserError(f"cuda-python is not installed here: {INSTALL_HINT}.") from None
+            raise UserError(f"cuda-python is not installed here: {install_hint()}.") from None
     return cudart
 
 
@@ -106,6 +120,8 @@ def cuda_problem(cudart) -> str | None:
     if int(err) != 0:
         name = cudart.cudaGetErrorName(err)[1]
         name = name.decode() if isinstance(name, bytes) else str(name)
+        if on_jetson():
+            return f"CUDA cannot count GPUs ({name}) with this cuda-python: {JETSON_HINT}."
         return (f"CUDA cannot count GPUs ({name}): no NVIDIA driver here, or one older than this cuda-python/TensorRT "
                 "build needs (CUDA 13 builds need driver r580 or newer; with an older driver: "
                 "pip install tensorrt-cu12 'cuda-python>=12.6,<13'). Run on a machine with an NVIDIA GPU (or a Jetson).")
@@ -136,13 +152,33 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def engine_matches_here(artifact: dict) -> bool:
-    """An engine runs only on the GPU model (compute capability) and TensorRT version that built it."""
+DLA_SUPPORT = ("DLA cores are on Jetson AGX Orin and Orin NX, not Orin Nano or Thor; TensorRT drives them up to 10.7 "
+               "(JetPack 6 has 10.3) and again from 11.4.1, on AGX Orin with JetPack 7.2.2 or later")
+
+
+def dla_cores() -> int:
+    """DLA cores this machine's TensorRT can use."""
+    return import_tensorrt().Runtime(logger()).num_DLA_cores
+
+
+def no_dla_note(dla_core: int) -> str:
+    return f"DLA core {dla_core}: {gpu_name()} has {dla_cores()} DLA cores under TensorRT {import_tensorrt().__version__} ({DLA_SUPPORT})"
+
+
+def engine_mismatch(artifact: dict, device: int = 0) -> str | None:
+    """None when this machine can run the engine; else what differs. An engine runs only on the
+    TensorRT version and GPU model (compute capability) that built it, and on a DLA core it has."""
     trt = import_tensorrt()
-    info = gpu_info()
-    return (artifact.get("tensorrt") == trt.__version__
-            and artifact.get("compute_capability") == info["compute_capability"]
-            and slug(artifact.get("gpu", "")) == slug(info["gpu"]))
+    info = gpu_info(device)
+    if (artifact.get("tensorrt"), artifact.get("compute_capability"), slug(artifact.get("gpu", ""))) != (
+            trt.__version__, info["compute_capability"], slug(info["gpu"])):
+        return (f"built by TensorRT {artifact.get('tensorrt')} for {artifact.get('gpu')} (sm "
+                f"{artifact.get('compute_capability')}); this machine has TensorRT {trt.__version__} and "
+                f"{info['gpu']} (sm {info['compute_capability']})")
+    dla = artifact.get("dla_core")
+    if dla is not None and dla_cores() <= dla:
+        return f"built for {no_dla_note(dla)}"
+    return None
 
 
 def pinned_array(cudart, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:

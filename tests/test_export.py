@@ -61,10 +61,18 @@ def test_cpu_int8_flavour_is_uint8_activations_per_channel(cpu_bundle):
     assert {o.domain for o in model.opset_import} == {n.domain for n in model.graph.node} == {""}
 
 
-def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
+def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path, monkeypatch):
+    from edge_tl.runtime import trt_support
+
     out = tmp_path / "gpu"
     logs = []
+    # a desktop with TensorRT and a GPU: a jetson bundle's engines are not built there (for the wrong GPU)
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: None)
+    monkeypatch.setattr(trt_support, "on_jetson", lambda: False)
+    monkeypatch.setattr(trt_support, "gpu_name", lambda device=0: "NVIDIA RTX 4090")
     export_bundle(elpv_run, out, "jetson", "fp32,int8", progress=False, log=logs.append)
+    assert any(line.startswith("TensorRT engines not built here (this is not a Jetson: engines run only on the GPU "
+                               "model that built them (NVIDIA RTX 4090 here))") for line in logs), logs
     model = onnx.load(str(out / "model.int8.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     zps = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
@@ -90,7 +98,8 @@ def test_tensorrt_flavour_is_symmetric_int8(elpv_run, tmp_path):
     assert f"edge-tl engine {out.name} --precision int8" in readme
     assert "trtexec --onnx=" in readme and "--stronglyTyped" in readme and "--int8" in readme
     # edge-tl is not on PyPI: the device installs a wheel of this checkout (made, copied, installed)
-    assert "pip wheel --no-deps -w" in readme and "pip install ~/gpu-wheel/edge_tl-*.whl cuda-python" in readme
+    assert "pip wheel --no-deps -w" in readme  # JetPack 6's CUDA 12 takes cuda-python 12
+    assert "pip install ~/gpu-wheel/edge_tl-*.whl 'cuda-python>=12.6,<13' onnxruntime" in readme
     from edge_tl.export.device import device_commands
 
     as_gpu = Bundle.load(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,15 @@ from edge_tl.export.tensorrt import (BatchProfile, engine_filename, parse_precis
 from edge_tl.runtime import trt_support
 
 TRT_MISSING = trt_support.missing_reason()
+ON_A_JETSON = ("on a Jetson (JetPack's TensorRT, no torch): python3 -m venv --system-site-packages .venv && "
+               ".venv/bin/pip install -e . 'cuda-python>=12.6,<13' pytest (JetPack 7: 'cuda-python>=13'), copy there a "
+               "--target jetson bundle exported elsewhere, then EDGE_TL_TRT_BUNDLE=BUNDLE .venv/bin/pytest "
+               "tests/test_tensorrt.py -k copied_bundle")
 needs_trt = pytest.mark.skipif(
     TRT_MISSING is not None,
-    reason=f"needs TensorRT 10/11 + cuda-python + an NVIDIA GPU ({TRT_MISSING}); run "
-           "`pip install -e '.[dev,tensorrt]' && pytest tests/test_tensorrt.py` on a GPU machine or a Jetson")
+    reason=f"needs TensorRT 10/11 + cuda-python + an NVIDIA GPU ({TRT_MISSING.rstrip('.') if TRT_MISSING else ''}); on a "
+           f"GPU machine: pip install -e '.[dev,tensorrt]' && pytest tests/test_tensorrt.py; {ON_A_JETSON}")
+DEVICE_BUNDLE = os.environ.get("EDGE_TL_TRT_BUNDLE")
 
 
 def test_batch_profile_parsing():
@@ -97,6 +103,35 @@ def test_build_engines_and_run_them(cpu_bundle, elpv_run, tmp_path):
         Predictor.from_bundle(out, artifact=engine["name"])
 
 
+@needs_trt
+@pytest.mark.skipif(not DEVICE_BUNDLE, reason="set EDGE_TL_TRT_BUNDLE to a --target gpu or jetson bundle exported on "
+                                              f"another machine: this test builds and checks its engines, torch-free; {ON_A_JETSON}")
+def test_engines_of_a_copied_bundle_build_check_and_predict(tmp_path):
+    """What a device does with a bundle exported elsewhere, without torch: build its engines, check
+    them (--require-engines: each kind must run here) and predict with the one "auto" picks."""
+    import shutil
+
+    from edge_tl.export.device import build_engines
+    from edge_tl.export.tensorrt import SOURCE_ARTIFACT, typing_mode
+    from edge_tl.runtime import Predictor
+    from edge_tl.runtime.bundle import Bundle
+    from edge_tl.runtime.check import check_bundle, failures
+
+    out = tmp_path / "bundle"
+    shutil.copytree(DEVICE_BUNDLE, out)
+    names = {a["name"] for a in Bundle.load(out).artifacts}
+    mode = typing_mode(trt_support.import_tensorrt().__version__)
+    precisions = [p for p in ("fp16", "int8") if SOURCE_ARTIFACT[mode][p] in names]
+    assert precisions, f"{DEVICE_BUNDLE}: no ONNX file to build fp16/int8 engines from ({sorted(names)})"
+    build_engines(Bundle.load(out), precisions)
+    report = check_bundle(out, require_engines=True)
+    assert report["passed"], failures(report)
+    pixels, logits = Bundle.load(out).golden()
+    with Predictor.from_bundle(out) as p:
+        assert p.artifact["format"] == "engine", p.artifact
+        assert (p.infer(pixels).argmax(1) == logits.argmax(1)).mean() >= 0.9
+
+
 def test_cuda_problem_names_the_cuda_error_without_a_driver():
     """cuda-python's real bindings on a machine without an NVIDIA driver: the reason names CUDA's error and the fix."""
     cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (the dev extra has it)")
@@ -105,6 +140,21 @@ def test_cuda_problem_names_the_cuda_error_without_a_driver():
     reason = trt_support.cuda_problem(cudart)
     assert reason is not None and "cudaError" in reason, reason
     assert "tensorrt-cu12 'cuda-python>=12.6,<13'" in reason
+
+
+def test_on_a_jetson_the_fixes_are_jetpacks(monkeypatch):
+    """On a Jetson the advice is JetPack's TensorRT and a cuda-python of JetPack's CUDA, never PyPI's tensorrt."""
+    import types
+
+    monkeypatch.setattr(trt_support, "on_jetson", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails: not installed
+    with pytest.raises(UserError, match="this is a Jetson: use JetPack's own TensorRT, not PyPI's") as err:
+        trt_support.import_tensorrt()
+    assert "pip install tensorrt" not in str(err.value)
+    old_cuda = types.SimpleNamespace(cudaGetDeviceCount=lambda: (35, 0), cudaGetErrorName=lambda e: (0, b"cudaErrorInsufficientDriver"))
+    reason = trt_support.cuda_problem(old_cuda)
+    assert "(cudaErrorInsufficientDriver)" in reason and "JetPack 6 (CUDA 12) pip install 'cuda-python>=12.6,<13'" in reason
+    assert "tensorrt-cu12" not in reason
 
 
 def fake_tensorrt(version: str, build_ok: bool = True, dla_cores: int = 0):
@@ -121,7 +171,9 @@ def fake_tensorrt(version: str, build_ok: bool = True, dla_cores: int = 0):
     trt.__version__ = version
     flags = ["GPU_FALLBACK"] + (["FP16", "INT8"] if version.startswith("10.") else [])
     trt.BuilderFlag = enum.Enum("BuilderFlag", flags)
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
+    # 10: EXPLICIT_BATCH = 0 (deprecated), STRONGLY_TYPED = 1; 11.1: STRONGLY_TYPED = 0 (deprecated, ignored)
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                                     {"STRONGLY_TYPED": 1 if version.startswith("10.") else 0})
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
     trt.DeviceType = enum.Enum("DeviceType", ["GPU", "DLA"])
 
@@ -198,8 +250,27 @@ def fake_tensorrt(version: str, build_ok: bool = True, dla_cores: int = 0):
             self.logger.log(ILogger.Severity.WARNING, "weak typing is deprecated")
             return None
 
-    trt.ILogger, trt.OnnxParser, trt.Builder = ILogger, OnnxParser, Builder
+    class Runtime:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            pass
+
+    trt.ILogger, trt.OnnxParser, trt.Builder, trt.Runtime = ILogger, OnnxParser, Builder, Runtime
     return trt, calls
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """This machine as a 'Fake GPU' (sm 8.7) to the code around TensorRT; the devices set are recorded."""
+    import types
+
+    devices = []
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_support, "import_cudart", lambda: types.SimpleNamespace(
+        cudaSetDevice=lambda d: devices.append(d) or (0,)))
+    monkeypatch.setattr(trt_support, "_LOGGER", None)
+    return devices
 
 
 @pytest.fixture
@@ -217,8 +288,8 @@ def tiny_onnx(tmp_path) -> Path:
 
 @pytest.mark.parametrize("version, precision, expected_flags, network_flags", [
     ("10.16.0", "fp16", ["FP16"], 0), ("10.16.0", "int8", ["FP16", "INT8"], 0),
-    ("10.16.0", "fp32", [], 0), ("11.1.0", "fp16", [], 2), ("11.1.0", "int8", [], 2)])
-def test_build_engine_flags_per_tensorrt_generation(monkeypatch, tiny_onnx, tmp_path, version, precision,
+    ("10.16.0", "fp32", [], 0), ("11.1.0", "fp16", [], 1), ("11.1.0", "int8", [], 1)])
+def test_build_engine_flags_per_tensorrt_generation(monkeypatch, fake_gpu, tiny_onnx, tmp_path, version, precision,
                                                     expected_flags, network_flags):
     """TensorRT 10: precision flags on a weakly typed network; 11: a strongly typed one, never the
     flags (11 has none: touching them would raise). Engine and timing cache are written."""
@@ -226,11 +297,10 @@ def test_build_engine_flags_per_tensorrt_generation(monkeypatch, tiny_onnx, tmp_
 
     trt, calls = fake_tensorrt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
-    monkeypatch.setattr(trt_support, "_LOGGER", None)
     cache = tmp_path / "timing.cache"
     facts = build_engine(tiny_onnx, tmp_path / "m.engine", precision, "image", (3, 8, 8), BatchProfile(1, 4, 16),
-                         workspace_mb=64, timing_cache=cache, log=lambda s: None)
+                         workspace_mb=64, timing_cache=cache, gpu=1, log=lambda s: None)
+    assert fake_gpu == [1]  # built on the CUDA device asked for
     assert [c[1] for c in calls if c[0] == "flag"] == expected_flags
     assert ("network_flags", network_flags) in calls and ("workspace", 64 << 20) in calls
     assert ("profile", {"image": ((1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))}) in calls
@@ -238,12 +308,11 @@ def test_build_engine_flags_per_tensorrt_generation(monkeypatch, tiny_onnx, tmp_
     assert facts["typing"] == ("strong" if version.startswith("11") else "weak") and facts["gpu"] == "Fake GPU"
 
 
-def test_build_engine_errors_name_their_cause(monkeypatch, tiny_onnx, tmp_path):
+def test_build_engine_errors_name_their_cause(monkeypatch, fake_gpu, tiny_onnx, tmp_path):
     """A wrong input name lists the real ones; a failed build names the last error, not a later
     warning; a corrupt timing cache is replaced; DLA without DLA cores is refused; DLA fixes the batch."""
     from edge_tl.export.tensorrt import build_engine
 
-    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
     args = (tiny_onnx, tmp_path / "m.engine", "fp16")
     for version, ok, dla in (("10.16.0", True, 0), ("10.16.0", False, 0), ("11.1.0", True, 2)):
         trt, calls = fake_tensorrt(version, build_ok=ok, dla_cores=dla)
@@ -252,7 +321,8 @@ def test_build_engine_errors_name_their_cause(monkeypatch, tiny_onnx, tmp_path):
         if ok and not dla:
             with pytest.raises(UserError, match=r"no input named 'input' \(it has \['image'\]\)"):
                 build_engine(*args, "input", (3, 8, 8), BatchProfile(), log=lambda s: None)
-            with pytest.raises(UserError, match="no DLA cores"):
+            with pytest.raises(UserError, match=r"--dla-core 0: Fake GPU has 0 DLA cores under TensorRT 10.16.0 "
+                                                 r"\(DLA cores are on Jetson AGX Orin"):
                 build_engine(*args, "image", (3, 8, 8), BatchProfile(), dla_core=0, log=lambda s: None)
         elif not ok:
             with pytest.raises(UserError, match=r"could not build a fp16 engine \(out of workspace\)"):
@@ -266,7 +336,7 @@ def test_build_engine_errors_name_their_cause(monkeypatch, tiny_onnx, tmp_path):
             assert any("unreadable" in line for line in logged) and cache.read_bytes() == b"cache-v1"
 
 
-def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkeypatch, cpu_bundle, tmp_path):
+def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkeypatch, fake_gpu, cpu_bundle, tmp_path):
     """`edge-tl engine` after a TensorRT upgrade: one `trt-fp16@gpu` artifact, the old file gone (it could
     not run on the new version), the manifest still verifying. Builder: the stand-in above."""
     import shutil
@@ -276,7 +346,6 @@ def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkey
 
     bundle_dir = tmp_path / "b"
     shutil.copytree(cpu_bundle, bundle_dir)
-    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
     monkeypatch.setattr(trt_support, "missing_reason", lambda: None)  # no GPU here: the stand-in is the TensorRT
     files = []
     for version in ("10.16.0", "10.17.0"):
@@ -291,3 +360,86 @@ def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkey
     assert [(a["name"], a["tensorrt"]) for a in engines] == [("trt-fp16@fake-gpu", "10.17.0")]
     assert files[0] != files[1] and not (bundle_dir / files[0]).exists() and files[0] not in bundle.manifest["files"]
     assert any(f"replaced {files[0]}" in line for line in logs)
+
+
+def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fake_gpu, cpu_bundle, tmp_path):
+    """After a TensorRT (JetPack) upgrade the bundle's engine cannot run: check and bench say why,
+    `check --require-engines` fails on it (and on a bundle without engines), the JUnit says so, and an
+    app's Predictor warns instead of falling back to ONNX Runtime unnoticed. Builder: the stand-in above."""
+    import shutil
+
+    from edge_tl.export.device import build_engines
+    from edge_tl.runtime import Predictor
+    from edge_tl.runtime.bench import bench_bundle
+    from edge_tl.runtime.bundle import Bundle
+    from edge_tl.runtime.check import NO_ENGINE, check_bundle, failures, write_junit
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(cpu_bundle, bundle_dir)
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0")[0])
+    plain = check_bundle(bundle_dir, require_engines=True, log=lambda s: None)
+    assert not plain["passed"] and NO_ENGINE in plain["engine_failures"]
+    assert f"`edge-tl engine {bundle_dir}`" in plain["engine_failures"][NO_ENGINE]
+    build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.7.0")[0])  # the upgrade
+    why = ("built by TensorRT 10.3.0 for Fake GPU (sm 8.7); this machine has TensorRT 10.7.0 and Fake GPU (sm 8.7): "
+           "rebuild it here with `edge-tl engine`")
+    logs = []
+    report = check_bundle(bundle_dir, log=logs.append)
+    engine_lines = lambda r: [f for f in failures(r) if f.startswith("trt-")]  # noqa: E731 (int8-cpu of a 1-epoch model may fail)
+    assert report["skipped_reasons"] == {"trt-fp16@fake-gpu": why} and engine_lines(report) == []
+    assert f"  trt-fp16@fake-gpu: skipped: {why}" in logs
+    required = check_bundle(bundle_dir, require_engines=True, log=lambda s: None)
+    assert not required["passed"] and engine_lines(required) == [f"trt-fp16@fake-gpu: {why}"]
+    case = '<testcase classname="edge-tl.check" name="trt-fp16@fake-gpu"><{} message="built by TensorRT 10.3.0'
+    assert case.format("failure") in write_junit(required, tmp_path / "junit.xml").read_text()
+    assert case.format("skipped") in write_junit(report, tmp_path / "ok.xml").read_text()
+    logs = []
+    bench_bundle(bundle_dir, precisions=["fp16"], batches=[1], seconds=0.05, log=logs.append)
+    assert f"trt-fp16@fake-gpu: skipped ({why})" in logs
+    with pytest.warns(UserWarning, match=r"on ONNX Runtime, not the bundle's TensorRT engines: trt-fp16@fake-gpu: "
+                                         r"built by TensorRT 10\.3\.0"):
+        Predictor.from_bundle(bundle_dir).close()
+    # a bundle carrying engines for two devices: this one's runs, the other's is skipped, not a failure.
+    # An engine cannot run here: its source ONNX on ONNX Runtime stands in for it.
+    from edge_tl.runtime import check as check_module
+
+    def source_on_onnxruntime(bundle, art, backend, device=None, threads=0):
+        src = next(a for a in bundle.artifacts if a["file"] == art.get("source", art["file"]))
+        return make_runner(bundle, src, "onnxruntime", "cpu", threads)
+
+    make_runner = check_module.make_runner
+    monkeypatch.setattr(check_module, "make_runner", source_on_onnxruntime)
+    build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)  # rebuilt for 10.7.0 here
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Orin", "compute_capability": "8.7"})
+    build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)
+    monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Fake GPU", "compute_capability": "8.7"})
+    both = check_bundle(bundle_dir, require_engines=True, log=lambda s: None)
+    assert list(both["skipped_reasons"]) == ["trt-fp16@orin"] and both["engine_failures"] == {}
+
+
+def test_dla_engines_need_their_core_and_are_taken_only_by_name(monkeypatch, fake_gpu, cpu_bundle, tmp_path):
+    """An Orin Nano reports the same GPU and sm as an AGX Orin but has no DLA: its DLA engine is not
+    runnable there; where both run, "auto" takes the GPU engine, whatever the manifest order."""
+    import shutil
+
+    from edge_tl.export.device import build_engines
+    from edge_tl.runtime.bundle import Bundle
+    from edge_tl.runtime.predictor import choose_artifact, not_runnable
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(cpu_bundle, bundle_dir)
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0", dla_cores=2)[0])
+    build_engines(Bundle.load(bundle_dir), ["fp16"], dla_core=1, log=lambda s: None)
+    build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)
+    bundle = Bundle.load(bundle_dir)
+    dla, gpu = (next(a for a in bundle.artifacts if a["format"] == "engine" and (a["dla_core"] is None) == g)
+                for g in (False, True))
+    assert [a["name"] for a in bundle.artifacts if a["format"] == "engine"] == [dla["name"], gpu["name"]]
+    assert choose_artifact(bundle)[0]["name"] == gpu["name"] and not_runnable(dla, "tensorrt") is None
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0", dla_cores=0)[0])  # an Orin Nano
+    assert not_runnable(dla, "tensorrt") == ("built for DLA core 1: Fake GPU has 0 DLA cores under TensorRT 10.3.0 "
+                                             f"({trt_support.DLA_SUPPORT}): rebuild it here with `edge-tl engine`")
+    assert not_runnable(gpu, "tensorrt") is None
