@@ -368,8 +368,8 @@ def check(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     junit: Optional[Path] = typer.Option(None, help="Also write JUnit XML here (one test case per artifact)."),
-    require_engines: bool = typer.Option(False, help="Fail unless the bundle has TensorRT engines and each kind of "
-                                         "them (precision, GPU or DLA) runs here (CI on the device: an engine built for "
+    require_engines: bool = typer.Option(False, help="Fail unless the bundle has TensorRT engines and, for each "
+                                         "precision they come in, one runs here (CI on the device: an engine built for "
                                          "another TensorRT version or GPU, e.g. before a JetPack upgrade, is otherwise "
                                          "skipped and apps fall back to ONNX Runtime)."),
 ) -> None:

@@ -129,8 +129,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     ``min_accuracy`` also fails any artifact below it (the reference included); ``keep_predictions``
     adds the images, labels and each artifact's top-1 per image (for reports); ``require_engines``
     fails the check when the bundle has no TensorRT engine, or an engine cannot run here and no other of
-    its precision (on the GPU, or on a DLA) can (CI on the device: after a TensorRT or JetPack upgrade
-    the app would otherwise fall back to ONNX Runtime unnoticed).
+    its precision can (CI on the device: after a TensorRT or JetPack upgrade the app would otherwise
+    fall back to ONNX Runtime unnoticed).
     """
     if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1
             and (min_accuracy is None or 0 <= min_accuracy <= 1)):
@@ -173,7 +173,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
         if why := not_runnable(art, backend, device):
             skipped_why[art["name"]] = why
-            log(f"  {art['name']}: {'FAIL (--require-engines)' if require_engines else 'skipped'}: {why}")
+            log(f"  {art['name']}: skipped: {why}")
             continue
         t0 = time.perf_counter()
         with make_runner(bundle, art, backend, device, threads) as runner:
@@ -239,11 +239,15 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         log(f"  {name}: in the baseline, left out of this bundle by `edge-tl slim`: not judged")
     for name in sorted((base.not_gated if base else set()) - {a["name"] for a in bundle.artifacts} - dropped):
         log(f"  {name}: in the baseline, not gated there (not accepted at export), not in this bundle: not judged")
-    # name -> why: an engine that cannot run here, and no engine of its kind (precision, GPU or DLA) can
-    kind = {a["name"]: (a["precision"], a.get("dla_core") is None) for a in bundle.artifacts if a["format"] == "engine"}
-    running = {kind[n] for n in results if n in kind}
-    engine_failures = {n: why for n, why in skipped_why.items() if require_engines and n in kind and kind[n] not in running}
-    if require_engines and not any(a["format"] == "engine" for a in bundle.artifacts):
+    # name -> why: an engine that cannot run here, and no engine of its precision can (one for another
+    # device beside this device's own is no failure)
+    precision = {a["name"]: a["precision"] for a in bundle.artifacts if a["format"] == "engine"}
+    running = {precision[n] for n in results if n in precision}
+    engine_failures = {n: why for n, why in skipped_why.items()
+                       if require_engines and n in precision and precision[n] not in running}
+    for name, why in engine_failures.items():
+        log(f"  {name}: FAIL (--require-engines: no {precision[name]} engine runs here): {why}")
+    if require_engines and not precision:
         engine_failures[NO_ENGINE] = (f"the bundle has none (--require-engines): build them here with "
                                       f"`edge-tl engine {bundle.path}`")
         log(f"  {NO_ENGINE}: FAIL: {engine_failures[NO_ENGINE]}")

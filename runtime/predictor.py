@@ -129,7 +129,9 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
     backends = ["tensorrt", "onnxruntime"] if backend == "auto" else [backend]
     if device in ("cpu", "openvino") and backend == "auto":
         backends = ["onnxruntime"]
-    stale = _stale_engines(bundle, device) if backend == "auto" else []
+    engines = [a for a in bundle.artifacts if a["format"] == "engine"]
+    # name -> why it cannot run here (None: it can), asked once per engine: each asks CUDA and TensorRT
+    engine_why = {a["name"]: not_runnable(a, "tensorrt", device) for a in engines} if "tensorrt" in backends else {}
     for b in backends:
         if b == "tensorrt" and not tensorrt_available():
             if backend == "tensorrt":
@@ -141,33 +143,40 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
             import_onnxruntime()
         flavour = "tensorrt" if b == "tensorrt" else _ort_flavour(device)
         wanted = [precision] if precision else [p for p in PRECISION_PREFERENCE if p != "fp16" or flavour == "tensorrt"]
-        for p in wanted:
-            # left to choose, only files made for this backend's flavour (or for any): the TensorRT
-            # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
-            cands = [a for a in bundle.artifacts if a["precision"] == p and runnable(a, b, device)
-                     and (precision or (a.get("accepted", True) and a.get("backend", "any") in (flavour, "any")))]
-            # a DLA engine only when asked for by name: the GPU runs the same precision faster
-            cands.sort(key=lambda a: ({flavour: 0, "any": 1}.get(a.get("backend"), 2), a.get("dla_core") is not None))
-            if cands:
-                if stale and b != "tensorrt":
-                    warnings.warn(f"{bundle.path}: running {cands[0]['name']} on ONNX Runtime, not the bundle's TensorRT "
-                                  f"engines: {'; '.join(stale)}", stacklevel=3)
-                return cands[0], b
+        # a GPU engine of any precision before a DLA engine (the GPU is faster; a DLA engine is for
+        # offloading, taken by name or when no GPU engine runs here)
+        for dla in ((False, True) if b == "tensorrt" else (False,)):
+            for p in wanted:
+                # left to choose, only files made for this backend's flavour (or for any): the TensorRT
+                # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
+                cands = [a for a in bundle.artifacts if a["precision"] == p and (a.get("dla_core") is not None) == dla
+                         and (engine_why.get(a["name"], "not an engine") is None if b == "tensorrt" else runnable(a, b))
+                         and (precision or (a.get("accepted", True) and a.get("backend", "any") in (flavour, "any")))]
+                cands.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
+                if cands:
+                    if b != "tensorrt" and (stale := _stale(engine_why)):
+                        warnings.warn(f"{bundle.path}: running {cands[0]['name']} on ONNX Runtime, not the bundle's "
+                                      f"TensorRT engines: {stale}", stacklevel=3)
+                    return cands[0], b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
     if precision and precision not in {a["precision"] for a in bundle.artifacts}:
         raise UserError(f"precision {precision!r}: {bundle.path} has no {precision} artifact (it has: {have})"
                         f"{bundle.slim_note()}.")
+    why = f" Its engines: {'; '.join(f'{n}: {w}' for n, w in engine_why.items())}." if engine_why else ""
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
-                    f"(bundle has: {have}). Build engines on the device with `edge-tl engine {bundle.path}`.")
+                    f"(bundle has: {have}).{why} Build engines on the device with `edge-tl engine {bundle.path}`.")
 
 
-def _stale_engines(bundle: Bundle, device: str | None) -> list[str]:
-    """'name: why' of each engine this machine's TensorRT could run but not this one (another TensorRT
-    version or GPU: after a JetPack upgrade the app would fall back to ONNX Runtime unnoticed)."""
-    engines = [a for a in bundle.artifacts if a["format"] == "engine"]
-    if not engines or not tensorrt_available():
-        return []
-    return [f"{a['name']}: {why}" for a in engines if (why := not_runnable(a, "tensorrt", device))]
+def _stale(engine_why: dict[str, str | None]) -> str:
+    """'name: why; ...' of the engines that cannot run here where TensorRT is meant to (it imports, or
+    this is a Jetson): after a JetPack upgrade, or with a cuda-python that cannot reach CUDA, an app
+    would otherwise fall back to ONNX Runtime unnoticed. Empty where there is no TensorRT at all."""
+    from . import trt_support
+
+    stale = [f"{n}: {w}" for n, w in engine_why.items() if w]
+    if stale and (trt_support.on_jetson() or trt_support.tensorrt_installed()):
+        return "; ".join(stale)
+    return ""
 
 
 def _ort_flavour(device: str | None) -> str:

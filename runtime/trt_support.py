@@ -30,6 +30,16 @@ def on_jetson() -> bool:
     return Path("/etc/nv_tegra_release").exists()
 
 
+def tensorrt_installed() -> bool:
+    """Whether a ``tensorrt`` package is there to import (without importing it: it may be broken)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tensorrt") is not None
+    except ValueError:  # imported already, without a module spec
+        return True
+
+
 def install_hint() -> str:
     return JETSON_HINT if on_jetson() else INSTALL_HINT
 
@@ -136,7 +146,12 @@ def available() -> bool:
 
 def gpu_info(device: int = 0) -> dict:
     """Name and compute capability of CUDA device ``device``."""
-    prop = check(import_cudart().cudaGetDeviceProperties(device))
+    cudart = import_cudart()
+    count = check(cudart.cudaGetDeviceCount())
+    if not 0 <= device < count:
+        raise UserError(f"CUDA device {device}: this machine has {count} GPU{'s' * (count != 1)} (0 to {count - 1}); "
+                        "pass one of those (edge-tl engine --gpu N, --device N).")
+    prop = check(cudart.cudaGetDeviceProperties(device))
     name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
     return {"gpu": name.strip("\x00 "), "compute_capability": f"{prop.major}.{prop.minor}"}
 
@@ -161,8 +176,6 @@ def dla_cores() -> int:
     return import_tensorrt().Runtime(logger()).num_DLA_cores
 
 
-def no_dla_note(dla_core: int) -> str:
-    return f"DLA core {dla_core}: {gpu_name()} has {dla_cores()} DLA cores under TensorRT {import_tensorrt().__version__} ({DLA_SUPPORT})"
 
 
 def engine_mismatch(artifact: dict, device: int = 0) -> str | None:
@@ -176,8 +189,9 @@ def engine_mismatch(artifact: dict, device: int = 0) -> str | None:
                 f"{artifact.get('compute_capability')}); this machine has TensorRT {trt.__version__} and "
                 f"{info['gpu']} (sm {info['compute_capability']})")
     dla = artifact.get("dla_core")
-    if dla is not None and dla_cores() <= dla:
-        return f"built for {no_dla_note(dla)}"
+    if dla is not None and (cores := dla_cores()) <= dla:
+        return (f"built for DLA core {dla}: {info['gpu']} has {cores} DLA cores under TensorRT {trt.__version__} "
+                f"({DLA_SUPPORT})")
     return None
 
 

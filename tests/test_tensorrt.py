@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,21 @@ def fake_gpu(monkeypatch):
 
 
 @pytest.fixture
+def engines_run_as_their_onnx(monkeypatch):
+    """`check` runs an engine as the ONNX file it was built from, on ONNX Runtime: TensorRT cannot
+    run here, and what is tested is which engines check runs, skips or fails, not their outputs."""
+    from edge_tl.runtime import check as check_module
+
+    make_runner = check_module.make_runner
+
+    def source_on_onnxruntime(bundle, art, backend, device=None, threads=0):
+        src = next(a for a in bundle.artifacts if a["file"] == art.get("source", art["file"]))
+        return make_runner(bundle, src, "onnxruntime", "cpu", threads)
+
+    monkeypatch.setattr(check_module, "make_runner", source_on_onnxruntime)
+
+
+@pytest.fixture
 def tiny_onnx(tmp_path) -> Path:
     import onnx
     from onnx import TensorProto, helper
@@ -362,7 +378,8 @@ def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkey
     assert any(f"replaced {files[0]}" in line for line in logs)
 
 
-def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fake_gpu, cpu_bundle, tmp_path):
+def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fake_gpu, engines_run_as_their_onnx,
+                                                                 cpu_bundle, tmp_path):
     """After a TensorRT (JetPack) upgrade the bundle's engine cannot run: check and bench say why,
     `check --require-engines` fails on it (and on a bundle without engines), the JUnit says so, and an
     app's Predictor warns instead of falling back to ONNX Runtime unnoticed. Builder: the stand-in above."""
@@ -401,16 +418,17 @@ def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fa
     with pytest.warns(UserWarning, match=r"on ONNX Runtime, not the bundle's TensorRT engines: trt-fp16@fake-gpu: "
                                          r"built by TensorRT 10\.3\.0"):
         Predictor.from_bundle(bundle_dir).close()
-    # a bundle carrying engines for two devices: this one's runs, the other's is skipped, not a failure.
-    # An engine cannot run here: its source ONNX on ONNX Runtime stands in for it.
-    from edge_tl.runtime import check as check_module
-
-    def source_on_onnxruntime(bundle, art, backend, device=None, threads=0):
-        src = next(a for a in bundle.artifacts if a["file"] == art.get("source", art["file"]))
-        return make_runner(bundle, src, "onnxruntime", "cpu", threads)
-
-    make_runner = check_module.make_runner
-    monkeypatch.setattr(check_module, "make_runner", source_on_onnxruntime)
+    with warnings.catch_warnings():  # asked for the CPU: TensorRT is not consulted, nothing to warn about
+        warnings.simplefilter("error")
+        Predictor.from_bundle(bundle_dir, device="cpu").close()
+    with pytest.raises(UserError, match=r"Its engines: trt-fp16@fake-gpu: built by TensorRT 10\.3\.0"):
+        Predictor.from_bundle(bundle_dir, backend="tensorrt")
+    # TensorRT installed, but its cuda-python cannot reach CUDA (JetPack 7 with a CUDA 12 cuda-python)
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: "CUDA cannot count GPUs (cudaErrorInsufficientDriver)")
+    with pytest.warns(UserWarning, match=r"trt-fp16@fake-gpu: needs TensorRT and a GPU \(CUDA cannot count GPUs"):
+        Predictor.from_bundle(bundle_dir).close()
+    monkeypatch.setattr(trt_support, "missing_reason", lambda: None)
+    # a bundle carrying engines for two devices: this one's runs, the other's is skipped, not a failure
     build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)  # rebuilt for 10.7.0 here
     monkeypatch.setattr(trt_support, "gpu_info", lambda device=0: {"gpu": "Orin", "compute_capability": "8.7"})
     build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)
@@ -419,13 +437,16 @@ def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fa
     assert list(both["skipped_reasons"]) == ["trt-fp16@orin"] and both["engine_failures"] == {}
 
 
-def test_dla_engines_need_their_core_and_are_taken_only_by_name(monkeypatch, fake_gpu, cpu_bundle, tmp_path):
+def test_dla_engines_need_their_core_and_come_after_gpu_engines(monkeypatch, fake_gpu, engines_run_as_their_onnx,
+                                                                cpu_bundle, tmp_path):
     """An Orin Nano reports the same GPU and sm as an AGX Orin but has no DLA: its DLA engine is not
-    runnable there; where both run, "auto" takes the GPU engine, whatever the manifest order."""
+    runnable there. Where both run, "auto" takes a GPU engine of any precision (fp32) before a DLA one
+    (fp16, the preferred precision), whatever the manifest order; a DLA engine alone is taken."""
     import shutil
 
     from edge_tl.export.device import build_engines
     from edge_tl.runtime.bundle import Bundle
+    from edge_tl.runtime.check import check_bundle
     from edge_tl.runtime.predictor import choose_artifact, not_runnable
 
     bundle_dir = tmp_path / "b"
@@ -433,13 +454,31 @@ def test_dla_engines_need_their_core_and_are_taken_only_by_name(monkeypatch, fak
     monkeypatch.setattr(trt_support, "missing_reason", lambda: None)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0", dla_cores=2)[0])
     build_engines(Bundle.load(bundle_dir), ["fp16"], dla_core=1, log=lambda s: None)
-    build_engines(Bundle.load(bundle_dir), ["fp16"], log=lambda s: None)
+    assert choose_artifact(Bundle.load(bundle_dir))[0]["name"] == "trt-fp16-dla1@fake-gpu"  # the only engine
+    build_engines(Bundle.load(bundle_dir), ["fp32"], log=lambda s: None)
     bundle = Bundle.load(bundle_dir)
     dla, gpu = (next(a for a in bundle.artifacts if a["format"] == "engine" and (a["dla_core"] is None) == g)
                 for g in (False, True))
     assert [a["name"] for a in bundle.artifacts if a["format"] == "engine"] == [dla["name"], gpu["name"]]
-    assert choose_artifact(bundle)[0]["name"] == gpu["name"] and not_runnable(dla, "tensorrt") is None
+    assert choose_artifact(bundle)[0]["name"] == gpu["name"] == "trt-fp32@fake-gpu"
+    assert not_runnable(dla, "tensorrt") is None
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0", dla_cores=0)[0])  # an Orin Nano
     assert not_runnable(dla, "tensorrt") == ("built for DLA core 1: Fake GPU has 0 DLA cores under TensorRT 10.3.0 "
                                              f"({trt_support.DLA_SUPPORT}): rebuild it here with `edge-tl engine`")
     assert not_runnable(gpu, "tensorrt") is None
+    # no fp16 engine runs here: --require-engines fails on it, and says so once, as a failure
+    logs = []
+    report = check_bundle(bundle_dir, require_engines=True, log=logs.append)
+    assert list(report["engine_failures"]) == [dla["name"]] and "trt-fp32@fake-gpu" in report["artifacts"]
+    assert [line for line in logs if dla["name"] in line] == [
+        f"  {dla['name']}: skipped: {not_runnable(dla, 'tensorrt')}",
+        f"  {dla['name']}: FAIL (--require-engines: no fp16 engine runs here): {not_runnable(dla, 'tensorrt')}"]
+
+
+def test_gpu_index_out_of_range_is_bad_input(monkeypatch):
+    import types
+
+    monkeypatch.setattr(trt_support, "import_cudart", lambda: types.SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1)))
+    for bad in (1, -1):
+        with pytest.raises(UserError, match=rf"CUDA device {bad}: this machine has 1 GPU \(0 to 0\); pass one of those"):
+            trt_support.gpu_info(bad)
