@@ -349,7 +349,7 @@ def format_summary(summary: dict) -> str:
             vals = [f"{e[k][key]:>7.4g}" if e[k][key] is not None else "  never (at chance)" for k in ("pretrained", "scratch")]
             lines.append(f"  {label:<24} {vals[0]} vs {vals[1]}  {win}")
     if skipped := summary.get("skipped_training_files"):
-        lines.append(f"{skipped} training files skipped (unreadable, or not images): listed in run/skipped.txt")
+        lines.append(f"{skipped} training files or folders skipped (unreadable, not images, or where training does not read): listed in run/skipped.txt")
     if found := describe_duplicates({k: n for k, n in summary.get("duplicates", {}).items() if k != "moved_to_train"}):
         lines.append("byte-identical images (all in run/duplicates.txt and check.json): " + "; ".join(found))
     if summary["not_run_here"]:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -485,6 +486,11 @@ TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib"}
 def main() -> None:
     """Entry point: user errors print one line and exit 2, never a traceback. Anything else is a bug
     of edge-tl: traceback and exit 3, so a CI gate never reads a crash as check's 1 (regression)."""
+    from PIL import Image
+
+    # the user's own images: a 100-megapixel scan is no attack (past twice Pillow's limit it is refused,
+    # naming the file); Pillow's warning names no file and breaks the progress bars
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         app()
     except SystemExit as exc:

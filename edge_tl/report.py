@@ -119,8 +119,16 @@ def _data_warnings(metrics: dict, check: dict) -> list[str]:
     notes = describe_duplicates({**found, **test_copy_counts(check)})
     out = []
     if skipped := metrics.get("skipped_files"):
-        out.append(f"<p><b class=\"fail\">Data:</b> {skipped} training files were skipped (unreadable, or not "
-                   "images): each is listed, with why, in run/skipped.txt.</p>")
+        out.append(f"<p><b class=\"fail\">Data:</b> {skipped} training files or folders were skipped (unreadable, not "
+                   "images, or where training does not read): each is listed, with why, in run/skipped.txt.</p>")
+    odd = metrics.get("odd_images", {})  # runs from before edge-tl counted them have none
+    kinds = {"flat": "decode to one flat colour (blank frames, or 16-bit files holding 8- or 12-bit values)",
+             "upscaled": "are upscaled over 2 times (under half the resize size)",
+             "cropped": "are so long that the centre crop keeps under a quarter of each"}
+    found = [f"{n} {kinds[k]}" for k, n in odd.items() if n and k in kinds]
+    if found:
+        out.append(f"<p><b class=\"fail\">Data:</b> training and validation images the model sees poorly: "
+                   f"{html.escape('; '.join(found))}: each listed in run/odd_images.txt.</p>")
     if notes:
         out.append(f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one "
                    "is listed in run/duplicates.txt and check.json's test_in_training).</p>")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.images import (CONVERT_FIRST, IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage,
-                                    class_folders, cpu_cores, in_order, visible_files)
+                                    class_folders, cpu_cores, image_files, in_order, visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS, split_folder
@@ -123,6 +123,59 @@ def describe_duplicates(counts: dict) -> list[str]:
 
 
 @dataclass
+class OddImages:
+    """Images the model will see poorly, found by the one-time scan; they are trained on all the same.
+
+    Flat: one colour after decoding (a blank frame, or a 16-bit file holding 8- or 12-bit values,
+    which the fixed 16-to-8-bit mapping turns near-black). Upscaled: the shorter side under half
+    the resize size, so the model sees interpolated blur. Cropped: so long that the centre crop
+    keeps under a quarter of the image (over ~3:1 at timm's usual crop_pct 0.875).
+    """
+
+    flat: list[Path] = field(default_factory=list)
+    upscaled: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
+    cropped: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
+
+    def add(self, path: Path, array: np.ndarray, size: tuple[int, int], spec: PreprocessSpec) -> None:
+        if array.min() == array.max():
+            self.flat.append(path)
+        if 2 * min(size) < spec.resize_size:
+            self.upscaled.append((path, size))
+        h, w = spec.input_size
+        if 4 * h * w < array.shape[0] * array.shape[1]:  # the centre crop keeps under a quarter of the resized image
+            self.cropped.append((path, size))
+
+    def counts(self) -> dict[str, int]:
+        return {"flat": len(self.flat), "upscaled": len(self.upscaled), "cropped": len(self.cropped)}
+
+    def lines(self) -> list[str]:
+        """One line per image, for run/odd_images.txt: kind, path, its decoded size."""
+        e = lambda p: escape_field(str(p))  # noqa: E731 - one image per line, whatever the file names
+        return ([f"flat\t{e(p)}" for p in self.flat] + [f"upscaled\t{e(p)}\t{w}x{h}" for p, (w, h) in self.upscaled]
+                + [f"cropped\t{e(p)}\t{w}x{h}" for p, (w, h) in self.cropped])
+
+    def notes(self, spec: PreprocessSpec) -> list[str]:
+        """One warning per kind found, for the fine-tune's log."""
+        notes = []
+        if self.flat:
+            notes.append(f"warning: {len(self.flat)} images decode to one flat colour, e.g. {self.flat[0]}: blank "
+                         "frames, or 16-bit files holding 8- or 12-bit values (16-bit data maps 0-65535 onto 0-255, so "
+                         "such values turn near-black: stretch them to the full range first). They train as their class.")
+        if self.upscaled:
+            (path, (w, h)), low = min(self.upscaled, key=lambda r: min(r[1])), min(min(r[1]) for r in self.upscaled)
+            notes.append(f"note: {len(self.upscaled)} images are under half the {spec.resize_size}-px resize size on "
+                         f"their shorter side (the smallest {w}×{h}: {path}), so they are upscaled up to "
+                         f"{spec.resize_size / low:.0f} times and the model sees interpolated blur; a smaller --img-size "
+                         "is faster for such data (compare the validation accuracy of both).")
+        if self.cropped:
+            (path, (w, h)) = max(self.cropped, key=lambda r: max(r[1]) / min(r[1]))
+            notes.append(f"note: {len(self.cropped)} images are so long that the centre crop the model sees keeps under "
+                         f"a quarter of each (the longest {w}×{h}: {path}): cut them into squares (tiles) if what "
+                         "matters can be outside the centre.")
+        return notes
+
+
+@dataclass
 class ImageFolderData:
     """The classes and the train/val splits of a dataset folder, plus what was skipped."""
 
@@ -134,6 +187,7 @@ class ImageFolderData:
     skipped: list[str] = field(default_factory=list)
     moved_to_train: list[Path] = field(default_factory=list)  # carved validation images that have a copy in train
     budget: DecodeBudget | None = None  # what the decoding kept in memory
+    odd: "OddImages" = field(default_factory=lambda: OddImages())  # images the model will see poorly
 
     def memory_note(self, command: str = "finetune") -> str | None:
         """A warning for ``command``'s log when some images are decoded at each use; None when all fit."""
@@ -312,36 +366,41 @@ def decode_threads() -> int:
     return max(1, min(MAX_DECODE_THREADS, cpu_cores() // copies))
 
 
-def _read_image(decode: Callable, path: Path) -> tuple[np.ndarray, str] | str:
-    """(pixels, sha256 of the file) of ``path``, or why it is skipped."""
+def _read_image(spec: PreprocessSpec, path: Path) -> tuple[np.ndarray, str, tuple[int, int]] | str:
+    """(pixels as ``decode_resized`` gives them, sha256 of the file, its decoded size) of ``path``, or
+    why it is skipped."""
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS and suffix not in CONVERT_FIRST and path.exists():  # broken links: load_rgb
         return f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
     try:
-        array = decode(path)
+        img = spec.load(path, keep_gray=False)
     except UnreadableImage as exc:
         return str(exc)
-    return array, sha256_file(path)  # read again from the page cache: far cheaper than the decode
+    # read again from the page cache: far cheaper than the decode
+    return np.asarray(spec.resize_shorter(img)), sha256_file(path), img.size
 
 
 def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSpec, skipped: list[str],
-            desc: str, progress: bool, budget: DecodeBudget | None = None) -> Split:
+            desc: str, progress: bool, budget: DecodeBudget | None = None, odd: "OddImages | None" = None) -> Split:
     """Decode every file once (this is also the check), on every core; unreadable ones go to ``skipped``.
 
     Decoding a JPEG every epoch costs more CPU than a small model on small images; a
     dataset of a few thousand images, resized, fits in a few hundred MB. What ``budget``
-    cannot keep is decoded again at each use (no budget: all are kept).
+    cannot keep is decoded again at each use (no budget: all are kept). Images the model will see
+    poorly (flat, much upscaled, mostly cropped away) go to ``odd`` too, and are still used.
     """
     decode, budget = partial(decode_resized, spec), budget or DecodeBudget(None)
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays, digests = [], [], [], []
-    results = in_order(partial(_read_image, decode), [p for p, _ in todo], decode_threads())
+    results = in_order(partial(_read_image, spec), [p for p, _ in todo], decode_threads())
     for (p, ci), result in zip(todo, tqdm(results, desc=desc, total=len(todo), unit="img", disable=not progress,
                                           leave=False)):
         if isinstance(result, str):
             skipped.append(result)
             continue
-        array, digest = result
+        array, digest, size = result
+        if odd is not None:
+            odd.add(p, array, size, spec)
         arrays.append(array if budget.keep(array) else None)
         paths.append(p)
         labels.append(ci)
@@ -412,6 +471,13 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     train_dir = split_folder(root, "train") or root
     val_dir = split_folder(root, *VAL_FOLDERS) if train_dir != root else None
     skipped: list[str] = []
+    if train_dir != root:  # a class folder left beside train/ would vanish from the classes unseen
+        read = {d.name for d in (train_dir, val_dir, split_folder(root, "test")) if d is not None}
+        for d in class_folders(root):
+            if d.name not in read and (n := len(image_files(d))):
+                skipped.append(f"{d}: {n} image files beside {train_dir.name}/, not read (a fine-tune reads "
+                               f"{train_dir.name}/<class>/ and the validation folder): move it into {train_dir.name}/ "
+                               "if it is a class")
     train_files = _scan_classes(train_dir)
     for name in train_files if train_dir == root else ():
         subdirs = {d.name for d in (root / name).iterdir() if d.is_dir() and not d.name.startswith(".")}
@@ -424,8 +490,8 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     if len(classes) < 2:
         raise UserError(f"{train_dir}: only one class ({classes[0]}); a classifier needs at least two class sub-folders.")
     val_files = _scan_classes(val_dir) if val_dir is not None else {}
-    budget = DecodeBudget(available_memory())
-    full = _decode(train_files, classes, spec, skipped, "decode train", progress, budget)
+    budget, odd = DecodeBudget(available_memory()), OddImages()
+    full = _decode(train_files, classes, spec, skipped, "decode train", progress, budget, odd)
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]
         if n == 0:
@@ -438,7 +504,7 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
         unknown = sorted(set(val_files) - set(classes))
         if unknown:
             raise UserError(f"{val_dir}: classes {unknown} are not in {train_dir}; {val_dir.name}/ must use the train classes.")
-        val = _decode(val_files, classes, spec, skipped, "decode val", progress, budget)
+        val = _decode(val_files, classes, spec, skipped, "decode val", progress, budget, odd)
         if len(val) == 0:
             raise UserError(f"{val_dir}: no readable images. Add images or remove {val_dir.name}/ to carve a split from train.")
         absent = [c for c, n in zip(classes, val.counts(len(classes))) if n == 0]
@@ -446,9 +512,9 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
             raise UserError(f"{val_dir}: no readable images of {', '.join(absent)}, so validation (which picks the best "
                             f"epoch) would never see {'that class' if len(absent) == 1 else 'those classes'}. Add some to "
                             f"{val_dir.name}/<class>/, or remove {val_dir.name}/ to carve a stratified split from train.")
-        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped, budget=budget)
+        return ImageFolderData(root, classes, full, val, f"{val_dir.name}/ folder", skipped, budget=budget, odd=odd)
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     keep, held, moved = keep_copies_together(full.digests, full.labels, keep, held)
     source = f"carved from train: stratified {val_fraction:.0%}, seed {split_seed}"
     return ImageFolderData(root, classes, full.subset(keep), full.subset(held), source, skipped,
-                           [full.paths[i] for i in moved], budget)
+                           [full.paths[i] for i in moved], budget, odd)

@@ -481,7 +481,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if state is not None and data.classes != state["classes"]:
         raise UserError(f"{cfg.data}: classes {data.classes} differ from the run's {state['classes']} in "
                         f"{out / 'last.pt'}; resume with the run's data.")
-    _log_first(data.skipped, f"skipped {len(data.skipped)} unreadable or non-image files:", out / "skipped.txt", log)
+    _log_first(data.skipped, f"skipped {len(data.skipped)} files or folders (unreadable, not images, or where "
+               "training does not read):", out / "skipped.txt", log)
     if cfg.workers is None:
         cfg = replace(cfg, workers=auto_workers() if data.train.on_demand + data.val.on_demand else 0)
     if note := data.memory_note():
@@ -493,6 +494,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     _seed_all(cfg.seed)  # the new head's init
     model, pretrained = create_backbone(cfg.model, num_classes, cfg.weights, cfg.scratch)
     log(f"data {data.root}: {num_classes} classes, {len(data.train)} train / {len(data.val)} val ({data.val_source})")
+    for note in data.odd.notes(spec):
+        log(note)
     if note := imbalance_note(data.train.counts(num_classes), data.classes, cfg.class_weights):
         log(note)
     log(f"model {cfg.model}, weights: {pretrained}, device {device}, input {spec.input_size[0]}x{spec.input_size[1]}"
@@ -562,6 +565,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
         write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
+        write_text(out / "odd_images.txt", "".join(f"{s}\n" for s in data.odd.lines()))
         write_text(out / "images.tsv", data.images_table())
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
 
@@ -658,6 +662,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         "val_confusion": best["confusion"], "model": cfg.model, "pretrained": pretrained,
         "seconds": round(seconds, 2), "epochs": cfg.epochs, "device": str(device), "preprocess": spec.to_dict(),
         "skipped_files": len(data.skipped), "decoded_at_each_use": data.train.on_demand + data.val.on_demand,
+        "odd_images": data.odd.counts(),
         "duplicates": duplicates.counts(), "config": asdict(cfg), "edge_tl": __version__,
         "torch": torch.__version__, "timm": timm.__version__, "processes": d.world,
     }

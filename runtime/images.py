@@ -91,13 +91,13 @@ def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     """
     img = ImageOps.exif_transpose(img) or img
     mode = img.mode
+    if mode in ("RGB", "L", "P") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is transparent
+        img, mode = img.convert("RGBA"), "RGBA"
     if mode == "RGB" or (keep_gray and mode == "L"):
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
         gray = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=mode.startswith("I;16")), "L")
         return gray if keep_gray else gray.convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -211,11 +211,21 @@ def visible_files(folder: Path) -> list[Path]:
     ``._x.png`` (macOS AppleDouble), ``.ipynb_checkpoints/`` copies of other images, or files in
     ``SYSTEM_FOLDERS`` (Synology's ``@eaDir/`` thumbnails, recycle bins).
 
-    Broken symbolic links are included, so that decoding lists them as skipped instead of a
-    class silently losing images (a dataset of links copied without their targets)."""
-    return sorted(p for p in folder.rglob("*")
-                  if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and not any(_hidden(part) for part in p.relative_to(folder).parts))
+    Linked folders are followed (each real folder once: a link back up does not loop), so a
+    class assembled from links keeps its images. Broken symbolic links are included, so that
+    decoding lists them as skipped instead of a class silently losing images (a dataset of links
+    copied without their targets)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [p for p in (Path(top) / f for f in files if not _hidden(f))
+                  if p.is_file() or (p.is_symlink() and not p.exists())]
+    return sorted(found)
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -226,5 +236,10 @@ def class_folders(root: Path) -> list[Path]:
         if d.is_symlink() and not d.exists():
             raise UserError(f"{d}: broken symbolic link (to {os.readlink(d)}) where a class folder is expected; "
                             "point it at the class's folder or remove it.")
-    return [d for d in entries if d.is_dir()]
+    folders = [d for d in entries if d.is_dir()]
+    for d in folders:
+        if any(ord(c) < 32 or ord(c) == 127 for c in d.name):  # labels.txt holds one class per line
+            raise UserError(f"{d}: a class folder whose name holds a control character ({d.name!r}: a newline or "
+                            "tab?); labels are one per line, so rename the folder.")
+    return folders
 

@@ -85,6 +85,13 @@ def test_data_fingerprint_covers_what_training_reads_only(tmp_path):
     before = fingerprint()
     make_image_folder(data / "valid", per_class=1)
     assert fingerprint() != before
+    before = fingerprint()  # a class linked in from elsewhere, then an image added inside it: both are new data
+    make_image_folder(tmp_path / "elsewhere", per_class=2, classes=("dots",))
+    (data / "train" / "dots").symlink_to(tmp_path / "elsewhere" / "dots")
+    assert fingerprint() != before
+    before = fingerprint()
+    make_image_folder(tmp_path / "elsewhere", per_class=3, classes=("dots",))
+    assert fingerprint() != before
 
 
 def test_build_runs_every_stage_and_summarizes(built):
@@ -132,10 +139,10 @@ def test_report_and_summary_show_an_int8_not_accepted_and_skipped_training_files
     (out / "run" / "metrics.json").write_text(json.dumps({**metrics, "skipped_files": 3}))
     page = write_report(out).read_text()
     assert "int8 was not accepted at export: fully quantized it loses 5.56 pts (1 of 18 validation images)" in page
-    assert "3 training files were skipped (unreadable, or not images)" in page and "layers in float" in page
+    assert "3 training files or folders were skipped (unreadable, not images, or where training does not read)" in page and "layers in float" in page
     text = format_summary(summarize(out))
     assert "int8: not accepted at export, so not gated and used only when asked for (fully quantized it loses 5.56" in text
-    assert "3 training files skipped (unreadable, or not images): listed in run/skipped.txt" in text
+    assert "3 training files or folders skipped (unreadable, not images, or where training does not read): listed in run/skipped.txt" in text
 
 
 def test_report_says_why_misclassified_images_are_missing(built, tmp_path):

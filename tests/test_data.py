@@ -327,3 +327,42 @@ def test_decoding_on_several_threads_gives_what_one_gives(tmp_path, monkeypatch)
         assert (a.paths, a.labels, a.digests) == (b.paths, b.labels, b.digests)
         assert all((x == y).all() for x, y in zip(a.arrays, b.arrays))
 
+
+
+def test_class_names_with_control_characters_are_refused(tiny_folder):
+    """labels.txt holds one class per line: a newline in a folder name made a bundle its own check refused."""
+    (tiny_folder / "hstripes").rename(tiny_folder / "h\nstripes")
+    with pytest.raises(UserError, match=r"h\nstripes: a class folder whose name holds a control character "
+                                        r"\('h\\nstripes': a newline or tab\?\); .* rename the folder"):
+        discover(tiny_folder, SPEC, progress=False)
+
+
+def test_a_folder_of_images_beside_train_is_listed_as_not_read(tmp_path):
+    """DIR/train/<class>/ + DIR/dog/: the dog class would vanish from the classes unseen."""
+    make_image_folder(tmp_path / "d" / "train", per_class=4)
+    make_image_folder(tmp_path / "d" / "test", per_class=1)
+    make_image_folder(tmp_path / "d", per_class=3, classes=("dog",))
+    (tmp_path / "d" / "notes").mkdir()
+    (tmp_path / "d" / "notes" / "readme.txt").write_text("no images here")
+    data = discover(tmp_path / "d", SPEC, progress=False)
+    assert data.skipped == [f"{tmp_path / 'd' / 'dog'}: 3 image files beside train/, not read (a fine-tune reads "
+                            "train/<class>/ and the validation folder): move it into train/ if it is a class"]
+
+
+def test_images_the_model_sees_poorly_are_noted(tiny_folder):
+    """Flat (a 16-bit file holding 8-bit values turns black), much upscaled (8x8 digits), mostly cropped
+    away (a 20:1 strip): trained on all the same, each kind noted once with an example."""
+    import numpy as np
+
+    assert discover(tiny_folder, SPEC, progress=False).odd.lines() == []  # 40-px patterns at 32 px: nothing to note
+    Image.fromarray(np.full((40, 40), 170, np.uint16)).save(tiny_folder / "checker" / "dim16.png")  # I;16, max 170
+    Image.new("RGB", (8, 8), "white").resize((8, 8)).save(tiny_folder / "hstripes" / "tiny.png")
+    Image.effect_noise((400, 20), 60).convert("RGB").save(tiny_folder / "vstripes" / "strip.png")
+    data = discover(tiny_folder, PreprocessSpec(input_size=(32, 32), crop_pct=0.875), progress=False)
+    assert data.odd.counts() == {"flat": 2, "upscaled": 1, "cropped": 1}  # the white 8x8 is flat too
+    assert sorted(p.name for p in data.odd.flat) == ["dim16.png", "tiny.png"]
+    notes = data.odd.notes(PreprocessSpec(input_size=(32, 32), crop_pct=0.875))
+    assert len(notes) == 3 and "16-bit files holding 8- or 12-bit values" in notes[0]
+    assert "(the smallest 8×8: " in notes[1] and "upscaled up to 4 times" in notes[1]
+    assert "(the longest 400×20: " in notes[2] and "strip.png" in notes[2]
+    assert sum(n for n in data.odd.counts().values()) == len(data.odd.lines())

@@ -53,6 +53,12 @@ def test_alpha_and_palette_composite_on_white(tmp_path):
     pal.save(tmp_path / "p.png", transparency=1)
     out = _rgb(tmp_path / "p.png")
     assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 1]) == (255, 255, 255)
+    # PNG colour keys (tRNS) on RGB and grey images: that colour is transparent too
+    Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8), "RGB").save(tmp_path / "k.png",
+                                                                                  transparency=(255, 0, 0))
+    Image.fromarray(np.array([[7, 100]], np.uint8), "L").save(tmp_path / "g.png", transparency=7)
+    assert _rgb(tmp_path / "k.png").tolist() == [[[255, 255, 255], [0, 0, 255]]]
+    assert _rgb(tmp_path / "g.png").tolist() == [[[255, 255, 255], [100, 100, 100]]]
 
 
 def test_exif_rotation_applied(tmp_path):
@@ -105,6 +111,17 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == ["a/sub/y.png", "a/x.png"]
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    """A class assembled from links keeps its images; a link back up does not loop."""
+    for rel in ("a/x.png", "elsewhere/more/y.png", "elsewhere/more/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "a" / "more").symlink_to(tmp_path / "elsewhere" / "more")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")
+    assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == [
+        "a/more/y.png", "a/more/z.png", "a/x.png"]
 
 
 def test_strips_far_longer_than_wide_are_refused_before_decoding(tmp_path):

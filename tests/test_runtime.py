@@ -787,3 +787,16 @@ def test_scores_follow_the_manifest_temperature(cpu_bundle, elpv_small, tmp_path
     bundle.save()
     with pytest.raises(UserError, match="'output' must be an object whose 'temperature'"):
         Bundle.load(hot)
+
+
+def test_cli_predict_of_a_huge_image_prints_no_pillow_bomb_warning(cpu_bundle, tmp_path):
+    """Pillow warns past MAX_IMAGE_PIXELS without naming the file (a 100-MP scan, here a 120x120 image
+    under a 10,000-pixel limit); the user's own images are no attack, and past twice the limit the
+    refusal names the file."""
+    Image.effect_noise((120, 120), 50).save(tmp_path / "big.png")
+    code = ("import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 10_000; "
+            "sys.argv = ['edge-tl', *sys.argv[1:]]; from edge_tl.cli import main; main()")
+    res = subprocess.run([sys.executable, "-c", code, "predict", str(cpu_bundle), str(tmp_path / "big.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "big.png" in res.stdout, res.stderr
+    assert "DecompressionBombWarning" not in res.stderr, res.stderr
