@@ -318,6 +318,7 @@ def summarize(out: Path) -> dict:
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
+            "at_chance": check.get("at_chance", []), "majority_share": check.get("majority_share"),
             "next_steps": [{"what": w, "command": c} for w, c in device_commands(bundle, out / "bundle")]}
 
 
@@ -340,6 +341,10 @@ def format_summary(summary: dict) -> str:
               for r in summary["artifacts"] if not r.get("accepted", True) or r.get("layers_in_float")]
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
               f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
+    if summary.get("at_chance"):
+        lines.append(f"warning: {', '.join(summary['at_chance'])} no better than always answering the largest class "
+                     f"({summary['majority_share']:.4f} of the images): the model has not learned (more epochs or "
+                     "data, or check the labels)")
     if summary.get("transfer"):
         e, w = summary["transfer"]["effects"], summary["transfer"]["better"]
         lines += ["", "pretrained vs scratch (validation accuracy, same recipe and epochs):"]

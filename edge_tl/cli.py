@@ -134,7 +134,8 @@ def finetune(
                       compile=compile, tune_depthwise=tune_depthwise)
     log = _log_for(json_out)
     try:
-        metrics = run(cfg, resume=resume, log=log)
+        with _errors_as_json(json_out):
+            metrics = run(cfg, resume=resume, log=log)
     except KeyboardInterrupt:
         if (out / "last.pt").exists():
             typer.echo(f"\ninterrupted: progress saved to {out / 'last.pt'}; continue with the same command plus --resume",
@@ -217,8 +218,9 @@ def export(
     from edge_tl.export.bundle import export_bundle
 
     log = _log_for(json_out)
-    bundle = export_bundle(run, out, target, precision, calib_images, calib_method, batch, max_drop, data,
-                           golden_count=golden, workspace_mb=workspace, force=force, log=log)
+    with _errors_as_json(json_out):
+        bundle = export_bundle(run, out, target, precision, calib_images, calib_method, batch, max_drop, data,
+                               golden_count=golden, workspace_mb=workspace, force=force, log=log)
     if json_out:
         typer.echo(json.dumps(bundle.manifest, indent=2))
         return
@@ -457,11 +459,14 @@ def build(
                  batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp)
     log = _log_for(json_out)
     try:
-        summary = run_build(data, target, out, train, precision, force, calib_images, max_drop=max_drop,
-                            compare_scratch=compare_scratch, log=log)
+        with _errors_as_json(json_out):
+            summary = run_build(data, target, out, train, precision, force, calib_images, max_drop=max_drop,
+                                compare_scratch=compare_scratch, log=log)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: rerun the same command to continue ({out / 'build.json'} records finished stages)",
-                   err=True)
+        again = "rerun the same command without --force" if force else "rerun the same command"
+        kept = (f" ({out / 'build.json'} records the finished stages)" if (out / "build.json").is_file()
+                else " (no stage had finished)")
+        typer.echo(f"\ninterrupted: {again} to continue{kept}", err=True)
         raise typer.Exit(130)
     typer.echo(json.dumps(summary, indent=2) if json_out else "\n" + format_summary(summary))
     if not summary["passed"]:

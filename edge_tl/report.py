@@ -110,8 +110,8 @@ def _thumb(path: str, golden_pixels: np.ndarray | None, size: int = 112) -> str 
 
 
 def _data_warnings(metrics: dict, check: dict) -> list[str]:
-    """Training files the fine-tune skipped, and byte-identical images found by the fine-tune
-    (train/val) and the check (test vs training)."""
+    """Training files the fine-tune skipped or will see poorly, a model no better than chance, and
+    byte-identical images found by the fine-tune (train/val) and the check (test vs training)."""
     from edge_tl.build import test_copy_counts
     from edge_tl.finetune.data import describe_duplicates
 
@@ -129,6 +129,10 @@ def _data_warnings(metrics: dict, check: dict) -> list[str]:
     if found:
         out.append(f"<p><b class=\"fail\">Data:</b> training and validation images the model sees poorly: "
                    f"{html.escape('; '.join(found))}: each listed in run/odd_images.txt.</p>")
+    if at_chance := check.get("at_chance"):
+        out.append(f"<p><b class=\"fail\">Model:</b> {html.escape(', '.join(at_chance))} no better than always "
+                   f"answering the largest class ({check['majority_share']:.4f} of the images): the model has not "
+                   "learned (more epochs or data, or check the labels).</p>")
     if notes:
         out.append(f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one "
                    "is listed in run/duplicates.txt and check.json's test_in_training).</p>")
@@ -180,7 +184,7 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     if pre := check.get("preprocess"):
         jpeg = ("" if pre.get("jpeg_max_abs_diff") is None else
                 f", and decoding its camera-sized JPEG: max |Δ| {pre['jpeg_max_abs_diff']}")
-        parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} test images: max |Δ| "
+        parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} source images: max |Δ| "
                      f"{pre['max_abs_diff']} grey levels{jpeg}: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
                      f"{html.escape(pre['reason'])}</b></p>")
     if check["skipped"]:

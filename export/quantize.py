@@ -273,8 +273,10 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
             agree = float((logits.argmax(1) == fp32_logits.argmax(1)).mean())
             tries.append({"float_nodes": len(exclude), "val_accuracy": acc, "drop_pts": drop, "noise_pts": noise,
                           "fp32_agreement": agree})
+            spread = (f"± {noise:.2f}" if len(val_labels) >= NOISE_MIN_IMAGES else  # a few images: no noise estimate
+                      f"(its noise not measurable on {len(val_labels)} images: one is {100 / len(val_labels):.1f})")
             log(f"  int8 ({flavour}) with {len(exclude)} layers in float: val accuracy {acc:.4f}, drop {drop:+.2f} "
-                f"± {noise:.2f} pts, top-1 agreement with fp32 {agree:.4f}")
+                f"{spread} pts, top-1 agreement with fp32 {agree:.4f}")
             allowance = min(noise, max_drop) if len(val_labels) >= NOISE_MIN_IMAGES else 0.0
             tries[-1]["noise_allowance_pts"] = allowance
             if drop <= max_drop + allowance:

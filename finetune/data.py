@@ -499,7 +499,9 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
             found = f"{len(mine)} unreadable files, e.g. {mine[0]}" if mine else "the folder is empty"
             raise UserError(f"{where}: no readable images ({found}). Add images or remove the folder.")
         if n < 2 and val_dir is None:
-            raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to validate).")
+            raise UserError(f"{where}: only 1 readable image; each class needs at least 2 (one to train, one to "
+                            "validate), or use the layout DIR/train/<class>/ + DIR/val/<class>/, which validates on "
+                            "val/'s images.")
     if val_dir is not None:
         unknown = sorted(set(val_files) - set(classes))
         if unknown:

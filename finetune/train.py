@@ -429,7 +429,8 @@ def imbalance_note(counts: list[int], classes: list[str], class_weights: str) ->
     advice = ("--class-weights sqrt (or inverse) weighs the rare classes up" if class_weights == "none"
               else f"--class-weights {class_weights} weighs the rare classes up")
     return (f"note: classes differ {counts[large] / counts[small]:.0f}-fold in size ({classes[small]!r}: "
-            f"{counts[small]} training images, {classes[large]!r}: {counts[large]}); accuracy can stay high while "
+            f"{counts[small]} training image{'s' * (counts[small] != 1)}, {classes[large]!r}: {counts[large]}); "
+            "accuracy can stay high while "
             f"a rare class is never right: watch the per-class recall in the report; {advice}.")
 
 

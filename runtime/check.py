@@ -146,7 +146,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
         images_sha = _digest(sorted(f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)))
     else:
-        pixels, labels, source = golden_pixels, golden_labels, f"golden.npz ({len(golden_labels)} labelled images)"
+        pixels, labels = golden_pixels, golden_labels
+        source = (f"golden.npz ({len(golden_labels)} labelled validation images, which chose the best epoch: not an "
+                  "independent test; pass --data DIR for one)")
         paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
         images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
@@ -251,6 +253,12 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         engine_failures[NO_ENGINE] = (f"the bundle has none (--require-engines): build them here with "
                                       f"`edge-tl engine {bundle.path}`")
         log(f"  {NO_ENGINE}: FAIL: {engine_failures[NO_ENGINE]}")
+    # a constant answer's accuracy; none on images of one class (where it is 100 %, and says nothing)
+    chance = max(class_counts) / len(labels) if sum(n > 0 for n in class_counts) > 1 else None
+    at_chance = [n for n, r in results.items() if chance is not None and r["accuracy"] <= chance + 1e-9]
+    if at_chance:
+        log(f"  note: {', '.join(at_chance)} no better than always answering the largest class ({chance:.4f} of these "
+            "images): the model has not learned these classes (more epochs or data, or check the labels)")
     passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
               and (preprocess or {}).get("passed", True) and not engine_failures)
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
@@ -260,6 +268,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
               "tensorrt_available": tensorrt_available(), "skipped": not_run, "skipped_reasons": skipped_why,
               "engine_failures": engine_failures, "missing": unknown, "artifacts": results,
+              "majority_share": chance, "at_chance": at_chance,
               "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)

@@ -110,13 +110,33 @@ def test_build_runs_every_stage_and_summarizes(built):
     assert "edge-tl check bundle" in text
 
 
+def test_a_model_no_better_than_chance_is_said_so(built):
+    """check.json names the artifacts at or under the largest class's share; summary and report say it."""
+    import copy
+
+    from edge_tl.report import write_report
+
+    root, summary, _ = built
+    assert summary["at_chance"] == [] and "no better than always answering" not in format_summary(summary)
+    chance = copy.deepcopy(summary)
+    chance.update(at_chance=["int8"], majority_share=0.5)
+    assert ("warning: int8 no better than always answering the largest class (0.5000 of the images)"
+            in format_summary(chance))
+    out = root / "chance"
+    shutil.copytree(root / "out", out)
+    check = json.loads((out / "check.json").read_text())
+    check.update(at_chance=["int8"], majority_share=0.5)
+    (out / "check.json").write_text(json.dumps(check))
+    assert "<b class=\"fail\">Model:</b> int8 no better than always answering" in write_report(out).read_text()
+
+
 def test_report_has_the_figures(built):
     root, _, _ = built
     page = (root / "out" / "report.html").read_text()
     for section in ("Accuracy per artifact", "Learning curve", "Confusion matrix", "precision", "Misclassified",
                     "Latency", "Environment"):
         assert section in page, section
-    assert "on golden.npz's 3 test images: max |Δ| 0 grey levels" in page  # preprocessing here = at export
+    assert "on golden.npz's 3 source images: max |Δ| 0 grey levels" in page  # preprocessing here = at export
     # learning curve + 2 confusion matrices + latency plot (+ misclassified thumbnails), all decodable PNGs
     assert open_image_count(page) >= 4
     assert "http://" not in page and "https://" not in page  # self-contained
@@ -346,6 +366,9 @@ def test_compare_scratch_adds_the_transfer_section(built, tmp_path):
     page = (out / "report.html").read_text()
     assert "Transfer learning: pretrained vs scratch" in page and "asymptote: best accuracy" in page
     assert "pretrained vs scratch" in format_summary(summary)
+    # a few validation images judge nothing: one image is several points
+    assert t["validation_images"] < 30 and {t["better"][k] for k in ("start", "slope", "asymptote")} == {"too few images"}
+    assert "too few images" in format_summary(summary) and "too few images" in page
     logs.clear()  # dropping the flag: the old run-scratch/ stays on disk but is no longer shown
     again = build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1, 4), bench_seconds=0.2,
                   log=logs.append)

@@ -306,6 +306,7 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     bundle_dir, test_dir = pattern_bundle
     report = check_bundle(bundle_dir, test_dir, log=lambda s: None)
     assert report["passed"], report
+    assert report["majority_share"] == 1 / 3 and report["at_chance"] == []
     damaged = tmp_path / "damaged"
     shutil.copytree(bundle_dir, damaged)
     path = damaged / "model.int8-cpu.onnx"
@@ -327,6 +328,7 @@ def test_check_passes_honest_bundle_and_fails_damaged_int8(pattern_bundle, tmp_p
     assert not out["passed"] and out["artifacts"]["fp32"]["passed"]
     bad = out["artifacts"]["int8-cpu"]
     assert not bad["passed"] and "agreement" in bad["reason"] and "below the reference" in bad["reason"]
+    assert out["at_chance"] == ["int8-cpu"], (bad["accuracy"], out["majority_share"])  # said too, not only a drop
     assert bad["reference"].startswith("baseline") and bad["drop"] > 1
     assert 'failures="1"' in (tmp_path / "bad.xml").read_text()
     # the same INT8, had export found it short of --max-drop: measured and shown, not gated
@@ -800,3 +802,12 @@ def test_cli_predict_of_a_huge_image_prints_no_pillow_bomb_warning(cpu_bundle, t
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "big.png" in res.stdout, res.stderr
     assert "DecompressionBombWarning" not in res.stderr, res.stderr
+
+
+def test_every_json_command_reports_bad_input_as_json(tmp_path):
+    """finetune, export and build --json, like check, predict and bench: scripts read why from stdout."""
+    for command in (["finetune", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
+                    ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "bundle")],
+                    ["build", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]):
+        res = _cli(*command, "--json")
+        assert res.returncode == 2 and "nope" in json.loads(res.stdout)["error"], (command, res.stdout, res.stderr)

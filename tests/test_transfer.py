@@ -73,3 +73,14 @@ def test_pretrained_beats_scratch_on_real_digits(digits_folder, tmp_path):
     pre, scr = t["effects"]["pretrained"], t["effects"]["scratch"]
     assert pre["asymptote"] >= 0.8, t["curves"]
     assert pre["asymptote"] - scr["asymptote"] >= 0.2 and t["better"]["start"] == "pretrained", t["curves"]
+
+
+def test_differences_within_the_validation_noise_are_no_verdict():
+    """On 2 validation images one image is 50 points: no verdict. On 40, 0.8 vs 0.7 is within two
+    standard errors (0.19); 0.6 vs 0.3 is not. On 1000 every difference here counts."""
+    pre, scr = effects([0.6, 0.8, 0.8]), effects([0.3, 0.5, 0.7])
+    assert compare_effects(pre, scr, images=2) == {"start": "too few images", "slope": "too few images",
+                                                   "asymptote": "too few images", "all_three": False}
+    forty = compare_effects(pre, scr, images=40)
+    assert forty == {"start": "pretrained", "slope": "pretrained", "asymptote": "within noise", "all_three": False}
+    assert compare_effects(pre, scr, images=1000) == compare_effects(pre, scr)
