@@ -39,3 +39,23 @@ def test_onnx_runtime_matches_pytorch_on_real_images(elpv_run, elpv_small, tmp_p
     assert got.shape == ref.shape == (24, 4)
     assert np.abs(got - ref).max() < 1e-3
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_reparameterizable_models_run_fused():
+    """MobileOne (like FastViT, RepVGG) trains several branches per layer; what export and the torch
+    reference load runs them fused, as timm deploys them: the same outputs, 191 -> 43 convolutions."""
+    import timm
+
+    from edge_tl.finetune.train import for_inference
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobileone_s0", num_classes=3)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64))  # train-mode batch statistics into the BatchNorm layers
+        x = torch.randn(2, 3, 64, 64)
+        before = model.eval()(x)
+        fused = for_inference(model)
+        after = fused(x)
+    assert float((before - after).abs().max() / before.abs().max()) < 1e-4
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 43 and not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
