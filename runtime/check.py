@@ -105,7 +105,9 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
     3.1 points. The gate widens to three standard errors of that sampling (with the finite-
     population correction: golden = validation leaves none) where they exceed ``min_agreement`` /
     ``max_drop``, never more than 0.1 below ``min_agreement``, and only for an export that was
-    accepted: a sound INT8 is not failed by two flipped images, a broken deployment still is.
+    accepted: a sound INT8 is not failed by two flipped images, a broken deployment still is. Where
+    the golden images are the whole validation set (a small one), the floor is the agreement export
+    measured on them and accepted: the runtime must reproduce it.
     """
     p = artifact.get("fp32_agreement")
     if p is None or not artifact.get("accepted", True):
@@ -113,6 +115,8 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
     if not 0 < p <= 1:
         raise UserError(f"manifest artifact {artifact.get('name')}: fp32_agreement {p} is not in (0, 1]. Re-export the bundle.")
     fpc = math.sqrt(max(population - n, 0) / (population - 1)) if population and population > 1 else 1.0
+    if fpc == 0:  # the golden images are the whole validation set: export measured exactly this agreement
+        return min(min_agreement, p), max_drop
     floor = p - 3 * fpc * math.sqrt(p * (1 - p) / n)
     drop = 300 * fpc * math.sqrt((1 - p) / n)  # net change per image is -1, 0 or +1, nonzero only where top-1 differs
     return min(min_agreement, max(floor, min_agreement - 0.1)), max(max_drop, drop)
@@ -205,7 +209,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             log(f"  {art['name']}: no reference accuracy ({why}): only the golden agreement gates it; add "
                 f"{'a baseline that has it' if base is not None else '--baseline'} or --min-accuracy")
         if agreement < agreement_floor:
-            reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f}")
+            reasons.append(f"golden top-1 agreement {agreement:.3f} < {agreement_floor:.3f} (one image is "
+                           f"{1 / len(golden_logits):.3f}; export measured {art.get('fp32_agreement') or 'nothing'} "
+                           "on validation)")
         if drop is not None and drop > drop_limit:
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {drop_limit:.2f})")
         results[art["name"]] = {

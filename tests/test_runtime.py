@@ -364,6 +364,9 @@ def test_golden_tolerance_allows_sampling_noise_of_int8_but_not_a_broken_deploym
     assert 0.85 < floor < 30 / 32 and limit > 100 / 32
     assert golden_tolerance({"fp32_agreement": 0.9628}, 3000, 30000, 0.95, 1.0) == pytest.approx((0.95, 1.0), abs=0.06)
     assert golden_tolerance({"fp32_agreement": 7 / 8}, 8, 8, 0.95, 1.0) == (0.875, 1.0)  # golden = validation: no noise
+    # golden = 6 validation images, one flipped at export (accepted there): check wants what export measured,
+    # not 0.95 - 0.1 = 0.85, which the same images cannot reach
+    assert golden_tolerance({"fp32_agreement": 5 / 6}, 6, 6, 0.95, 1.0) == (5 / 6, 1.0)
     assert golden_tolerance({"fp32_agreement": 0.5}, 32, 296, 0.95, 1.0)[0] == pytest.approx(0.85)  # floor capped
     assert golden_tolerance({"fp32_agreement": 0.9, "accepted": False}, 32, 296, 0.95, 1.0) == (0.95, 1.0)
     assert golden_tolerance({"fp32_agreement": 1.0}, 32, 296, 0.95, 1.0) == (0.95, 1.0)  # exact INT8: gate unchanged
