@@ -33,7 +33,8 @@ from edge_tl.runtime.scores import fit_temperature
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
-from .quantize import CALIB_METHODS, FLAVOURS, histogram_image_limit, onnx_logits, quantize_within_budget
+from .quantize import (CALIB_METHODS, FLAVOURS, batch1_latency, histogram_image_limit, onnx_logits,
+                       quantize_within_budget, slower_than_fp32)
 
 TARGETS = {
     # target: default precisions, INT8 flavour, default batch profile, why
@@ -205,6 +206,13 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
                    noise_pts=record["noise_pts"], noise_allowance_pts=record["noise_allowance_pts"],
                    max_drop=record["max_drop"], fp32_agreement=record["fp32_agreement"], tries=record["tries"])
+        if flavour == "cpu":  # this flavour runs on ONNX Runtime CPU, as here: is it worth running?
+            art["speed"] = batch1_latency(fp32, tmp / ONNX_FILES[name], val_pixels)
+            log(f"int8 speed here: {art['speed']['int8_ms']:.2f} ms vs fp32 {art['speed']['fp32_ms']:.2f} ms at batch 1 "
+                f"({art['speed']['ratio']:.2f}x, ONNX Runtime CPU)")
+            if record["accepted"] and art["speed"]["ratio"] >= 1:
+                record.update(accepted=False, rejected=slower_than_fp32(art["speed"]))
+                art["accepted"] = False
         if not record["accepted"]:
             art["rejected"] = record["rejected"]
             log(f"warning: {name} not accepted: {record['rejected']}. Predictor uses it only when asked for "
