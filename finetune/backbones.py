@@ -7,6 +7,8 @@ download); otherwise timm's pretrained weights when the hub is reachable. ``--sc
 
 from __future__ import annotations
 
+import difflib
+
 import importlib
 import os
 import socket
@@ -86,14 +88,26 @@ def _load_matching(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
         raise UserError(f"{source}: only {len(usable)} of {len(own)} tensors fit this model; {len(body_missing)} "
                         f"outside the classifier are missing or shaped differently (e.g. {body_missing[:3]}). "
                         f"Are these weights for --model {model.default_cfg['architecture']}?")
+    # tensors of the file the model has no place for: resnet34's file fits every tensor of resnet18 and
+    # leaves its 96 extra ones out, a model built from a subset of another's blocks
+    head = model.default_cfg.get("classifier", "classifier")
+    unused = [k for k in sd if k not in usable and not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    if len(unused) >= UNUSED_SHARE * len(sd):
+        raise UserError(f"{source}: {len(unused)} of its {len(sd)} tensors have no place in --model "
+                        f"{model.default_cfg['architecture']} (e.g. {unused[:3]}): weights of a deeper or wider model? "
+                        "Pass the --model they were saved from.")
     model.load_state_dict(usable, strict=False)
+
+
+UNUSED_SHARE = 0.05  # of a weights file's tensors left unused: past it, the file is for another model
 
 
 def create_backbone(name: str, num_classes: int, weights: str | Path | None = None,
                     scratch: bool = False) -> tuple[torch.nn.Module, str]:
     """Return ``(model, pretrained_source)`` with a fresh ``num_classes`` head."""
     if not timm.is_model(name):
-        near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        near = (timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+                or difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.8))
         raise UserError(f"--model {name}: not a timm model name" + (f"; did you mean one of {near}?" if near else
                         "; see timm.list_models() for names."))
     if scratch:

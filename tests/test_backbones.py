@@ -79,6 +79,13 @@ def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
         create_backbone("tf_efficientnet_lite0", 2, weights=tmp_path / "missing.pth")
     with pytest.raises(UserError, match="not a timm model"):
         create_backbone("efficientnet_liteZ9", 2)
+    with pytest.raises(UserError, match=r"resnet_18: not a timm model name; did you mean one of \['resnet18'"):
+        create_backbone("resnet_18", 2)
+    # a deeper model's file fits every tensor of the shallower one: refused, not a model built of its subset
+    torch.save(timm.create_model("efficientnet_b1").state_dict(), tmp_path / "deeper.pth")
+    with pytest.raises(UserError, match=r"deeper.pth: 128 of its 508 tensors have no place in --model efficientnet_b0 "
+                                        r"\(e.g. \['blocks.0.1.conv_dw.weight'"):
+        create_backbone("efficientnet_b0", 2, weights=tmp_path / "deeper.pth")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set.*--weights FILE"):
         create_backbone("resnet10t", 2)
