@@ -187,6 +187,17 @@ def _unreachable(url: str, hub: bool) -> str | None:
     return None
 
 
+def crop_mode_note(model: torch.nn.Module) -> str | None:
+    """A line for the log when ``model`` was pretrained with a crop other than the centre crop the spec
+    does everywhere (timm's 'squash', 'border': tf_efficientnetv2_*, dm_nfnet_*, ...); None when not."""
+    mode = timm.data.resolve_data_config({}, model=model).get("crop_mode") or "center"
+    if mode == "center":
+        return None
+    return (f"note: {model.pretrained_cfg.get('architecture', type(model).__name__)} was pretrained with timm's "
+            f"'{mode}' crop; edge-tl resizes the shorter side and centre-crops, the same in training, export and on "
+            "the device, so the fine-tune adapts the pretrained features to that framing")
+
+
 def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:
     """The eval preprocessing of ``model`` from its timm ``pretrained_cfg``, with overrides."""
     cfg = timm.data.resolve_data_config({}, model=model)

@@ -39,7 +39,7 @@ from edge_tl.runtime.images import cpu_cores
 from edge_tl.runtime.spec import PreprocessSpec
 
 from . import distributed
-from .backbones import create_backbone, preprocess_spec
+from .backbones import create_backbone, crop_mode_note, preprocess_spec
 from .config import CLASS_WEIGHT_POWERS, DEFAULTS, TrainConfig, check_config
 from .data import Split, describe_duplicates, discover
 from .depthwise import load_plans, plan_training, saved_plans, tune_depthwise
@@ -485,6 +485,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
+    if note := crop_mode_note(probe):
+        log(note)
     if state is not None:  # a run keeps the decode it started with (runs from before the reduced JPEG decode: none)
         spec = replace(spec, jpeg_reducing_gap=state.get("preprocess", {}).get("jpeg_reducing_gap"))
     _frozen_modules(probe, 0 if cfg.scratch else cfg.freeze_stages)  # a bad --freeze-stages fails before decoding

@@ -142,3 +142,12 @@ def test_non_square_pretrained_size_needs_img_size():
     with pytest.raises(UserError, match="48x80 .*--img-size"):
         preprocess_spec(model)
     assert preprocess_spec(model, 64).input_size == (64, 64)
+
+
+def test_a_pretrained_squash_crop_is_noted_not_silently_replaced():
+    """timm's tf_efficientnetv2_b3 was pretrained with a 'squash' crop; the spec centre-crops everywhere."""
+    from edge_tl.finetune.backbones import crop_mode_note
+
+    note = crop_mode_note(timm.create_model("tf_efficientnetv2_b3", pretrained=False))
+    assert note.startswith("note: tf_efficientnetv2_b3 was pretrained with timm's 'squash' crop")
+    assert crop_mode_note(timm.create_model("tf_efficientnet_lite0", pretrained=False)) is None
