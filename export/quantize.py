@@ -19,6 +19,7 @@ kept in float, doubling their number until the drop fits (OpenVINO's accuracy-aw
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -126,17 +127,36 @@ def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flav
         options["CalibPercentile"] = 99.999
 
     def write(tmp: Path) -> None:
-        quantize_static(str(prepared), str(tmp), Reader(),
-                        quant_format=QuantFormat.QOperator if fl.quant_format == "qoperator" else QuantFormat.QDQ,
-                        op_types_to_quantize=list(fl.op_types) if fl.op_types else None, per_channel=fl.per_channel,
-                        activation_type=QuantType.QInt8 if fl.activation_signed else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                          "percentile": CalibrationMethod.Percentile}[method],
-                        extra_options=options)
+        with _quiet_axis_warnings():
+            quantize_static(str(prepared), str(tmp), Reader(),
+                            quant_format=QuantFormat.QOperator if fl.quant_format == "qoperator" else QuantFormat.QDQ,
+                            op_types_to_quantize=list(fl.op_types) if fl.op_types else None, per_channel=fl.per_channel,
+                            activation_type=QuantType.QInt8 if fl.activation_signed else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                              "percentile": CalibrationMethod.Percentile}[method],
+                            extra_options=options)
         drop_unused_opsets(tmp)
 
     return atomic_write(out_path, write)
+
+
+@contextlib.contextmanager
+def _quiet_axis_warnings():
+    """Drop ONNX Runtime's quantizer warning "Axis 1 is out-of-range for weight ..." (logged on the root
+    logger once per 1-D weight, e.g. a LayerNorm's, per quantization try: 133 lines for MobileViT):
+    such a weight is quantized per tensor, which is right for it."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def drop_unused_opsets(path: Path) -> None:

@@ -66,7 +66,12 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-        raise UserError(f"{path}: cannot read weights ({type(exc).__name__}: {exc}). "
+        if type(exc).__name__ == "UnpicklingError" and "weights_only" in str(exc):
+            raise UserError(f"{path}: a pickled Python object (a whole model?), which edge-tl does not unpickle (that "
+                            "can run any code): load it in Python yourself and save torch.save(model.state_dict(), "
+                            "FILE).") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"{path}: cannot read weights ({type(exc).__name__}: {first}). "
                         "Save them with torch.save(model.state_dict(), FILE) or as safetensors.") from exc
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

@@ -49,6 +49,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model (CUDA; on CPU it needs a C++ compiler)
     tune_depthwise: bool = True  # CPU: depthwise backward timed per shape, fastest exact form kept (depthwise.py)
     amp: str = "auto"  # auto | off | bf16 | fp16: bf16 on CUDA or CPUs with native bf16 (1.25x here), fp16 on older GPUs
+    channels_last: bool = True  # NHWC activations and weights; off works around kernels that fail with it
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

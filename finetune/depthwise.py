@@ -189,7 +189,8 @@ def untune_depthwise(model: torch.nn.Module) -> None:
             m.__class__ = Conv2dSame if type(m) is TunedDepthwiseConv2dSame else torch.nn.Conv2d
 
 
-def plan_training(model: torch.nn.Module, batch_shapes: Iterable[tuple[int, ...]], dtype: torch.dtype | None) -> None:
+def plan_training(model: torch.nn.Module, batch_shapes: Iterable[tuple[int, ...]], dtype: torch.dtype | None,
+                  layout: torch.memory_format = torch.channels_last) -> None:
     """Time every depthwise shape a training will meet before its first step, so no result depends
     on when a shape first came up (and the first checkpoint already holds every plan).
 
@@ -202,7 +203,7 @@ def plan_training(model: torch.nn.Module, batch_shapes: Iterable[tuple[int, ...]
     try:
         with torch.random.fork_rng(devices=[]):
             for shape in batch_shapes:
-                x = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
+                x = torch.zeros(shape, device=device).contiguous(memory_format=layout)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     out = model(x)
                 out.float().sum().backward()

@@ -87,7 +87,7 @@ class _TrainStep:
         """Train on one batch; ``update`` counts steps over the run. Returns (loss, logits, the labels
         accuracy is counted against)."""
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        x = x.to(self.device, non_blocking=True, memory_format=memory_format(cfg))
         y = y.to(self.device, non_blocking=True)
         target = y
         if cfg.mixup > 0 and len(y) > 1:
@@ -229,17 +229,25 @@ def auto_workers() -> int:
 
 
 @torch.no_grad()
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    """The layout of the training model and its batches: channels_last (NHWC: faster convolutions on
+    CPUs and tensor cores) unless --no-channels-last (some models' kernels fail with it: PyTorch's CPU
+    fastvit_t8 aborts from 96 px)."""
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, device: torch.device,
-                   batch_size: int = 64, workers: int = 0) -> torch.Tensor:
+                   batch_size: int = 64, workers: int = 0,
+                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Float32 logits of ``model`` for every image of ``split`` with the eval transform (in float32:
-    validation picks the best epoch and export compares against it)."""
+    validation picks the best epoch and export compares against it); batches in ``layout``."""
     model.eval()
     loader = torch.utils.data.DataLoader(_EvalView(split, eval_transform(spec)), batch_size=batch_size,
                                          num_workers=workers)
     out = []
     try:
         for x, _ in loader:
-            x = x.to(device, memory_format=torch.channels_last)
+            x = x.to(device, memory_format=layout)
             out.append(model(x).float().cpu())
     except UserError as exc:  # an image decoded at each use that changed since the scan
         raise worker_error(exc) from None
@@ -459,7 +467,8 @@ def _validation_logits(eval_model, val: Split, spec: PreprocessSpec, device, cfg
         d.sync_buffers(eval_model)  # every shard scored by the model best.pt would hold (rank 0's)
         shard = list(range(d.rank, len(val), d.world))
         try:
-            part = predict_logits(eval_model, val.subset(shard), spec, device, cfg.batch_size * 2, cfg.workers)
+            part = predict_logits(eval_model, val.subset(shard), spec, device, cfg.batch_size * 2, cfg.workers,
+                                  memory_format(cfg))
         except UserError as exc:  # an image decoded at each use changed: every rank must stop, not wait
             part = exc
         parts = d.gather(part)
@@ -468,7 +477,7 @@ def _validation_logits(eval_model, val: Split, spec: PreprocessSpec, device, cfg
         for r, part in enumerate(parts):
             logits[r::d.world] = part
     else:
-        logits = predict_logits(eval_model, val, spec, device, cfg.batch_size * 2, cfg.workers)
+        logits = predict_logits(eval_model, val, spec, device, cfg.batch_size * 2, cfg.workers, memory_format(cfg))
     return logits
 
 
@@ -515,7 +524,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         + (f", {d.world} processes (DistributedDataParallel, batch {cfg.batch_size} each)" if d.world > 1 else ""))
 
     frozen = _frozen_modules(model, 0 if cfg.scratch else cfg.freeze_stages)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=memory_format(cfg))
     # same parameters and state_dict; only the backward of depthwise convs changes
     tuned = device.type == "cpu" and cfg.tune_depthwise and not cfg.compile and tune_depthwise(model) > 0
     optimizer = make_optimizer(model, cfg)
@@ -552,7 +561,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     if tuned:
         load_plans((state or {}).get("depthwise_plans") or {})  # a resumed run replays its plans
         if d.is_main:  # the other ranks take rank 0's plans (and leave it the CPU while it times them)
-            plan_training(model, [(cfg.batch_size, len(spec.mean), s, s) for s in sorted(set(sizes))], dtype)
+            plan_training(model, [(cfg.batch_size, len(spec.mean), s, s) for s in sorted(set(sizes))], dtype,
+                          memory_format(cfg))
         load_plans(d.gather(saved_plans())[0])
 
     val_split = {"source": data.val_source, "images": len(data.val), "sha256": data.val.signature(data.root)}

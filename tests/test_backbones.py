@@ -72,6 +72,10 @@ def test_wrong_weights_and_names_are_clear_errors(tmp_path, monkeypatch):
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(UserError, match="1 outside the classifier"):
         create_backbone("resnet10t", 2, weights=tmp_path / "partial.pth")
+    torch.save(timm.create_model("resnet10t"), tmp_path / "whole.pt")  # the model object, not its state dict
+    with pytest.raises(UserError, match=r"whole.pt: a pickled Python object \(a whole model\?\), which edge-tl "
+                                        r"does not unpickle .* torch.save\(model.state_dict\(\), FILE\).$"):
+        create_backbone("resnet10t", 2, weights=tmp_path / "whole.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(UserError, match="not a state dict"):
         create_backbone("resnet10t", 2, weights=tmp_path / "tensor.pt")

@@ -404,3 +404,17 @@ def test_an_int8_no_faster_than_fp32_is_not_made_the_default(elpv_run, cpu_bundl
     assert any(line.startswith("warning: int8-cpu not accepted: no faster than fp32") for line in logs)
     with Predictor.from_bundle(tmp_path / "b") as p:
         assert p.artifact["name"] == "fp32"
+
+
+def test_the_quantizers_per_weight_axis_warnings_are_dropped(caplog):
+    """ONNX Runtime's quantizer logs one root warning per 1-D weight per try (133 lines for MobileViT)."""
+    import logging
+
+    from edge_tl.export.quantize import _quiet_axis_warnings
+
+    with caplog.at_level(logging.WARNING), _quiet_axis_warnings():
+        logging.warning("Axis 1 is out-of-range for weight 'blocks.0.norm1.weight' with rank 1")
+        logging.warning("something else")
+    logging.warning("Axis 1 is out-of-range for weight 'after' with rank 1")  # only while quantizing
+    assert [r.getMessage() for r in caplog.records] == ["something else",
+                                                       "Axis 1 is out-of-range for weight 'after' with rank 1"]

@@ -230,6 +230,18 @@ def test_layer_decay_scales_lr_from_head_down():
     assert stem == pytest.approx(0.8 ** (len({g["lr_scale"] for g in opt.param_groups}) - 1))
 
 
+def test_no_channels_last_trains_in_the_plain_layout(tiny_folder, tmp_path):
+    """--no-channels-last (a workaround for kernels that fail with NHWC) reaches the model being trained."""
+    layouts = {}
+    for channels_last in (True, False):
+        def record(epoch, model, key=channels_last):
+            stem = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] == 3)
+            layouts[key] = stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+        finetune(_cfg(tiny_folder, tmp_path / str(channels_last), channels_last=channels_last), progress=False,
+                 log=lambda s: None, on_epoch=record)
+    assert layouts == {True: True, False: False}
+
+
 def test_layer_decay_reaches_the_training_steps(tiny_folder, tmp_path):
     """The decayed LRs are what the optimizer stepped with (scheduler applies lr_scale); history logs the head's."""
     out = tmp_path / "run"
