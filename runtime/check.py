@@ -152,7 +152,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     else:
         pixels, labels = golden_pixels, golden_labels
         source = (f"golden.npz ({len(golden_labels)} labelled validation images, which chose the best epoch: not an "
-                  "independent test; pass --data DIR for one)")
+                  "independent test; held-out images give one: check --data DIR, or DATA/test/ for build)")
         paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
         images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
