@@ -22,6 +22,7 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_json
 from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, split_folder, training_roots
 from edge_tl.finetune.data import describe_duplicates
+from edge_tl.runtime.check import chance_note
 from edge_tl.runtime.images import visible_files
 
 SCRATCH_RUN = "run-scratch"
@@ -308,6 +309,7 @@ def summarize(out: Path) -> dict:
                      "passed": r["passed"], "gated": r.get("gated", True), "layers_in_float": len(art.get("float_nodes", [])),
                      "accepted": art.get("accepted", True),
                      **({} if art.get("accepted", True) else {"rejected": art.get("rejected", NOT_ACCEPTED)}),
+                     **({"not_default": art["not_default"]} if "not_default" in art else {}),
                      **lat})
     torch_rows = {f"b{x['batch']}_p50_ms": x["p50_ms"] for x in bench["results"] if x["artifact"] == "torch"}
     transfer = scratch_comparison(out)
@@ -318,7 +320,7 @@ def summarize(out: Path) -> dict:
             "transfer": None if transfer is None else {k: v for k, v in transfer.items() if k != "curves"},
             "report": str(out / "report.html"), "artifacts": rows, "torch_reference": torch_rows,
             "target": bundle.manifest["target"], "not_run_here": check["skipped"],
-            "at_chance": check.get("at_chance", []), "majority_share": check.get("majority_share"),
+            "chance_note": chance_note(check),
             "next_steps": [{"what": w, "command": c} for w, c in device_commands(bundle, out / "bundle")]}
 
 
@@ -339,12 +341,11 @@ def format_summary(summary: dict) -> str:
                                       f"({r.get('rejected', NOT_ACCEPTED)})" if not r.get("accepted", True) else
                                       f"{r['layers_in_float']} layers kept in float to meet --max-drop")
               for r in summary["artifacts"] if not r.get("accepted", True) or r.get("layers_in_float")]
+    lines += [f"{r['artifact']}: {r['not_default']}" for r in summary["artifacts"] if r.get("not_default")]
     lines += ["", f"accuracy on {summary['data']}; latency p50 on this machine (ONNX Runtime CPU)",
               f"bundle: {summary['bundle']}", f"report: {summary['report']}"]
-    if summary.get("at_chance"):
-        lines.append(f"warning: {', '.join(summary['at_chance'])} no better than always answering the largest class "
-                     f"({summary['majority_share']:.4f} of the images): the model has not learned (more epochs or "
-                     "data, or check the labels)")
+    if summary.get("chance_note"):
+        lines.append(f"warning: {summary['chance_note']}")
     if summary.get("transfer"):
         e, w = summary["transfer"]["effects"], summary["transfer"]["better"]
         lines += ["", "pretrained vs scratch (validation accuracy, same recipe and epochs):"]

@@ -114,6 +114,7 @@ def _data_warnings(metrics: dict, check: dict) -> list[str]:
     byte-identical images found by the fine-tune (train/val) and the check (test vs training)."""
     from edge_tl.build import test_copy_counts
     from edge_tl.finetune.data import describe_duplicates
+    from edge_tl.runtime.check import chance_note
 
     found = {k: n for k, n in metrics.get("duplicates", {}).items() if k != "moved_to_train"}
     notes = describe_duplicates({**found, **test_copy_counts(check)})
@@ -122,17 +123,16 @@ def _data_warnings(metrics: dict, check: dict) -> list[str]:
         out.append(f"<p><b class=\"fail\">Data:</b> {skipped} training files or folders were skipped (unreadable, not "
                    "images, or where training does not read): each is listed, with why, in run/skipped.txt.</p>")
     odd = metrics.get("odd_images", {})  # runs from before edge-tl counted them have none
-    kinds = {"flat": "decode to one flat colour (blank frames, or 16-bit files holding 8- or 12-bit values)",
+    kinds = {"flat": "decode to one flat colour (blank frames, or 16-bit files holding 8-bit values)",
+             "dark": "decode nearly black (12-bit data in 16-bit files, or frames shot too dark)",
              "upscaled": "are upscaled over 2 times (under half the resize size)",
              "cropped": "are so long that the centre crop keeps under a quarter of each"}
     found = [f"{n} {kinds[k]}" for k, n in odd.items() if n and k in kinds]
     if found:
         out.append(f"<p><b class=\"fail\">Data:</b> training and validation images the model sees poorly: "
                    f"{html.escape('; '.join(found))}: each listed in run/odd_images.txt.</p>")
-    if at_chance := check.get("at_chance"):
-        out.append(f"<p><b class=\"fail\">Model:</b> {html.escape(', '.join(at_chance))} no better than always "
-                   f"answering the largest class ({check['majority_share']:.4f} of the images): the model has not "
-                   "learned (more epochs or data, or check the labels).</p>")
+    if note := chance_note(check):
+        out.append(f"<p><b class=\"fail\">Model:</b> {html.escape(note)}.</p>")
     if notes:
         out.append(f"<p><b class=\"fail\">Data:</b> byte-identical files: {html.escape('; '.join(notes))} (each one "
                    "is listed in run/duplicates.txt and check.json's test_in_training).</p>")
@@ -175,6 +175,8 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
               f"{html.escape(a.get('rejected', NOT_ACCEPTED))}. Apps use it only when they ask for it by name or "
               "precision, and the check measures it without gating on it.</p>"
               for n, a in exported.items() if not a.get("accepted", True)]
+    parts += [f"<p class=\"fail\">{html.escape(n)} is {html.escape(a['not_default'])}.</p>"
+              for n, a in exported.items() if a.get("not_default")]
     if scores := manifest.get("scores"):
         how = (f"plain softmax (temperature 1: {html.escape(scores['skipped'])}, too few to fit one)" if "skipped" in scores
                else f"softmax of logits / {scores['temperature']}, the temperature fitted on the {scores['images']} "

@@ -210,9 +210,9 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
             art["speed"] = batch1_latency(fp32, tmp / ONNX_FILES[name], val_pixels)
             log(f"int8 speed here: {art['speed']['int8_ms']:.2f} ms vs fp32 {art['speed']['fp32_ms']:.2f} ms at batch 1 "
                 f"({art['speed']['ratio']:.2f}x, ONNX Runtime CPU)")
-            if record["accepted"] and art["speed"]["ratio"] >= 1:
-                record.update(accepted=False, rejected=slower_than_fp32(art["speed"]))
-                art["accepted"] = False
+            if art["speed"]["ratio"] >= 1:  # still accepted (its accuracy holds) and checked, only not picked
+                art.update(default=False, not_default=slower_than_fp32(art["speed"]))
+                log(f"note: {name} is {art['not_default']}")
         if not record["accepted"]:
             art["rejected"] = record["rejected"]
             log(f"warning: {name} not accepted: {record['rejected']}. Predictor uses it only when asked for "

@@ -96,7 +96,9 @@ def _load_matching(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
     # tensors of the file the model has no place for: resnet34's file fits every tensor of resnet18 and
     # leaves its 96 extra ones out, a model built from a subset of another's blocks
     head = model.default_cfg.get("classifier", "classifier")
-    unused = [k for k in sd if k not in usable and not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    buffers = {name for name, _ in model.named_buffers()}  # kept out of the state dict, e.g. BEiT's relative_position_index
+    unused = [k for k in sd if k not in usable and k not in buffers and not k.startswith(head)
+              and not k.endswith("num_batches_tracked")]
     if len(unused) >= UNUSED_SHARE * len(sd):
         raise UserError(f"{source}: {len(unused)} of its {len(sd)} tensors have no place in --model "
                         f"{model.default_cfg['architecture']} (e.g. {unused[:3]}): weights of a deeper or wider model? "

@@ -122,23 +122,30 @@ def describe_duplicates(counts: dict) -> list[str]:
     return [DUPLICATE_NOTES[k].format(n) for k, n in counts.items() if n and k in DUPLICATE_NOTES]
 
 
+DARK_MAX = 16  # no grey level at or above it: what 12-bit data in a 16-bit file becomes (0-4095 -> 0-15)
+
+
 @dataclass
 class OddImages:
     """Images the model will see poorly, found by the one-time scan; they are trained on all the same.
 
-    Flat: one colour after decoding (a blank frame, or a 16-bit file holding 8- or 12-bit values,
-    which the fixed 16-to-8-bit mapping turns near-black). Upscaled: the shorter side under half
+    Flat: one colour after decoding (a blank frame, or a 16-bit file holding 8-bit values, which the
+    fixed 16-to-8-bit mapping turns black). Dark: no grey level above 15 (12-bit data in a 16-bit
+    file, or a frame shot far too dark). Upscaled: the shorter side under half
     the resize size, so the model sees interpolated blur. Cropped: so long that the centre crop
     keeps under a quarter of the image (over ~3:1 at timm's usual crop_pct 0.875).
     """
 
     flat: list[Path] = field(default_factory=list)
+    dark: list[Path] = field(default_factory=list)
     upscaled: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
     cropped: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
 
     def add(self, path: Path, array: np.ndarray, size: tuple[int, int], spec: PreprocessSpec) -> None:
-        if array.min() == array.max():
+        if (array == array.reshape(-1, array.shape[-1])[0]).all():  # one colour: every pixel the first one's
             self.flat.append(path)
+        elif array.max() < DARK_MAX:
+            self.dark.append(path)
         if 2 * min(size) < spec.resize_size:
             self.upscaled.append((path, size))
         h, w = spec.input_size
@@ -146,21 +153,29 @@ class OddImages:
             self.cropped.append((path, size))
 
     def counts(self) -> dict[str, int]:
-        return {"flat": len(self.flat), "upscaled": len(self.upscaled), "cropped": len(self.cropped)}
+        return {"flat": len(self.flat), "dark": len(self.dark), "upscaled": len(self.upscaled),
+                "cropped": len(self.cropped)}
 
     def lines(self) -> list[str]:
-        """One line per image, for run/odd_images.txt: kind, path, its decoded size."""
+        """run/odd_images.txt: a header, then one line per image: kind, path, its decoded size (fields
+        escaped as in images.tsv)."""
         e = lambda p: escape_field(str(p))  # noqa: E731 - one image per line, whatever the file names
-        return ([f"flat\t{e(p)}" for p in self.flat] + [f"upscaled\t{e(p)}\t{w}x{h}" for p, (w, h) in self.upscaled]
-                + [f"cropped\t{e(p)}\t{w}x{h}" for p, (w, h) in self.cropped])
+        rows = ([("flat", p, "") for p in self.flat] + [("dark", p, "") for p in self.dark]
+                + [(k, p, f"{w}x{h}") for k, found in (("upscaled", self.upscaled), ("cropped", self.cropped))
+                   for p, (w, h) in found])
+        return ["kind\tpath\tsize"] + [f"{k}\t{e(p)}\t{size}" for k, p, size in rows] if rows else []
 
     def notes(self, spec: PreprocessSpec) -> list[str]:
         """One warning per kind found, for the fine-tune's log."""
         notes = []
         if self.flat:
             notes.append(f"warning: {len(self.flat)} images decode to one flat colour, e.g. {self.flat[0]}: blank "
-                         "frames, or 16-bit files holding 8- or 12-bit values (16-bit data maps 0-65535 onto 0-255, so "
-                         "such values turn near-black: stretch them to the full range first). They train as their class.")
+                         "frames, or 16-bit files holding 8-bit values (16-bit data maps 0-65535 onto 0-255, so such "
+                         "values turn black: stretch them to the full range first). They train as their class.")
+        if self.dark:
+            notes.append(f"warning: {len(self.dark)} images decode nearly black (no grey level above {DARK_MAX - 1}), "
+                         f"e.g. {self.dark[0]}: 12-bit data in 16-bit files keeps only 16 grey levels (stretch it to "
+                         "the full range first), or frames shot too dark. They train as their class.")
         if self.upscaled:
             (path, (w, h)), low = min(self.upscaled, key=lambda r: min(r[1])), min(min(r[1]) for r in self.upscaled)
             notes.append(f"note: {len(self.upscaled)} images are under half the {spec.resize_size}-px resize size on "
@@ -473,8 +488,9 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     skipped: list[str] = []
     if train_dir != root:  # a class folder left beside train/ would vanish from the classes unseen
         read = {d.name for d in (train_dir, val_dir, split_folder(root, "test")) if d is not None}
-        for d in class_folders(root):
-            if d.name not in read and (n := len(image_files(d))):
+        for d in class_folders(root):  # edge-tl's own output (an --out beside train/, its plots) is no class
+            ours = any((d / f).is_file() for f in ("build.json", "metrics.json", "manifest.json", "last.pt"))
+            if d.name not in read and not ours and (n := len(image_files(d))):
                 skipped.append(f"{d}: {n} image files beside {train_dir.name}/, not read (a fine-tune reads "
                                f"{train_dir.name}/<class>/ and the validation folder): move it into {train_dir.name}/ "
                                "if it is a class")

@@ -228,7 +228,6 @@ def auto_workers() -> int:
     return max(1, min(4, cores - 1))
 
 
-@torch.no_grad()
 def memory_format(cfg: TrainConfig) -> torch.memory_format:
     """The layout of the training model and its batches: channels_last (NHWC: faster convolutions on
     CPUs and tensor cores) unless --no-channels-last (some models' kernels fail with it: PyTorch's CPU
@@ -236,6 +235,7 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
+@torch.no_grad()
 def predict_logits(model: torch.nn.Module, split: Split, spec: PreprocessSpec, device: torch.device,
                    batch_size: int = 64, workers: int = 0,
                    layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:

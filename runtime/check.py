@@ -188,6 +188,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             runs_on = runner.describe()
         acc = accuracy(logits, labels)
         accuracies[art["name"]] = acc
+        balanced = float(np.mean([(logits.argmax(1)[labels == c] == c).mean() for c in np.unique(labels)]))
         if base is not None:
             ref, ref_source = base.accuracies.get(art["name"]), f"baseline {baseline}"
         elif data is None:
@@ -216,7 +217,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {drop_limit:.2f})")
         results[art["name"]] = {
             "precision": art["precision"], "backend": backend, "runs_on": runs_on, "file": art["file"], "accuracy": acc,
-            "reference_accuracy": ref, "reference": ref_source if ref is not None else
+            "balanced_accuracy": round(balanced, 6), "reference_accuracy": ref,
+            "reference": ref_source if ref is not None else
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": drop_limit, "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
@@ -259,12 +261,12 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         engine_failures[NO_ENGINE] = (f"the bundle has none (--require-engines): build them here with "
                                       f"`edge-tl engine {bundle.path}`")
         log(f"  {NO_ENGINE}: FAIL: {engine_failures[NO_ENGINE]}")
-    # a constant answer's accuracy; none on images of one class (where it is 100 %, and says nothing)
-    chance = max(class_counts) / len(labels) if sum(n > 0 for n in class_counts) > 1 else None
-    at_chance = [n for n, r in results.items() if chance is not None and r["accuracy"] <= chance + 1e-9]
-    if at_chance:
-        log(f"  note: {', '.join(at_chance)} no better than always answering the largest class ({chance:.4f} of these "
-            "images): the model has not learned these classes (more epochs or data, or check the labels)")
+    # a constant answer's balanced accuracy (mean recall over the classes present); none on images of one class
+    present = sum(n > 0 for n in class_counts)
+    chance = 1 / present if present > 1 else None
+    at_chance = [n for n, r in results.items() if chance is not None and r["balanced_accuracy"] <= chance + 1e-9]
+    if note := chance_note({"at_chance": at_chance, "chance": chance, "artifacts": results}):
+        log(f"  note: {note}")
     passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
               and (preprocess or {}).get("passed", True) and not engine_failures)
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
@@ -274,11 +276,25 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
               "tensorrt_available": tensorrt_available(), "skipped": not_run, "skipped_reasons": skipped_why,
               "engine_failures": engine_failures, "missing": unknown, "artifacts": results,
-              "majority_share": chance, "at_chance": at_chance,
+              "chance": chance, "at_chance": at_chance,
               "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
     return report
+
+
+def chance_note(report: dict) -> str | None:
+    """One line when artifacts are no better than a constant answer (balanced accuracy at most 1 / the
+    classes present): the model has not learned, or, where another artifact is above it, those are broken."""
+    at, chance = report.get("at_chance") or [], report.get("chance")
+    if not at or chance is None:  # none, or a check.json from before edge-tl measured it
+        return None
+    above = [n for n in report["artifacts"] if n not in at]
+    head = (f"{', '.join(at)} no better than a constant answer (balanced accuracy at most {chance:.3f}, 1 / the "
+            "classes present)")
+    if above:
+        return f"{head} while {', '.join(above)} is above it: {', '.join(at)} is broken; re-export the bundle"
+    return f"{head}: the model has not learned (more epochs or data, or check the labels)"
 
 
 def failures(report: dict) -> list[str]:

@@ -91,12 +91,15 @@ def to_rgb(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     """
     img = ImageOps.exif_transpose(img) or img
     mode = img.mode
-    if mode in ("RGB", "L", "P") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is transparent
+    if mode in ("RGB", "L", "P", "1") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is transparent
         img, mode = img.convert("RGBA"), "RGBA"
     if mode == "RGB" or (keep_gray and mode == "L"):
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        gray = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=mode.startswith("I;16")), "L")
+        arr = np.asarray(img)
+        gray = Image.fromarray(_to_uint8(arr, sixteen_bit=mode.startswith("I;16")), "L")
+        if isinstance(key := img.info.get("transparency"), int):  # a 16-bit PNG's colour key: white there
+            gray = Image.fromarray(np.where(arr == key, 255, np.asarray(gray)).astype(np.uint8), "L")
         return gray if keep_gray else gray.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -211,18 +214,22 @@ def visible_files(folder: Path) -> list[Path]:
     ``._x.png`` (macOS AppleDouble), ``.ipynb_checkpoints/`` copies of other images, or files in
     ``SYSTEM_FOLDERS`` (Synology's ``@eaDir/`` thumbnails, recycle bins).
 
-    Linked folders are followed (each real folder once: a link back up does not loop), so a
-    class assembled from links keeps its images. Broken symbolic links are included, so that
+    Linked folders are followed, so a class assembled from links keeps its images; a link to a
+    folder above (or a loop) is not, as it would take in the folders beside it. Broken symbolic links are included, so that
     decoding lists them as skipped instead of a class silently losing images (a dataset of links
     copied without their targets)."""
-    found, seen = [], set()
+    found, chains = [], {}
     for top, dirs, files in os.walk(folder, followlinks=True):
-        st = os.stat(top)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not _hidden(d)]
+        chain = chains.pop(top, (os.path.realpath(folder),))  # the real folders from the walk's root down to here
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, d))
+            # a loop, or a link up to a folder holding this one (it would take in its siblings: test/, other classes)
+            if _hidden(d) or any(os.path.commonpath([real, c]) == real for c in chain):
+                continue
+            chains[os.path.join(top, d)] = chain + (real,)
+            keep.append(d)
+        dirs[:] = keep
         found += [p for p in (Path(top) / f for f in files if not _hidden(f))
                   if p.is_file() or (p.is_symlink() and not p.exists())]
     return sorted(found)

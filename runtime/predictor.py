@@ -118,7 +118,8 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                     device: str | None = None) -> tuple[dict, str]:
     """(artifact, backend) per the "auto" rule: a TensorRT engine for this GPU, else ONNX Runtime.
 
-    Precision None takes the fastest accepted one (int8, fp16 on GPUs, fp32) among artifacts made
+    Precision None takes the fastest accepted one (int8, fp16 on GPUs, fp32; not an INT8 export found
+    no faster than FP32, ``default: false``) among artifacts made
     for the chosen backend's flavour or for any (``artifact["backend"]``): ONNX Runtime on CPU
     takes the CPU INT8 flavour, and never the TensorRT Q/DQ one (a gpu/jetson bundle before
     `edge-tl engine` runs FP32 there). An explicit precision takes what the bundle has.
@@ -151,7 +152,8 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
                 # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
                 cands = [a for a in bundle.artifacts if a["precision"] == p and (a.get("dla_core") is not None) == dla
                          and (engine_why.get(a["name"], "not an engine") is None if b == "tensorrt" else runnable(a, b))
-                         and (precision or (a.get("accepted", True) and a.get("backend", "any") in (flavour, "any")))]
+                         and (precision or (a.get("accepted", True) and a.get("default", True)
+                                            and a.get("backend", "any") in (flavour, "any")))]
                 cands.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
                 if cands:
                     if b != "tensorrt" and (stale := _stale(engine_why)):

@@ -155,3 +155,20 @@ def test_a_pretrained_squash_crop_is_noted_not_silently_replaced():
     note = crop_mode_note(timm.create_model("tf_efficientnetv2_b3", pretrained=False))
     assert note.startswith("note: tf_efficientnetv2_b3 was pretrained with timm's 'squash' crop")
     assert crop_mode_note(timm.create_model("tf_efficientnet_lite0", pretrained=False)) is None
+
+
+def test_stored_index_buffers_are_not_unused_tensors(tmp_path, monkeypatch):
+    """Original BEiT/Swin-style checkpoints save relative-position index buffers that timm keeps out of
+    the state dict: they are the same model's, not another's (strictest share, so one stray tensor counts)."""
+    from edge_tl.finetune import backbones
+
+    monkeypatch.setattr(backbones, "UNUSED_SHARE", 1e-9)
+    model = timm.create_model("efficientvit_m0", pretrained=False)
+    sd = model.state_dict()
+    sd.update({n: b for n, b in model.named_buffers() if n not in sd})  # attention_bias_idxs, as such files hold
+    torch.save(sd, tmp_path / "with_buffers.pth")
+    assert create_backbone("efficientvit_m0", 2, weights=tmp_path / "with_buffers.pth")[1] == "file:with_buffers.pth"
+    sd["blocks.99.extra.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "stray.pth")
+    with pytest.raises(UserError, match=r"1 of its \d+ tensors have no place"):
+        create_backbone("efficientvit_m0", 2, weights=tmp_path / "stray.pth")

@@ -344,6 +344,8 @@ def test_a_folder_of_images_beside_train_is_listed_as_not_read(tmp_path):
     make_image_folder(tmp_path / "d", per_class=3, classes=("dog",))
     (tmp_path / "d" / "notes").mkdir()
     (tmp_path / "d" / "notes" / "readme.txt").write_text("no images here")
+    make_image_folder(tmp_path / "d" / "out", per_class=1, classes=("plots",))  # a fine-tune's --out beside train/
+    (tmp_path / "d" / "out" / "metrics.json").write_text("{}")
     data = discover(tmp_path / "d", SPEC, progress=False)
     assert data.skipped == [f"{tmp_path / 'd' / 'dog'}: 3 image files beside train/, not read (a fine-tune reads "
                             "train/<class>/ and the validation folder): move it into train/ if it is a class"]
@@ -356,13 +358,17 @@ def test_images_the_model_sees_poorly_are_noted(tiny_folder):
 
     assert discover(tiny_folder, SPEC, progress=False).odd.lines() == []  # 40-px patterns at 32 px: nothing to note
     Image.fromarray(np.full((40, 40), 170, np.uint16)).save(tiny_folder / "checker" / "dim16.png")  # I;16, max 170
-    Image.new("RGB", (8, 8), "white").resize((8, 8)).save(tiny_folder / "hstripes" / "tiny.png")
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tiny_folder / "hstripes" / "tiny.png")  # a flat colour, not grey
+    Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2).save(tiny_folder / "vstripes" / "d12.png")
     Image.effect_noise((400, 20), 60).convert("RGB").save(tiny_folder / "vstripes" / "strip.png")
     data = discover(tiny_folder, PreprocessSpec(input_size=(32, 32), crop_pct=0.875), progress=False)
-    assert data.odd.counts() == {"flat": 2, "upscaled": 1, "cropped": 1}  # the white 8x8 is flat too
+    assert data.odd.counts() == {"flat": 2, "dark": 1, "upscaled": 1, "cropped": 1}  # the 8x8 is flat too
     assert sorted(p.name for p in data.odd.flat) == ["dim16.png", "tiny.png"]
     notes = data.odd.notes(PreprocessSpec(input_size=(32, 32), crop_pct=0.875))
-    assert len(notes) == 3 and "16-bit files holding 8- or 12-bit values" in notes[0]
-    assert "(the smallest 8×8: " in notes[1] and "upscaled up to 4 times" in notes[1]
-    assert "(the longest 400×20: " in notes[2] and "strip.png" in notes[2]
-    assert sum(n for n in data.odd.counts().values()) == len(data.odd.lines())
+    assert len(notes) == 4 and "16-bit files holding 8-bit values" in notes[0]
+    assert "d12.png: 12-bit data in 16-bit files keeps only 16 grey levels" in notes[1]  # values 0-3198: 0-12
+    assert "(the smallest 8×8: " in notes[2] and "upscaled up to 4 times" in notes[2]
+    assert "(the longest 400×20: " in notes[3] and "strip.png" in notes[3]
+    lines = data.odd.lines()
+    assert lines[0] == "kind\tpath\tsize" and len(lines) == 1 + sum(data.odd.counts().values())
+    assert all(len(line.split("\t")) == 3 for line in lines)

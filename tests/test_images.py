@@ -59,6 +59,8 @@ def test_alpha_and_palette_composite_on_white(tmp_path):
     Image.fromarray(np.array([[7, 100]], np.uint8), "L").save(tmp_path / "g.png", transparency=7)
     assert _rgb(tmp_path / "k.png").tolist() == [[[255, 255, 255], [0, 0, 255]]]
     assert _rgb(tmp_path / "g.png").tolist() == [[[255, 255, 255], [100, 100, 100]]]
+    Image.fromarray(np.array([[0, 1000]], np.uint16)).save(tmp_path / "g16.png", transparency=0)  # 16-bit grey key
+    assert _rgb(tmp_path / "g16.png").tolist() == [[[255, 255, 255], [3, 3, 3]]]
 
 
 def test_exif_rotation_applied(tmp_path):
@@ -113,13 +115,15 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == ["a/sub/y.png", "a/x.png"]
 
 
-def test_linked_folders_are_followed_once(tmp_path):
-    """A class assembled from links keeps its images; a link back up does not loop."""
+def test_linked_folders_are_followed_but_not_up_or_round(tmp_path):
+    """A class assembled from links keeps its images; a link up, or round through another folder, is not followed."""
     for rel in ("a/x.png", "elsewhere/more/y.png", "elsewhere/more/z.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     (tmp_path / "a" / "more").symlink_to(tmp_path / "elsewhere" / "more")
     (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "up").symlink_to(tmp_path)  # a folder above: it would take in elsewhere/ and a/ again
+    (tmp_path / "elsewhere" / "more" / "back").symlink_to(tmp_path / "a")  # a loop through another folder
     assert [p.relative_to(tmp_path).as_posix() for p in visible_files(tmp_path / "a")] == [
         "a/more/y.png", "a/more/z.png", "a/x.png"]
 
