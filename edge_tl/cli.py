@@ -500,7 +500,8 @@ def main() -> None:
     of edge-tl: traceback and exit 3, so a CI gate never reads a crash as check's 1 (regression)."""
     from PIL import Image
 
-    faulthandler.enable()  # a crash inside a native library (PyTorch, ONNX Runtime) prints where it happened
+    with contextlib.suppress(OSError, ValueError):  # stderr without a file descriptor (captured, embedded)
+        faulthandler.enable()  # a crash inside a native library (PyTorch, ONNX Runtime) prints where it happened
     # the user's own images: a 100-megapixel scan is no attack (past twice Pillow's limit it is refused,
     # naming the file); Pillow's warning names no file and breaks the progress bars
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
