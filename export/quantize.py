@@ -31,7 +31,7 @@ import onnx
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write
-from edge_tl.runtime.check import accuracy
+from edge_tl.runtime.check import NOISE_MIN_IMAGES, accuracy, drop_noise, noise_allowance
 from edge_tl.runtime.images import to_input
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
@@ -297,7 +297,7 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
                       f"(its noise not measurable on {len(val_labels)} images: one is {100 / len(val_labels):.1f})")
             log(f"  int8 ({flavour}) with {len(exclude)} layers in float: val accuracy {acc:.4f}, drop {drop:+.2f} "
                 f"{spread} pts, top-1 agreement with fp32 {agree:.4f}")
-            allowance = min(noise, max_drop) if len(val_labels) >= NOISE_MIN_IMAGES else 0.0
+            allowance = noise_allowance(noise, max_drop, len(val_labels))
             tries[-1]["noise_allowance_pts"] = allowance
             if drop <= max_drop + allowance:
                 break
@@ -374,13 +374,3 @@ def slower_than_fp32(speed: dict) -> str:
     return (f"not the default: no faster than fp32 on this machine ({speed['int8_ms']:.2f} vs {speed['fp32_ms']:.2f} "
             f"ms at batch 1, ONNX Runtime CPU: {speed['ratio']:.2f}x); on the device, `edge-tl bench BUNDLE --batch 1` "
             "times both, and --precision int8 uses it if it is faster there")
-
-
-NOISE_MIN_IMAGES = 50  # fewer validation images: the budget is strict (as scores.MIN_IMAGES for the temperature)
-
-
-def drop_noise(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> float:
-    """Standard error (points) of the accuracy drop from ``reference_logits`` to ``logits`` on the
-    same images: only the images exactly one of them gets right move it."""
-    ref_right, right = reference_logits.argmax(1) == labels, logits.argmax(1) == labels
-    return float(np.sqrt((ref_right != right).sum()) / max(len(labels), 1) * 100)

@@ -182,8 +182,16 @@ def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp
     assert within["noise_allowance_pts"] == pytest.approx(first["noise_pts"] / 3 ** 0.5, abs=1e-3)
 
 
+def test_the_noise_allowance_is_shared_by_export_and_check():
+    from edge_tl.runtime.check import noise_allowance
+
+    assert noise_allowance(0.68, 1.0, 654) == 0.68  # make demo's test split: a 7-image drop (1.07 pts) is noise
+    assert noise_allowance(1.5, 1.0, 654) == 1.0 and noise_allowance(0.5, 0.0, 654) == 0.0  # capped; 0 stays strict
+    assert noise_allowance(5.0, 1.0, 49) == 0.0  # a few images: none
+
+
 def test_drop_noise_counts_only_images_one_model_gets_right():
-    from edge_tl.export.quantize import drop_noise
+    from edge_tl.runtime.check import drop_noise
 
     labels = np.zeros(296, int)
     ref, new = np.tile([[1.0, 0.0]], (296, 1)), np.tile([[1.0, 0.0]], (296, 1))
