@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_tl.fileio import atomic_write  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _charmap(font_file: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(font_file).get_charmap())
+    except (OSError, RuntimeError):  # a font FreeType cannot open covers nothing
+        return frozenset()
+
+
+def class_tick_labels(classes: list[str]) -> tuple[list[str], list[str], str]:
+    """Tick labels for class names, the font families to draw them with, and a note.
+
+    Matplotlib's default font lacks CJK, emoji and many scripts (each missing glyph drew a box
+    and warned). Another installed font that has every character is added as a fallback; where
+    none has, such names are drawn as ``class <index>`` and the note says so (labels.txt and
+    the report's tables keep the real names)."""
+    from matplotlib import font_manager
+
+    default = matplotlib.rcParams["font.family"]
+    need = {ord(c) for name in classes for c in name if not c.isspace()}
+    missing = need - _charmap(font_manager.findfont(font_manager.FontProperties(family=default)))
+    if not missing:
+        return list(classes), list(default), ""
+    for font in sorted({(f.name, f.fname) for f in font_manager.fontManager.ttflist}):
+        if not font[0].startswith("Last Resort") and missing <= _charmap(font[1]):  # its glyphs are boxes
+            return list(classes), [*default, font[0]], ""
+    unshown = [i for i, name in enumerate(classes) if any(ord(c) in missing for c in name)]
+    labels = [f"class {i}" if i in unshown else name for i, name in enumerate(classes)]
+    return labels, list(default), f"{len(unshown)} name(s) need a font missing here: shown as 'class <index>' (see labels.txt)"
 
 
 def _save(fig, path: Path) -> None:
@@ -48,9 +81,10 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = ""):
         for j in range(n):
             if m[i, j] or n <= 10:  # with many classes a grid of zeros hides the errors
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    labels, families, note = class_tick_labels(classes)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontfamily=families)
+    ax.set_yticks(range(n), labels, fontfamily=families)
+    ax.set(xlabel="predicted" + (f"\n{note}" if note else ""), ylabel="true", title=title)
     return fig
 
 

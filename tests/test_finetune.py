@@ -362,3 +362,17 @@ def test_worker_error_keeps_the_message_and_kind_of_a_data_loader_workers_error(
     assert type(cut) is UnreadableImage and str(cut) == "a/b.png: first line\nsecond line: the fix"
     plain = UserError("x.png: Original Traceback is in the name")
     assert worker_error(plain) is plain
+
+
+def test_class_names_outside_the_plot_font_get_a_fallback_font_or_an_index_never_a_box(tmp_path):
+    import warnings
+
+    from edge_tl.finetune.plots import class_tick_labels, plot_confusion
+
+    assert class_tick_labels(["défaut", "ok"]) == (["défaut", "ok"], class_tick_labels(["a"])[1], "")
+    labels, _, note = class_tick_labels(["\U000f0000 private", "défaut"])  # a code point no font draws
+    assert labels == ["class 0", "défaut"] and "class <index>" in note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned once per missing glyph, per plot
+        plot_confusion([[2, 1], [0, 3]], ["\U000f0000 private", "défaut"], tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0
