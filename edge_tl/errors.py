@@ -6,3 +6,5 @@ class UserError(Exception):
 
     The message is one line that names what is wrong and how to fix it; no traceback is shown.
     """
+
+    index: int | None = None  # Predictor.predict_batch: the position of the image it is about

@@ -41,7 +41,12 @@ def replace_folder(new: Path, out: Path) -> None:
     neither exists whole: the old one is renamed aside, and deleted only once ``new`` took its place."""
     old = out.with_name(f".{out.name}.old.{secrets.token_hex(4)}") if out.exists() else None
     if old is not None:
-        out.rename(old)
+        try:
+            out.rename(old)
+        except PermissionError as exc:  # Windows: a file in it is open, or a shell or Explorer is inside it
+            raise UserError(f"{out}: cannot be replaced ({exc.strerror or exc}); close the programs using it (a "
+                            "shell or file browser inside it, an app with a file of it open) and run again. The "
+                            "old folder is unchanged.") from None
     try:
         new.rename(out)
     except BaseException:
@@ -110,6 +115,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def unlink_links(*paths: Path) -> None:
+    """Remove those of ``paths`` that are symbolic links, so that a write replaces the link itself:
+    inside a bundle (copied from elsewhere, maybe made by someone else) a link may point anywhere."""
+    for p in paths:
+        if p.is_symlink():
+            p.unlink()
+
+
 def check_writable(path: str | Path) -> None:
     """Fail now, naming ``path``, if a file cannot be written there (before minutes of work that
     would then end in an error). Makes its missing parent folders, as the write would."""
@@ -119,7 +132,7 @@ def check_writable(path: str | Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8", newline="\n"))  # LF on Windows too
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from edge_tl.errors import UserError
 from edge_tl.fileio import write_text
+from edge_tl.runtime.bundle import Bundle
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -139,13 +140,18 @@ def _data_warnings(metrics: dict, check: dict) -> list[str]:
     return out
 
 
+def _e(value) -> str:
+    """Any value of the build's JSON files as HTML text (they may come from someone else's build folder)."""
+    return html.escape(str(value))
+
+
 def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
     out = Path(out)
     needed = [out / "bundle" / "manifest.json", out / "check.json", out / "bench.json", out / "run" / "metrics.json"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"{out}: not a finished build ({', '.join(missing)} missing); run `edge-tl build` first.")
-    manifest = json.loads(needed[0].read_text())
+    manifest = Bundle.load(out / "bundle").manifest  # verified: the page shows what the device will run
     check = json.loads(needed[1].read_text())
     bench = json.loads(needed[2].read_text())
     metrics = json.loads(needed[3].read_text())
@@ -156,9 +162,9 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
              f"{html.escape(manifest['target'])}</h1>",
              f"<p>Check: <b class=\"{'pass' if check['passed'] else 'fail'}\">{'PASSED' if check['passed'] else 'FAILED'}"
              f"</b> on {html.escape(check['data'])}. Bundle: <code>{html.escape(str(out / 'bundle'))}</code>. "
-             f"Fine-tune: best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {metrics['best_epoch']} "
-             f"of {metrics['epochs']} ({metrics['seconds'] / 60:.1f} min on {html.escape(metrics['device'])}), "
-             f"{metrics['num_train']} train / {metrics['num_val']} val images, weights {html.escape(str(metrics['pretrained']))}.</p>"]
+             f"Fine-tune: best validation accuracy {metrics['best_val_accuracy']:.4f} at epoch {_e(metrics['best_epoch'])} "
+             f"of {_e(metrics['epochs'])} ({metrics['seconds'] / 60:.1f} min on {_e(metrics['device'])}), "
+             f"{_e(metrics['num_train'])} train / {_e(metrics['num_val'])} val images, weights {_e(metrics['pretrained'])}.</p>"]
     parts += _data_warnings(metrics, check)
     from edge_tl.build import NOT_ACCEPTED
 
@@ -179,15 +185,15 @@ def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
               for n, a in exported.items() if a.get("not_default")]
     if scores := manifest.get("scores"):
         how = (f"plain softmax (temperature 1: {html.escape(scores['skipped'])}, too few to fit one)" if "skipped" in scores
-               else f"softmax of logits / {scores['temperature']}, the temperature fitted on the {scores['images']} "
+               else f"softmax of logits / {_e(scores['temperature'])}, the temperature fitted on the {_e(scores['images'])} "
                     f"validation images (ECE {scores['ece'][0]:.3f} → {scores['ece'][1]:.3f})")
         parts.append(f"<p>Scores: {how}. Score ECE above: on the check's images, how far the scores are from the "
                      "frequency of being right (0 = a score of 0.8 is right 80 % of the time).</p>")
     if pre := check.get("preprocess"):
         jpeg = ("" if pre.get("jpeg_max_abs_diff") is None else
-                f", and decoding its camera-sized JPEG: max |Δ| {pre['jpeg_max_abs_diff']}")
-        parts.append(f"<p>Preprocessing here against export's, on golden.npz's {pre['images']} source images: max |Δ| "
-                     f"{pre['max_abs_diff']} grey levels{jpeg}: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
+                f", and decoding its camera-sized JPEG: max |Δ| {_e(pre['jpeg_max_abs_diff'])}")
+        parts.append(f"<p>Preprocessing here against export's, on golden.npz's {_e(pre['images'])} source images: max |Δ| "
+                     f"{_e(pre['max_abs_diff'])} grey levels{jpeg}: <b class=\"{'pass' if pre['passed'] else 'fail'}\">"
                      f"{html.escape(pre['reason'])}</b></p>")
     if check["skipped"]:
         why = check.get("skipped_reasons", {})  # checks from before edge-tl recorded why have none

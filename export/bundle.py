@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import platform
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from edge_tl.finetune.config import check_out_beside_data
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
+from edge_tl.runtime.bundle import GITATTRIBUTES, GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 from edge_tl.runtime.check import accuracy
 from edge_tl.runtime.scores import fit_temperature
 
@@ -65,6 +66,22 @@ def _check_replaceable(out: Path, run: Path, data: Path) -> None:
     if not (out / MANIFEST).is_file():
         raise UserError(f"{out}: exists and is not a bundle (no {MANIFEST}); --force only replaces a bundle. "
                         "Choose another --out, or remove the folder yourself.")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        listed = set(manifest["files"]) if isinstance(manifest["schema"], int) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        raise UserError(f"{out}: its {MANIFEST} is not an edge-tl manifest; --force only replaces a bundle. Choose "
+                        "another --out, or remove the folder yourself.")
+    ours = listed | {MANIFEST, "README.md", ".gitattributes", LABELS, GOLDEN}
+    others = sorted(str(f.relative_to(out)) for f in out.rglob("*") if not f.is_dir() and
+                    f.relative_to(out).as_posix() not in ours and f.relative_to(out).parts[0] != "engines"
+                    and not (f.name.startswith(".") and f.name.endswith(".tmp")))  # an interrupted write's
+    if others:
+        raise UserError(f"{out}: holds files that are not the bundle's ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), which --force would delete. Move them out, or "
+                        "choose another --out.")
 
 
 def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisions: str | None = None,
@@ -133,7 +150,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         bundle.save()
         # not hashed (a copy without dotfiles still loads): git on Windows (core.autocrlf) would otherwise
         # turn labels.txt's line endings into CRLF, which verification then names
-        write_text(tmp / ".gitattributes", "# every file byte-exact: manifest.json holds their sha256\n* -text\n")
+        write_text(tmp / ".gitattributes", GITATTRIBUTES)
         if wanted != ["fp32"] and target in ("gpu", "jetson"):
             reason = ts.missing_reason()
             if reason is None and target == "jetson" and not ts.on_jetson():  # its engines would be for this GPU

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from edge_tl import __version__
 from edge_tl.errors import UserError
-from edge_tl.fileio import temp_folder, write_text
+from edge_tl.fileio import temp_folder, unlink_links, write_text
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import SELF_DIGEST, Bundle
+from edge_tl.runtime.bundle import GITATTRIBUTES, SELF_DIGEST, Bundle
 
 from . import tensorrt as trt_build
 
@@ -30,6 +30,9 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
     info = ts.gpu_info(gpu)
     profile = trt_build.BatchProfile(**bundle.manifest["batch"])
     h, w = bundle.spec.input_size
+    if (bundle.path / "engines").is_symlink():
+        raise UserError(f"{bundle.path / 'engines'}: a symbolic link; engines are written into the bundle itself, never "
+                        "through links. Replace it by a folder (remove the link; `edge-tl engine` makes the folder).")
     built = []
     for precision in precisions:
         source = trt_build.SOURCE_ARTIFACT[mode][precision]
@@ -43,6 +46,7 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
         rel = f"engines/{trt_build.engine_filename(precision, trt.__version__, info['gpu'], info['compute_capability'], dla_core)}"
         cache = bundle.path / "engines" / rel.split("/")[-1].replace(f"model.{precision}.", "timing.").replace(
             ".engine", ".cache")  # one timing cache per GPU and TensorRT version
+        unlink_links(bundle.path / rel, cache)
         facts = trt_build.build_engine(bundle.file(src), bundle.path / rel, precision, bundle.manifest["input"]["name"],
                                        (3, h, w), profile, workspace_mb, dla_core, cache, gpu, log)
         name = f"trt-{precision}" + (f"-dla{dla_core}" if dla_core is not None else "") + f"@{ts.slug(info['gpu'])}"
@@ -85,10 +89,11 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
     gone = {a["file"] for a in dropped}
     tmp = temp_folder(out)
     try:
-        for rel in [*bundle.manifest["files"], ".gitattributes"]:
-            if rel not in gone and (bundle.path / rel).is_file():
+        write_text(tmp / ".gitattributes", GITATTRIBUTES)  # written, not copied: no file the manifest leaves unhashed
+        for rel in bundle.manifest["files"]:
+            if rel not in gone and rel != ".gitattributes" and (bundle.path / rel).is_file():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(bundle.path / rel, tmp / rel)
+                shutil.copy2(bundle.path / rel, tmp / rel)  # verified against its hash below
         slim = Bundle(tmp, copy.deepcopy(bundle.manifest))
         slim.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] in keep]
         slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items() if k not in gone}

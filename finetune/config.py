@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from edge_tl.errors import UserError
+from edge_tl.runtime.spec import MAX_INPUT_SIDE, MIN_CROP_PCT
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 
@@ -72,11 +74,12 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or not positive(cfg.lr):
         raise UserError(f"--epochs {cfg.epochs} / --batch-size {cfg.batch_size} / --lr {cfg.lr}: all must be positive.")
-    if cfg.img_size is not None and cfg.img_size < MIN_IMG_SIZE:
-        raise UserError(f"--img-size {cfg.img_size}: use at least {MIN_IMG_SIZE} (the network downsamples 32x); "
-                        "the model's pretrained size (224 for tf_efficientnet_lite0) is a good start.")
-    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
-        raise UserError(f"--crop-pct {cfg.crop_pct}: the eval center crop is a fraction in (0, 1], e.g. 0.875 or 1.")
+    if cfg.img_size is not None and not MIN_IMG_SIZE <= cfg.img_size <= MAX_INPUT_SIDE:
+        raise UserError(f"--img-size {cfg.img_size}: use {MIN_IMG_SIZE} (the network downsamples 32x) to "
+                        f"{MAX_INPUT_SIDE}; the model's pretrained size (224 for tf_efficientnet_lite0) is a good start.")
+    if cfg.crop_pct is not None and not MIN_CROP_PCT <= cfg.crop_pct <= 1:
+        raise UserError(f"--crop-pct {cfg.crop_pct}: the eval center crop is a fraction in [{MIN_CROP_PCT}, 1], e.g. "
+                        "0.875 or 1.")
     if not 0 < cfg.scale_min <= 1:
         raise UserError(f"--scale-min {cfg.scale_min}: the smallest crop area is a fraction in (0, 1], e.g. 0.8.")
     if not 0 <= cfg.low_res_epochs <= 1:
@@ -128,6 +131,16 @@ def training_roots(data: Path) -> list[Path]:
     return [train, *[v for v in [split_folder(data, *VAL_FOLDERS)] if v is not None]]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it, also where the names differ only in letter case on a disk
+    that ignores it (macOS, Windows) or by a link: compared by file identity."""
+    if path == folder or folder in path.parents:
+        return True
+    if not folder.exists():
+        return False
+    return any(a.exists() and os.path.samefile(a, folder) for a in (path, *path.parents))
+
+
 def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> None:
     """Refuse an output folder where the data's images are read from (it would become a class);
     ``with_test``: DIR/test/ too (build's check reads it)."""
@@ -135,7 +148,7 @@ def check_out_beside_data(out: Path, data: Path, with_test: bool = False) -> Non
     roots = training_roots(data) + ([split_folder(data, "test") or data / "test"] if with_test else [])  # made by
     # the --out itself, it still is
     for root in roots:
-        if target == root or root in target.parents:
+        if _inside(target, root):
             raise UserError(f"{out}: is inside {root}, where the {'test' if root.name.lower() == 'test' else 'training'} "
                             "images are read from, so its files would become images or a class. Choose an --out "
                             "outside it.")

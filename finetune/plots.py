@@ -30,9 +30,11 @@ def class_tick_labels(classes: list[str]) -> tuple[list[str], list[str], str]:
     Matplotlib's default font lacks CJK, emoji and many scripts (each missing glyph drew a box
     and warned). Another installed font that has every character is added as a fallback; where
     none has, such names are drawn as ``class <index>`` and the note says so (labels.txt and
-    the report's tables keep the real names)."""
+    the report's tables keep the real names). A ``$`` is drawn as itself, not as the start of
+    matplotlib's mathtext (``$\\nocmd{x}$`` as a class name made the plot raise)."""
     from matplotlib import font_manager
 
+    classes = [c.replace("$", r"\$") for c in classes]
     default = matplotlib.rcParams["font.family"]
     need = {ord(c) for name in classes for c in name if not c.isspace()}
     missing = need - _charmap(font_manager.findfont(font_manager.FontProperties(family=default)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import itertools
+import logging
 import os
 import platform
 import time
@@ -26,6 +27,8 @@ from edge_tl.errors import UserError
 from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, expand_images, to_input
 from .predictor import flavour_mismatch, make_runner, not_runnable, tensorrt_available
+
+LOG = logging.getLogger("edge_tl").info  # progress lines; the CLI passes its own printer
 
 
 def machine() -> dict:
@@ -117,7 +120,7 @@ def _jpegs(pixels: np.ndarray, n: int) -> list[bytes]:
     return out
 
 
-def e2e_inputs(spec, golden: np.ndarray, images: str | Path | None, log=print) -> tuple[Callable[[int], list], str]:
+def e2e_inputs(spec, golden: np.ndarray, images: str | Path | None, log=LOG) -> tuple[Callable[[int], list], str]:
     """What end-to-end timing decodes: ``batch -> the next inputs`` (each call takes the next ones in
     turn, so every input is timed) and its description. ``images`` (a file or folder: the user's
     own, e.g. a camera's photos) are read from disk at each call, the unreadable ones left out as
@@ -153,7 +156,7 @@ E2E_FILES = 64  # of --images, evenly spaced: enough for its mix of sizes, quick
 def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions: list[str] | None = None,
                  batches: tuple[int, ...] = (1, 8, 32), warmup: int = 10, iters: int | None = None,
                  seconds: float | None = 2.0, reference: str | None = None, device: str | None = "cpu",
-                 threads: int = 0, images: str | Path | None = None, log=print) -> dict:
+                 threads: int = 0, images: str | Path | None = None, log=LOG) -> dict:
     """Time every runnable artifact (filtered by backend and precision) at each batch size; end to
     end (decode + preprocess + infer) on ``images`` (see ``e2e_inputs``)."""
     if warmup < 0 or (iters is not None and iters < 1) or (iters is None and not (seconds and seconds > 0)):

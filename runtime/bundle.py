@@ -10,14 +10,16 @@ refused, not half-followed), its classes and input size must agree with the hash
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_tl.errors import UserError
-from edge_tl.fileio import sha256_file, write_json
+from edge_tl.fileio import sha256_file, unlink_links, write_json
 
 from .spec import PreprocessSpec
 
@@ -26,6 +28,7 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 LABELS = "labels.txt"
 SELF_DIGEST = "manifest_sha256"
+GITATTRIBUTES = "# every file byte-exact: manifest.json holds their sha256\n* -text\n"  # git keeps them unchanged
 READABLE = ("Every file of a bundle is checked against its manifest, so this user needs read access to all of "
             "them: chmod -R a+rX {}")
 
@@ -40,6 +43,39 @@ class BundleError(UserError):
     """A bundle that is missing, damaged, tampered with or too new for this code."""
 
 
+# golden.npz unpacks to at most this many times its size (or 64 MiB): real pixels and logits compress
+# 1-5x, while a crafted file of zeros unpacks ~1000x (a 6 MB file asking for 5.6 GB on every load)
+NPZ_MAX_EXPANSION = 50
+NPZ_MIN_LIMIT = 64 << 20
+
+
+def _load_npz(data: bytes, where: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file's bytes: no pickled objects, no decompression bomb."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            unpacked = sum(i.file_size for i in zf.infolist())  # zipfile reads no more than this per member
+        if unpacked > max(NPZ_MIN_LIMIT, NPZ_MAX_EXPANSION * len(data)):
+            raise BundleError(f"{where}: unpacks to {unpacked / 2**20:.0f} MiB from {len(data) / 2**20:.1f} MiB, far more "
+                              "than golden outputs take; it is not one edge-tl wrote. Re-export the bundle.")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise BundleError(f"{where}: not a readable .npz of arrays ({type(exc).__name__}: {exc}). "
+                          "Re-export the bundle.") from None
+
+
+def check_class_names(classes, where) -> None:
+    """A list of distinct, non-empty names without control characters (labels.txt holds one per
+    line; printed names must not carry terminal escape sequences), or a BundleError."""
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise BundleError(f"{where}: 'classes' must be a non-empty list of non-empty names. Re-export the bundle.")
+    if len(set(classes)) != len(classes):
+        raise BundleError(f"{where}: 'classes' must be distinct names, got {classes}. Re-export the bundle.")
+    if bad := [c for c in classes if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in c)]:
+        raise BundleError(f"{where}: class names with control characters ({', '.join(map(repr, bad))}). Re-export "
+                          "the bundle from class folders without them.")
+
+
 def _check_fields(manifest: dict, mpath: Path) -> None:
     """The fields the runtime reads have the types it reads them as: a manifest edited and re-signed
     by hand (its digest recipe is public) is refused with the field's name, not a traceback."""
@@ -52,6 +88,11 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     for i, art in enumerate(artifacts):
         if not isinstance(art, dict) or not all(isinstance(art.get(k), str) for k in ("name", "file", "format", "precision")):
             raise bad(f"artifacts[{i}]", "an object with string name, file, format and precision")
+        for k in ("fp32_agreement", "val_accuracy", "drop_pts"):
+            if art.get(k) is not None and (not isinstance(art[k], (int, float)) or isinstance(art[k], bool)):
+                raise bad(f"artifacts[{i}].{k}", "a number")
+        if art.get("dla_core") is not None and (not isinstance(art["dla_core"], int) or art["dla_core"] < 0):
+            raise bad(f"artifacts[{i}].dla_core", "a DLA core index (0, 1, ...) or null")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise bad("files", "an object of path: sha256 strings")
@@ -109,7 +150,8 @@ class Bundle:
         """Refuse the bundle when the manifest was edited, a model or golden file is not listed, a listed
         file is missing or changed, or the manifest disagrees with the files it describes."""
         mpath = self.path / MANIFEST
-        if self.manifest["schema"] >= 2 and self.manifest.get(SELF_DIGEST) != manifest_digest(self.manifest):
+        signed = self.manifest["schema"] >= 2 or SELF_DIGEST in self.manifest  # a lowered schema turns nothing off
+        if signed and self.manifest.get(SELF_DIGEST) != manifest_digest(self.manifest):
             raise BundleError(f"{mpath}: changed since edge-tl wrote it (its content does not match "
                               f"{SELF_DIGEST}). It is the contract the models were checked against, so edge-tl "
                               "will not follow an edited one: copy the bundle again or re-export it.")
@@ -153,8 +195,7 @@ class Bundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{mpath}: invalid 'classes' or 'preprocess' ({type(exc).__name__}: {exc}). "
                               "Re-export the bundle.") from None
-        if not classes or len(set(classes)) != len(classes):
-            raise BundleError(f"{mpath}: 'classes' must be distinct names, got {classes}. Re-export the bundle.")
+        check_class_names(self.manifest.get("classes"), mpath)
         labels = self.path / LABELS
         if labels.is_file() and labels.read_text(encoding="utf-8").removesuffix("\n").split("\n") != classes:
             raise BundleError(f"{mpath}: 'classes' {classes} differ from {labels}. Re-export the bundle.")
@@ -163,6 +204,11 @@ class Bundle:
             raise BundleError(f"{mpath}: input {list(spec.input_size)} / {len(classes)} classes disagree with the "
                               f"golden outputs ({pixels.shape[1]}x{pixels.shape[2]} pixels, {logits.shape[1]} "
                               "logits). Re-export the bundle.")
+        labels_of_golden = self.golden_labels()
+        if labels_of_golden is not None and not (labels_of_golden.shape == (len(pixels),) and
+                                                 ((0 <= labels_of_golden) & (labels_of_golden < len(classes))).all()):
+            raise BundleError(f"{self.path / GOLDEN}: 'labels' must be one class index (0..{len(classes) - 1}) per "
+                              "golden image. Re-export the bundle.")
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -194,6 +240,25 @@ class Bundle:
     def file(self, artifact: dict) -> Path:
         return self.path / artifact["file"]
 
+    def read_verified(self, rel: str) -> bytes:
+        """``rel``'s bytes, hashed again as they are read: what a runner loads is what was checked,
+        even if the file is swapped between ``verify`` and the load."""
+        f = self.path / rel
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(self.path)}") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest.get("files", {}).get(rel):
+            raise BundleError(f"{f}: changed since the bundle was loaded, or not listed in its {MANIFEST}; "
+                              "edge-tl runs only files that match the manifest. Copy the bundle again.")
+        return data
+
+    def _golden_arrays(self) -> dict[str, np.ndarray]:
+        f = self.path / GOLDEN
+        if not f.is_file():
+            raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
+        return _load_npz(self.read_verified(GOLDEN), f)
+
     @property
     def temperature(self) -> float:
         """T of the scores, softmax(logits / T): fitted at export (1 in bundles from before it)."""
@@ -201,29 +266,41 @@ class Bundle:
 
     def golden(self) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 N×H×W×3 pixels, float32 N×classes reference logits of the fine-tuned model)."""
-        f = self.path / GOLDEN
-        if not f.is_file():
-            raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
-        with np.load(f) as z:
-            pixels, logits = z["pixels"], z["logits"]
+        f, z = self.path / GOLDEN, self._golden_arrays()
+        pixels, logits = z.get("pixels"), z.get("logits")
+        if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 4 and len(pixels)
+                and pixels.shape[3] == 3 and isinstance(logits, np.ndarray) and logits.ndim == 2
+                and logits.dtype.kind == "f" and len(logits) == len(pixels)):
+            raise BundleError(f"{f}: needs 'pixels' (uint8 N×H×W×3, N ≥ 1) and 'logits' (float N×classes). "
+                              "Re-export the bundle.")
         if not np.isfinite(logits).all():
             raise BundleError(f"{f}: its reference logits are not all finite (inf or NaN), so nothing can be compared "
                               "with them; re-export the bundle.")
         return pixels, logits
 
+    def golden_labels(self) -> np.ndarray | None:
+        """The golden images' true class indices (None in bundles without them)."""
+        labels = self._golden_arrays().get("labels")
+        if labels is not None and labels.dtype.kind not in "iu":
+            raise BundleError(f"{self.path / GOLDEN}: 'labels' must be integers, not {labels.dtype}. Re-export the bundle.")
+        return labels
+
     def preprocess_vectors(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(uint8 RGB source image, its expected model input) pairs from golden.npz; none in bundles older than them."""
-        with np.load(self.path / GOLDEN) as z:
-            if "source_pixels" not in z.files:
-                return []
-            expected = z["source_pixels"]
-            return [(z[f"source_{i}"], expected[i]) for i in range(len(expected))]
+        z = self._golden_arrays()
+        if "source_pixels" not in z:
+            return []
+        expected = z["source_pixels"]
+        if any(f"source_{i}" not in z for i in range(len(expected))):
+            raise BundleError(f"{self.path / GOLDEN}: 'source_pixels' has {len(expected)} entries but not as many "
+                              "'source_<i>' images. Re-export the bundle.")
+        return [(z[f"source_{i}"], expected[i]) for i in range(len(expected))]
 
     def jpeg_vector(self) -> tuple[bytes, np.ndarray] | None:
         """(a camera-sized JPEG's bytes, its expected model input) from golden.npz: the test of the
         reduced JPEG decode; None in bundles without one (no reducing gap, or older)."""
-        with np.load(self.path / GOLDEN) as z:
-            return (z["jpeg_source"].tobytes(), z["jpeg_pixels"]) if "jpeg_source" in z.files else None
+        z = self._golden_arrays()
+        return (z["jpeg_source"].tobytes(), z["jpeg_pixels"]) if "jpeg_source" in z and "jpeg_pixels" in z else None
 
     def add_file(self, rel: str) -> None:
         """Record ``rel``'s sha256 in the manifest (in memory; call :meth:`save`)."""
@@ -232,4 +309,5 @@ class Bundle:
     def save(self) -> None:
         self.manifest["schema"] = SCHEMA_VERSION
         self.manifest[SELF_DIGEST] = manifest_digest(self.manifest)
+        unlink_links(self.path / MANIFEST)
         write_json(self.path / MANIFEST, self.manifest)

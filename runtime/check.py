@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_text
 
 from .bundle import SELF_DIGEST, Bundle
-from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, cpu_cores, image_files, in_order,
+from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, class_key, cpu_cores, image_files, in_order,
                      to_input)
 from .predictor import make_runner, not_runnable, tensorrt_available
 from .scores import ece, softmax
+
+LOG = logging.getLogger("edge_tl").info  # progress lines; the CLI passes its own printer
 
 
 def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -35,8 +38,8 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; --data takes an ImageFolder with one sub-folder per class.")
-    folders = class_folders(root)
-    unknown = [d.name for d in folders if d.name not in classes]
+    folders, index = class_folders(root), {class_key(c): i for i, c in enumerate(classes)}
+    unknown = [d.name for d in folders if class_key(d.name) not in index]
     if not folders or unknown:
         raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "
                         "--data needs DIR/<class>/* with the bundle's class names.")
@@ -46,7 +49,7 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
         except UnreadableImage as exc:
             return exc
 
-    files = [(f, classes.index(d.name)) for d in folders for f in image_files(d)]
+    files = [(f, index[class_key(d.name)]) for d in folders for f in image_files(d)]
     pixels, labels, paths, skipped = [], [], [], []
     for (f, y), result in zip(files, in_order(read, [f for f, _ in files], min(MAX_DECODE_THREADS, cpu_cores()))):
         if isinstance(result, UnreadableImage):
@@ -144,7 +147,7 @@ NO_ENGINE = "tensorrt-engines"  # the report's name for "--require-engines, and 
 
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
                  baseline: str | Path | None = None, device: str | None = "cpu", min_accuracy: float | None = None,
-                 threads: int = 0, keep_predictions: bool = False, require_engines: bool = False, log=print) -> dict:
+                 threads: int = 0, keep_predictions: bool = False, require_engines: bool = False, log=LOG) -> dict:
     """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``.
 
     ``min_accuracy`` also fails any artifact below it (the reference included); ``keep_predictions``
@@ -159,8 +162,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
                         "a drop >= 0 (points), an agreement and an accuracy between 0 and 1.")
     bundle = Bundle.load(path)
     golden_pixels, golden_logits = bundle.golden()
-    with np.load(bundle.path / "golden.npz") as z:
-        golden_labels = z["labels"] if "labels" in z.files else golden_logits.argmax(1)
+    golden_labels = bundle.golden_labels()
+    golden_labels = golden_logits.argmax(1) if golden_labels is None else golden_labels
     base = Baseline.load(baseline, bundle.classes) if baseline else None
     if data is not None:
         pixels, labels, paths, skipped = labelled_images(data, bundle.classes, bundle.spec)

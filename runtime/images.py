@@ -7,8 +7,12 @@ as a viewer shows it). Truncated or non-image files raise ``UnreadableImage``.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
+import re
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +23,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from edge_tl.errors import UserError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
+log = logging.getLogger("edge_tl")
 
 # .jfif: Windows saves JPEGs so; .gif: its first frame; .ppm/.pgm: Netpbm, as many camera tools write;
 # .avif: read where Pillow was built with AVIF support (elsewhere named with the fix)
@@ -43,8 +47,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def expand_images(paths) -> list[Path]:
-    """Files as given and folders as their image files (sorted); a UserError when that leaves none."""
-    files = [f for p in map(Path, paths) for f in (image_files(p) if p.is_dir() else [p])]
+    """Files as given and folders as their image files (sorted); a UserError when that leaves none.
+    ``paths``: a list of them, or one path."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    try:
+        files = [f for p in map(Path, paths) for f in (image_files(p) if p.is_dir() else [p])]
+    except OSError as exc:
+        raise UserError(f"{exc.filename}: cannot be listed ({exc.strerror or exc}).") from None
     if not files:
         raise UserError(f"{', '.join(map(str, paths))}: no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) found.")
     return files
@@ -128,6 +138,8 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
         name = Path(path)
     if isinstance(path, io.TextIOBase):
         raise UnreadableImage(f"{name}: a text-mode file object; open images in binary mode: open(path, 'rb')")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        _warn_truncated_allowed()
     try:
         if not stream and name.stat().st_size == 0:
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
@@ -152,7 +164,16 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
             fix = "pip install -U pillow (one built with AVIF), or convert it" if suffix == ".avif" else "convert it"
             raise UnreadableImage(f"{name}: {kind}, which this Pillow ({Image.__version__}) cannot decode: {fix} to "
                                   "JPEG or PNG") from exc
-        raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
+        why = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
+        raise UnreadableImage(f"{name}: not a readable image ({why})") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_truncated_allowed() -> None:
+    """Once per process: the app set Pillow's global ``LOAD_TRUNCATED_IMAGES`` (edge-tl leaves it
+    alone), so a truncated file decodes as far as it goes, the rest grey, instead of raising."""
+    log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated image files are "
+                "classified from their partly decoded pixels instead of being refused as unreadable")
 
 
 def draft_jpeg(img: Image.Image, min_shorter: int) -> None:
@@ -205,8 +226,24 @@ SYSTEM_FOLDERS = frozenset(n.lower() for n in ("@eaDir", "#recycle", "#snapshot"
                                                 "$RECYCLE.BIN", "System Volume Information", "__MACOSX", "lost+found"))
 
 
+# files Windows and macOS put into folders of images: thumbnail caches, folder settings, a folder's icon
+SYSTEM_FILES = frozenset(("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"))
+
+
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.lower() in SYSTEM_FOLDERS
+    return name.startswith(".") or name.lower() in SYSTEM_FOLDERS or name.lower() in SYSTEM_FILES
+
+
+def class_key(name: str) -> str:
+    """A class name as compared: Unicode NFC (a Mac writes "é" as e + a combining accent in names it
+    makes, zips and shares; Linux and Windows mostly as one character)."""
+    return unicodedata.normalize("NFC", name)
+
+
+def path_order(p: Path) -> tuple[str, ...]:
+    """Sort key of paths, the same on every OS (Windows compares paths ignoring letter case, which
+    would give another validation split than Linux and macOS from the same folder)."""
+    return p.parts
 
 
 def visible_files(folder: Path) -> list[Path]:
@@ -225,20 +262,27 @@ def visible_files(folder: Path) -> list[Path]:
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(top, d))
             # a loop, or a link up to a folder holding this one (it would take in its siblings: test/, other classes)
-            if _hidden(d) or any(os.path.commonpath([real, c]) == real for c in chain):
+            if _hidden(d) or any(_contains(real, c) for c in chain):
                 continue
             chains[os.path.join(top, d)] = chain + (real,)
             keep.append(d)
         dirs[:] = keep
         found += [p for p in (Path(top) / f for f in files if not _hidden(f))
                   if p.is_file() or (p.is_symlink() and not p.exists())]
-    return sorted(found)
+    return sorted(found, key=path_order)
+
+
+def _contains(folder: str, path: str) -> bool:
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # Windows: on different drives, neither holds the other
+        return False
 
 
 def class_folders(root: Path) -> list[Path]:
     """An ImageFolder's class folders, sorted, hidden ones left out. A broken link in their place
     is refused: its class would silently vanish from the class list."""
-    entries = sorted(d for d in root.iterdir() if not _hidden(d.name))
+    entries = sorted((d for d in root.iterdir() if not _hidden(d.name)), key=path_order)
     for d in entries:
         if d.is_symlink() and not d.exists():
             raise UserError(f"{d}: broken symbolic link (to {os.readlink(d)}) where a class folder is expected; "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from edge_tl.errors import UserError
 
 from .bundle import Bundle
 from .images import UnreadableImage, check_aspect, draft_jpeg, to_input, to_rgb
-from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, import_onnxruntime
+from .runners import REOPEN, OnnxRuntimeRunner, Runner, TensorRTRunner, check_threads, import_onnxruntime
 from .scores import softmax
 
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=None
@@ -190,11 +192,13 @@ def _ort_flavour(device: str | None) -> str:
     return "tensorrt" if device in ("cuda", "gpu") else "onnxruntime"
 
 
-def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0) -> Runner:
-    path = bundle.file(artifact)
+def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0,
+                session_options: dict | None = None) -> Runner:
+    """A runner of ``artifact`` that loads the very bytes it hashed (``Bundle.read_verified``)."""
+    path, data = bundle.file(artifact), bundle.read_verified(artifact["file"])
     if backend == "tensorrt":
-        return TensorRTRunner(path, gpu_index(device), artifact.get("dla_core"))
-    return OnnxRuntimeRunner(path, device, threads)
+        return TensorRTRunner(path, gpu_index(device), artifact.get("dla_core"), engine=data)
+    return OnnxRuntimeRunner(path, device, threads, model=data, session_options=session_options)
 
 
 class Predictor:
@@ -209,6 +213,11 @@ class Predictor:
         self.spec, self.classes = bundle.spec, bundle.classes
         self.temperature = bundle.temperature
         self.input_shape = (3, *self.spec.input_size)
+        # larger batches run in parts of this size: ONNX Runtime's memory arena keeps the peak of the
+        # largest call for the life of the process (~10 MB per 224-px image in FP32)
+        self.max_batch = int((bundle.manifest.get("batch") or {}).get("max") or 32)
+        self._warmup_image = bundle.golden()[0][:1].copy()  # kept: warmup works after the folder is replaced
+        self._calls, self._closing, self._state = 0, False, threading.Lock()
         self.mismatch = flavour_mismatch(artifact, runner)
         if self.mismatch:
             warnings.warn(f"{bundle.path}: {artifact['name']} is {self.mismatch}", stacklevel=3)
@@ -218,21 +227,26 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", precision: str | None = None,
-                    device: str | None = None, threads: int = 0, artifact: str | None = None) -> "Predictor":
+                    device: str | None = None, threads: int = 0, artifact: str | None = None,
+                    session_options: dict | None = None) -> "Predictor":
         """Load and verify ``path``; pick an artifact (by name, or by backend and precision) and activate it.
 
         ``backend``: auto (a TensorRT engine built for this GPU, else ONNX Runtime), tensorrt or onnxruntime.
         ``precision``: fp32, fp16 or int8; None takes the fastest accepted one made for the backend.
         ``device``: ONNX Runtime's execution provider: auto, cpu, openvino or cuda (or a GPU index for
-        TensorRT). ``threads``: ONNX Runtime intra-op threads (0: all cores).
+        TensorRT). ``threads``: ONNX Runtime intra-op threads (0: all cores; a service running several
+        Predictors or worker threads wants 1-2 each, so that together they do not exceed the cores).
+        ``session_options``: further ``onnxruntime.SessionOptions`` attributes by name, e.g.
+        ``{"enable_cpu_mem_arena": False}`` (memory back after each call, a little slower).
         """
+        check_threads(threads)
         bundle = Bundle.load(path)
         if artifact is not None:
             art = bundle.artifact(artifact)
             chosen_backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
         else:
             art, chosen_backend = choose_artifact(bundle, backend, precision, device)
-        return cls(bundle, art, make_runner(bundle, art, chosen_backend, device, threads).activate())
+        return cls(bundle, art, make_runner(bundle, art, chosen_backend, device, threads, session_options).activate())
 
     def describe(self) -> str:
         """What runs: artifact, precision, file, and the runner (backend, provider, threads)."""
@@ -240,17 +254,39 @@ class Predictor:
                 f"{'; ' + self.mismatch if self.mismatch else ''}) on {self.runner.describe()}")
 
     def warmup(self, batch_sizes=(1,)) -> None:
-        """Run each batch size once on the golden images, so the first real call is not the slow one
+        """Run each batch size once on a golden image (kept in memory), so the first real call is not the slow one
         (TensorRT and OpenVINO set up each new input shape on its first call)."""
-        if any(int(b) < 1 for b in batch_sizes):
-            raise UserError(f"warmup batch sizes {list(batch_sizes)}: each must be at least 1.")
-        pixels, _ = self.bundle.golden()
-        for b in batch_sizes:
-            self.infer(np.stack([pixels[i % len(pixels)] for i in range(int(b))]))
+        sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
+        if not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
+            raise UserError(f"warmup batch sizes {batch_sizes!r}: each must be at least 1 (a whole number), e.g. (1, 8).")
+        for b in sizes:
+            self.infer(np.repeat(self._warmup_image, b, axis=0))
 
     def close(self) -> None:
-        """Release the runner (sessions, GPU memory); the ``with`` block does it. Idempotent."""
-        self.runner.deactivate()
+        """Release the runner (sessions, GPU memory); the ``with`` block does it. Idempotent.
+
+        Calls already running finish first (the last one releases it), so a service can swap in a
+        new Predictor and close the old one at once; calls that start after ``close`` are refused."""
+        with self._state:
+            self._closing = True
+            idle = self._calls == 0
+        if idle:
+            self.runner.deactivate()
+
+    def _call(self, fn, *args):
+        """Run ``fn(*args)`` as one call of this Predictor: ``close`` waits for it."""
+        with self._state:
+            if self._closing:
+                raise UserError(f"{self.bundle.path}: this Predictor was closed, its runner is closed; {REOPEN}")
+            self._calls += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._state:
+                self._calls -= 1
+                last = self._closing and self._calls == 0
+            if last:
+                self.runner.deactivate()
 
     def __enter__(self) -> "Predictor":
         return self
@@ -283,16 +319,24 @@ class Predictor:
                 raise UserError(f"channel_order {channel_order!r} with a PIL image: it is RGB already (for an "
                                 "OpenCV BGR array, pass the array itself with channel_order='BGR').")
             check_aspect(image.size, "PIL image")
-            if self.spec.jpeg_min_shorter and getattr(image, "tile", None):  # Image.open()'s, not loaded yet:
-                draft_jpeg(image, self.spec.jpeg_min_shorter)  # decoded as its file is (in place, as thumbnail() does)
-            image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
+            try:
+                if self.spec.jpeg_min_shorter and getattr(image, "tile", None):  # Image.open()'s, not loaded yet:
+                    draft_jpeg(image, self.spec.jpeg_min_shorter)  # decoded as its file is (in place, as thumbnail() does)
+                image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
+            except (OSError, SyntaxError, ValueError, AssertionError) as exc:  # truncated, or its file closed
+                raise UnreadableImage(f"PIL image: cannot be decoded ({type(exc).__name__}: {exc}); pass the file's "
+                                      "path or bytes, or use the image inside its `with Image.open(...)` block") from exc
         else:
             raise UserError(f"cannot read an image from a {type(image).__name__}: pass a path, bytes, a binary file "
                             "object, a PIL image or a uint8 H×W×3 or H×W array.")
         return self.spec.to_pixels(image)
 
     def infer(self, array: np.ndarray) -> np.ndarray:
-        """Logits for preprocessed input: uint8 N×H×W×3 (or H×W×3) or float32 N×3×H×W pixels 0–255."""
+        """Logits for preprocessed input: uint8 N×H×W×3 (or H×W×3) or float32 N×3×H×W pixels 0–255.
+        A batch over the bundle's ``batch.max`` runs in parts of that size."""
+        return self._call(self._infer, array)
+
+    def _infer(self, array: np.ndarray) -> np.ndarray:
         array = np.asarray(array)
         h, w = self.spec.input_size
         if array.dtype == np.uint8:
@@ -310,7 +354,8 @@ class Predictor:
             raise UserError(f"array of dtype {array.dtype}: expected uint8 N×H×W×3 or float32 N×3×H×W.")
         if x.shape[0] == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return self.runner.infer(np.ascontiguousarray(x))
+        parts = [self.runner.infer(np.ascontiguousarray(x[i:i + self.max_batch])) for i in range(0, len(x), self.max_batch)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def predict(self, image, topk: int = 5, channel_order: str = "RGB") -> Prediction:
         """Classify one image (anything ``preprocess`` takes); ``topk`` classes with softmax scores."""
@@ -318,7 +363,12 @@ class Predictor:
 
     def predict_batch(self, images, topk: int = 5, channel_order: str = "RGB") -> list[Prediction]:
         """``predict`` of each image (a list or other iterable of them, or an N×H×W×3 array),
-        inferred as one batch."""
+        inferred as one batch. An image that cannot be read raises ``UnreadableImage`` (a
+        ``UserError``) whose ``index`` is its position in ``images``."""
+        return self._call(self._predict_batch, images, topk, channel_order)
+
+    def _predict_batch(self, images, topk: int, channel_order: str) -> list[Prediction]:
+        topk = _count(topk, "topk")
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read") \
                 or (isinstance(images, np.ndarray) and images.ndim < 4):
             one = f"array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
@@ -326,10 +376,20 @@ class Predictor:
             raise UserError(f"predict_batch takes a list of images (or an N×H×W×3 array), not one {one}: use "
                             "predict for one image, or predict_batch([image])"
                             + ("; for N grayscale frames stacked N×H×W, predict_batch(list(a))." if stack else "."))
-        images = list(images)
-        pixels = (np.stack([self.preprocess(im, channel_order) for im in images]) if len(images)
-                  else np.zeros((0, 1, 1, 3), np.uint8))
-        return self.decode(self.infer(pixels) if len(images) else np.zeros((0, len(self.classes))), topk)
+        try:
+            images = list(images)
+        except TypeError:
+            raise UserError(f"predict_batch takes a list of images, not a {type(images).__name__}.") from None
+        pixels = []
+        for i, im in enumerate(images):
+            try:
+                pixels.append(self.preprocess(im, channel_order))
+            except UserError as exc:  # which one of the batch: a service rejects that upload, keeps the rest
+                if len(images) > 1:
+                    exc.args = (f"image [{i}] of {len(images)}: {exc}",)
+                exc.index = i
+                raise
+        return self.decode(self._infer(np.stack(pixels)) if pixels else np.zeros((0, len(self.classes))), topk)
 
     def predict_files(self, paths, topk: int = 5):
         """Yield (path, Prediction) per image file, or (path, UnreadableImage) for one that cannot be
@@ -343,8 +403,11 @@ class Predictor:
     def decode(self, logits: np.ndarray, topk: int = 5) -> list[Prediction]:
         """Predictions from N×classes logits (``infer``'s output): softmax of logits / the manifest's
         ``output.temperature`` (fitted on validation at export; 1 in older bundles), then the ``topk`` best."""
-        if topk < 1:
-            raise UserError(f"topk={topk}: ask for at least one class per image.")
+        topk = _count(topk, "topk")
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise UserError(f"logits of shape {logits.shape}: expected N×{len(self.classes)} (one column per class), "
+                            "as infer returns them.")
         p = softmax(logits, self.temperature)
         k = min(topk, len(self.classes))
         out = []
@@ -353,3 +416,14 @@ class Predictor:
             top = [(self.classes[i], float(row[i])) for i in order]
             out.append(Prediction(top[0][0], int(order[0]), top[0][1], top))
         return out
+
+
+def _count(value, name: str) -> int:
+    """``value`` (a top-k) as an int >= 1, or a UserError naming ``name``."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{name}={value!r}: ask for at least one class per image (a whole number).")
+    return n

@@ -10,6 +10,7 @@ on its one execution context with a lock.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 from pathlib import Path
 
@@ -80,6 +81,17 @@ def ort_providers(device: str | None) -> list[str]:
     return chosen
 
 
+def check_threads(threads) -> int:
+    """``threads`` as an int >= 0 (0: all cores), or a UserError."""
+    try:
+        n = operator.index(threads)
+    except TypeError:
+        n = -1
+    if n < 0:
+        raise UserError(f"threads={threads!r}: use 0 (all cores) or a positive whole number.")
+    return n
+
+
 def openvino_options(threads: int, input_name: str | None, shape: tuple | None) -> dict:
     """OpenVINO on the CPU with its latency hint and, where ``shape`` is given, a static input shape.
 
@@ -108,10 +120,12 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
     MAX_STATIC_SHAPES = 4
 
-    def __init__(self, path: str | Path, device: str | None = None, threads: int = 0):
-        if threads < 0:
-            raise UserError(f"--threads {threads}: use 0 (all cores) or a positive count.")
-        self.path, self.device, self.threads = Path(path), device, threads
+    def __init__(self, path: str | Path, device: str | None = None, threads: int = 0, model: bytes | None = None,
+                 session_options: dict | None = None):
+        self.threads = check_threads(threads)
+        self.path, self.device = Path(path), device
+        self.model = model  # the file's bytes, as verified against a manifest: loaded instead of ``path``
+        self.session_options = dict(session_options or {})
         self.session, self.closed = None, False
         self.providers: list[str] = []
         self.input_name: str | None = None
@@ -129,6 +143,8 @@ class OnnxRuntimeRunner(Runner):
             self.session = self._new_session()
         self.input_name = self.session.get_inputs()[0].name
         self._static = {} if self.session.get_providers()[0] == OPENVINO else None
+        if self._static is None:
+            self.model = None  # only OpenVINO's later static-shape sessions need the bytes again
         return self
 
     def _new_session(self, shape: tuple | None = None):
@@ -140,38 +156,56 @@ class OnnxRuntimeRunner(Runner):
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        for key, value in self.session_options.items():
+            if not hasattr(opts, key) or key.startswith("_"):
+                raise UserError(f"session_options {key!r}: not an onnxruntime.SessionOptions attribute "
+                                "(e.g. enable_cpu_mem_arena, inter_op_num_threads, execution_mode).")
+            setattr(opts, key, value)
+        if self.model is not None:
+            # bytes carry no folder: ONNX Runtime would look for external weight files in the current
+            # directory. Bundles hold self-contained files, so point it at a folder that cannot exist.
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(self.path.with_name(f".{self.path.name}.no-external-data")))
         providers = [(p, openvino_options(self.threads, self.input_name, shape)) if p == OPENVINO else p
                      for p in self.providers]
         try:
-            return ort.InferenceSession(str(self.path), opts, providers=providers)
+            return ort.InferenceSession(self.model if self.model is not None else str(self.path), opts,
+                                        providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise UserError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}).") from None
+            first = str(exc).splitlines()[0]
+            if self.model is not None and "external" in first.lower():
+                raise UserError(f"{self.path}: keeps its weights in a separate file, which a bundle's manifest does "
+                                f"not cover ({first}). Export bundles with edge-tl (self-contained ONNX files).") from None
+            raise UserError(f"{self.path}: ONNX Runtime cannot load it ({first}).") from None
 
-    def _session_for(self, shape: tuple):
-        if self._static is None:
-            return self.session
-        session = self._static.get(shape)
+    def _static_session(self, static: dict, shape: tuple, dynamic):
+        """OpenVINO's session compiled for ``shape`` (made on its first call), or the dynamic one."""
+        session = static.get(shape)
         if session is None:
             with self._lock:
-                if shape not in self._static and len(self._static) < self.MAX_STATIC_SHAPES:
+                if shape not in static and len(static) < self.MAX_STATIC_SHAPES:
                     try:
-                        self._static[shape] = self._new_session(shape)
+                        static[shape] = self._new_session(shape)
                     except UserError:  # an OpenVINO build without reshape_input: the dynamic session is correct too
-                        self._static[shape] = self.session
-                session = self._static.get(shape, self.session)
+                        static[shape] = dynamic
+                session = static.get(shape, dynamic)
         return session
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        if self.session is None:
+        session, static = self.session, self._static  # one read each: close() may run meanwhile
+        if session is None:
             raise UserError(f"{self.path}: runner is closed; {REOPEN}")
-        return self._session_for(x.shape).run(None, {self.input_name: x})[0]
+        if static is not None:
+            session = self._static_session(static, x.shape, session)
+        return session.run(None, {self.input_name: x})[0]
 
     def deactivate(self) -> None:
-        self.session, self._static, self.closed = None, None, True
+        self.session, self._static, self.model, self.closed = None, None, None, True
 
     def describe(self) -> str:
         providers = self.session.get_providers() if self.session else ort_providers(self.device)
-        return f"onnxruntime {import_onnxruntime().__version__} ({providers[0]}{', closed' if self.closed else ''})"
+        return (f"onnxruntime {import_onnxruntime().__version__} ({providers[0]}, "
+                f"{self.threads or 'all'} thread{'s' if self.threads != 1 else ''}{', closed' if self.closed else ''})")
 
 
 class TensorRTRunner(Runner):
@@ -185,9 +219,10 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, device: int = 0, dla_core: int | None = None):
+    def __init__(self, path: str | Path, device: int = 0, dla_core: int | None = None, engine: bytes | None = None):
         self.path, self.device, self.dla_core = Path(path), device, dla_core
-        self._lock = threading.Lock()
+        self._engine_bytes = engine  # the file's bytes, as verified against a manifest: loaded instead of ``path``
+        self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}
         self._allocs: list = []
         self._events: list = []
@@ -210,7 +245,8 @@ class TensorRTRunner(Runner):
         self._runtime = trt.Runtime(self._logger)
         if self.dla_core is not None:
             self._runtime.DLA_core = self.dla_core  # else a DLA engine runs on core 0, whatever it was built for
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        data, self._engine_bytes = self._engine_bytes or self.path.read_bytes(), None
+        self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             cause = self._logger.cause("no message")
             raise UserError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine on {ts.gpu_name(self.device)} "
@@ -256,12 +292,13 @@ class TensorRTRunner(Runner):
 
         n = x.shape[0]
         if n > self.max_batch:
-            parts, timings = [], []
-            for i in range(0, n, self.max_batch):
-                parts.append(self.infer(x[i:i + self.max_batch]))
-                timings.append(self.last_timings)
-            self.last_timings = {k: sum(t[k] for t in timings) for k in timings[0]}
-            return np.concatenate(parts)
+            with self._lock:  # re-entrant: the parts' timings are this call's, not another thread's
+                parts, timings = [], []
+                for i in range(0, n, self.max_batch):
+                    parts.append(self.infer(x[i:i + self.max_batch]))
+                    timings.append(self.last_timings)
+                self.last_timings = {k: sum(t[k] for t in timings) for k in timings[0]}
+                return np.concatenate(parts)
         cudart, stream, ev = self._cudart, self._stream, self._events
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         m = max(n, self.min_batch)  # below the profile's minimum: pad with zeros, return the first n
@@ -305,4 +342,4 @@ class TensorRTRunner(Runner):
     def describe(self) -> str:
         from edge_tl.runtime import trt_support as ts
 
-        return f"tensorrt {self._trt.__version__} on {ts.gpu_name(self.device)}"
+        return f"tensorrt {self._trt.__version__} on {ts.gpu_name(self.device)}{'' if self.engine else ', closed'}"

@@ -15,6 +15,8 @@ from PIL import Image
 
 from .images import load_rgb
 
+MAX_INPUT_SIDE = 4096
+MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 4.0
 _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -101,10 +103,13 @@ class PreprocessSpec:
 
     def __post_init__(self):
         """Refuse values no preprocessing can follow (a hand-edited manifest, a corrupt checkpoint)."""
-        size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and x > 0 for x in self.input_size)
+        size_ok = len(self.input_size) == 2 and all(isinstance(x, int) and 0 < x <= MAX_INPUT_SIDE for x in self.input_size)
         problems = [what for ok, what in (
-            (size_ok, f"input_size {list(self.input_size)} (two positive integers)"),
-            (0 < self.crop_pct < 10, f"crop_pct {self.crop_pct} (> 0; timm's are 0.8-1.15)"),
+            (size_ok, f"input_size {list(self.input_size)} (two integers 1-{MAX_INPUT_SIDE})"),
+            # below 1/4 a crop keeps a sliver, and resizes every image to over 4x the input (a re-signed
+            # manifest's 0.002: 112000 px, tens of GB per image)
+            (MIN_CROP_PCT <= self.crop_pct <= MAX_CROP_PCT,
+             f"crop_pct {self.crop_pct} ({MIN_CROP_PCT}-{MAX_CROP_PCT}; timm's are 0.8-1.15)"),
             (self.interpolation in _PIL_INTERPOLATION, f"interpolation {self.interpolation!r} ({', '.join(_PIL_INTERPOLATION)})"),
             (len(self.mean) == 3 and len(self.std) == 3 and all(x > 0 for x in self.std),
              f"mean {list(self.mean)} / std {list(self.std)} (three values each, std > 0)"),
@@ -120,6 +125,14 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        spec = cls._from_dict(d)
+        if "resize_size" in d and d["resize_size"] != spec.resize_size:
+            raise ValueError(f"preprocessing spec: resize_size {d['resize_size']} is not floor(max(input_size) / "
+                             f"crop_pct) = {spec.resize_size}")
+        return spec
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "PreprocessSpec":
         return cls(
             input_size=tuple(d["input_size"]),
             crop_pct=float(d["crop_pct"]),

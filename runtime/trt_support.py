@@ -7,8 +7,8 @@ and an NVIDIA GPU exist; on other machines :func:`missing_reason` says what woul
 from __future__ import annotations
 
 import ctypes
+import logging
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +103,8 @@ def logger():
             def log(self, severity, msg):
                 if severity <= trt.ILogger.Severity.WARNING:
                     self.messages.append((severity, str(msg)))
-                    print(f"[TensorRT] {msg}", file=sys.stderr)
+                    logging.getLogger("edge_tl").log(logging.ERROR if severity <= trt.ILogger.Severity.ERROR
+                                                     else logging.WARNING, "[TensorRT] %s", msg)
 
             def cause(self, default: str) -> str:
                 """The last error logged (a later warning, e.g. a deprecation notice, is not the cause)."""

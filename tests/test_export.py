@@ -256,7 +256,8 @@ def test_tampered_or_newer_bundle_is_refused(cpu_bundle, tmp_path):
                         (lambda m: m["files"].update({"../elsewhere.onnx": "0" * 64}), "outside the bundle"),
                         (lambda m: m.update(classes=m["classes"][::-1]), "differ from .*labels.txt"),
                         (lambda m: m.update(classes=m["classes"][:-1]), "differ from .*labels.txt"),
-                        (lambda m: m["preprocess"].update(input_size=[32, 32]), "disagree with the golden"),
+                        (lambda m: m["preprocess"].update(input_size=[32, 32], resize_size=int(32 / m["preprocess"]["crop_pct"])),
+                         "disagree with the golden"),
                         (lambda m: m["preprocess"].update(interpolation="foo"), "invalid 'classes' or 'preprocess'"),
                         (lambda m: m.pop("preprocess"), "invalid 'classes' or 'preprocess'")):
         m = json.loads((cpu_bundle / "manifest.json").read_text())

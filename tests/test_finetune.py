@@ -146,8 +146,8 @@ def _cli(*args):
     (["--layer-decay", "1.5"], "--layer-decay 1.5: use a factor in (0, 1]"),
     (["--mixup", "-1"], "--mixup -1.0: use a Beta alpha > 0"),
     (["--mixup", "nan"], "--mixup nan: use a Beta alpha > 0"),
-    (["--img-size", "7"], "--img-size 7: use at least 32"),
-    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in (0, 1]"),
+    (["--img-size", "7"], "--img-size 7: use 32 (the network downsamples 32x) to 4096"),
+    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in [0.25, 1]"),
     (["--lr", "nan"], "--lr nan: all must be positive"),
     (["--workers", "-1"], "--workers -1 / --freeze-stages 0: neither can be negative"),
     (["--device", "cuda:0"], "--device cuda:0: no CUDA device"),
@@ -164,7 +164,7 @@ def test_cli_bad_options_exit_2(tiny_folder, tmp_path, extra, match):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in (0, 1]"),
+    (["--crop-pct", "0"], "--crop-pct 0.0: the eval center crop is a fraction in [0.25, 1]"),
     (["--class-weights", "cube"], "cube"),
     (["--max-drop", "-1"], "--max-drop -1.0: must be >= 1 / >= 0"),
 ])

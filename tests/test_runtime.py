@@ -152,7 +152,7 @@ def test_predict_batch_and_infer_on_real_images(cpu_bundle, elpv_small):
         assert golden.shape[1] == 4
     with pytest.raises(UserError, match="runner is closed; load the bundle again"):
         p.predict(paths[0])
-    assert p.describe().endswith("(CPUExecutionProvider, closed)")
+    assert p.describe().endswith("(CPUExecutionProvider, all threads, closed)")
     with Predictor.from_bundle(cpu_bundle, device="cpu") as auto:
         assert auto.artifact["name"] == "int8-cpu"  # fastest accepted for ONNX Runtime on CPU
     with Predictor.from_bundle(cpu_bundle, precision="INT8", device="cpu") as upper:
@@ -602,7 +602,7 @@ def test_device_commands_run_without_training_dependencies(cpu_bundle, elpv_smal
         assert res.returncode == 0, (args, res.stderr[-2000:])
     res = subprocess.run([sys.executable, "-c", blocker, "finetune", "--data", "x", "--out", "y"],
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "pip install -e '.[train]'" in res.stderr, res.stderr
+    assert res.returncode == 2 and 'pip install -e ".[train]"' in res.stderr, res.stderr
 
 
 def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tmp_path):
