@@ -507,6 +507,9 @@ def main() -> None:
     # the user's own images: a 100-megapixel scan is no attack (past twice Pillow's limit it is refused,
     # naming the file); Pillow's warning names no file and breaks the progress bars
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    for stream in (sys.stdout, sys.stderr):  # Windows writes a redirected stdout in its code page (cp1252):
+        with contextlib.suppress(AttributeError, ValueError):  # a class named 缺陷 would end the command there
+            stream.reconfigure(errors="backslashreplace")
     try:
         app()
     except SystemExit as exc:
@@ -519,7 +522,7 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
             _crashed()
-        typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install -e '.[train]' in the edge-tl checkout "
+        typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install -e \".[train]\" in the edge-tl checkout "
                    "(device-side commands predict, bench, check, slim and engine do not).", err=True)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden

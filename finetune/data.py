@@ -23,7 +23,7 @@ from tqdm import tqdm
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.images import (CONVERT_FIRST, IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage,
-                                    class_folders, cpu_cores, image_files, in_order, visible_files)
+                                    class_folders, class_key, cpu_cores, image_files, in_order, visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS, split_folder
@@ -511,7 +511,7 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
     for ci, n in enumerate(full.counts(len(classes))):
         where = train_dir / classes[ci]
         if n == 0:
-            mine = [line for line in skipped if line.startswith(f"{where}/")]
+            mine = [line for line in skipped if line.startswith(f"{where}{os.sep}")]
             found = f"{len(mine)} unreadable files, e.g. {mine[0]}" if mine else "the folder is empty"
             raise UserError(f"{where}: no readable images ({found}). Add images or remove the folder.")
         if n < 2 and val_dir is None:
@@ -519,6 +519,8 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
                             "validate), or use the layout DIR/train/<class>/ + DIR/val/<class>/, which validates on "
                             "val/'s images.")
     if val_dir is not None:
+        same = {class_key(c): c for c in classes}  # one class, whichever Unicode form each folder's name has
+        val_files = {same.get(class_key(k), k): v for k, v in val_files.items()}
         unknown = sorted(set(val_files) - set(classes))
         if unknown:
             raise UserError(f"{val_dir}: classes {unknown} are not in {train_dir}; {val_dir.name}/ must use the train classes.")

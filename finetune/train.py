@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import random
 import signal
 import threading
@@ -179,9 +180,17 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             amp, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if amp == "fp16":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off.")
-    if amp == "bf16" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    # auto: x86 CPUs with native bf16 (AVX512-BF16, AMX) only; an Arm CPU's bf16 (Apple M2+) is unmeasured here
+    if amp == "bf16" or (platform.machine().lower() in ("x86_64", "amd64") and _native_bf16()):
         return torch.bfloat16
     return None
+
+
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch built without oneDNN
+        return False
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -223,7 +232,9 @@ def _agreed_batches(loader, d: distributed.Dist, check: bool):
 def auto_workers() -> int:
     """DataLoader workers when images are decoded at each use: min(4, cores - 1) per process on a
     machine (torchrun's share of the cores this process may use), at least 1, so decoding overlaps
-    the training step."""
+    the training step; 0 where workers are spawned, not forked (--workers N still sets them)."""
+    if torch.multiprocessing.get_start_method() != "fork":
+        return 0  # spawn (macOS, Windows): each worker would get its own copy of the images held in memory
     cores = cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, cores - 1))
 
