@@ -208,6 +208,9 @@ def export(
     workspace: int = typer.Option(1024, help="TensorRT builder workspace limit, MB (engines are built only where "
                                   "TensorRT is installed)."),
     force: bool = typer.Option(False, help="Replace OUT if it holds an earlier bundle (never a run or data folder)."),
+    int8_default: str = typer.Option("auto", help="Whether apps get the CPU INT8 by default: auto = where it ran "
+                                     "faster than FP32 here at batch 1 (a timing: two exports may differ); yes or no: "
+                                     "the same bundle every time (the speed is still recorded)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest at the end."),
 ) -> None:
     """Export a fine-tuned run as a bundle: ONNX FP32 (normalization inside), FP16, INT8 (Q/DQ), engines.
@@ -225,7 +228,8 @@ def export(
     log = _log_for(json_out)
     with _errors_as_json(json_out):
         bundle = export_bundle(run, out, target, precision, calib_images, calib_method, batch, max_drop, data,
-                               golden_count=golden, workspace_mb=workspace, force=force, log=log)
+                               golden_count=golden, workspace_mb=workspace, force=force, int8_default=int8_default,
+                               log=log)
     if json_out:
         typer.echo(json.dumps(bundle.manifest, indent=2))
         return

@@ -146,7 +146,16 @@ def _e(value) -> str:
 
 
 def write_report(out: str | Path, max_misclassified: int = 24) -> Path:
-    out = Path(out)
+    """OUT/report.html from a build's saved results (check.json, bench.json and metrics.json are not
+    hashed: one edited by hand into another shape is a UserError naming it, not a traceback)."""
+    try:
+        return _write_report(Path(out), max_misclassified)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise UserError(f"{out}: its check.json, bench.json or run/metrics.json is not as `edge-tl build` wrote it "
+                        f"({type(exc).__name__}: {exc}); run `edge-tl build` again.") from None
+
+
+def _write_report(out: Path, max_misclassified: int) -> Path:
     needed = [out / "bundle" / "manifest.json", out / "check.json", out / "bench.json", out / "run" / "metrics.json"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:

@@ -29,6 +29,7 @@ from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GITATTRIBUTES, GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 from edge_tl.runtime.check import accuracy
+from edge_tl.runtime.images import hidden
 from edge_tl.runtime.scores import fit_temperature
 
 from . import tensorrt as trt_build
@@ -77,7 +78,7 @@ def _check_replaceable(out: Path, run: Path, data: Path) -> None:
     ours = listed | {MANIFEST, "README.md", ".gitattributes", LABELS, GOLDEN}
     others = sorted(str(f.relative_to(out)) for f in out.rglob("*") if not f.is_dir() and
                     f.relative_to(out).as_posix() not in ours and f.relative_to(out).parts[0] != "engines"
-                    and not (f.name.startswith(".") and f.name.endswith(".tmp")))  # an interrupted write's
+                    and not hidden(f.name))  # an interrupted write's temp file, .DS_Store, Thumbs.db
     if others:
         raise UserError(f"{out}: holds files that are not the bundle's ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}), which --force would delete. Move them out, or "
@@ -87,8 +88,15 @@ def _check_replaceable(out: Path, run: Path, data: Path) -> None:
 def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisions: str | None = None,
                   calib_images: int = 512, calib_method: str = "auto", batch: str | None = None,
                   max_drop: float = 1.0, data: str | Path | None = None, golden_count: int = 32,
-                  workspace_mb: int = 1024, force: bool = False, progress: bool = True, log=print) -> Bundle:
-    """Export ``run/best.pt`` as a bundle at ``out`` for ``target``; returns the loaded, verified bundle."""
+                  workspace_mb: int = 1024, force: bool = False, progress: bool = True, int8_default: str = "auto",
+                  log=print) -> Bundle:
+    """Export ``run/best.pt`` as a bundle at ``out`` for ``target``; returns the loaded, verified bundle.
+
+    ``int8_default``: whether apps get the CPU INT8 by default: "auto" where it ran faster than FP32
+    here at batch 1 (a timing: two exports on a busy machine may decide differently), "yes" or "no"
+    (the same bundle every time; its speed is still measured and recorded)."""
+    if int8_default not in ("auto", "yes", "no"):
+        raise UserError(f"--int8-default {int8_default}: use auto, yes or no.")
     if target not in TARGETS:
         raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}.")
     default_precisions, flavour, default_batch, _ = TARGETS[target]
@@ -141,7 +149,7 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     tmp = temp_folder(out)
     try:
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
-                                 calib_method, max_drop, golden_count, log)
+                                 calib_method, max_drop, golden_count, int8_default, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
         manifest["run"].update(finished=finished, epochs_done=epochs_done, epochs_planned=cfg["epochs"])
         bundle = Bundle(tmp, manifest)
@@ -178,7 +186,7 @@ def ckpt_spec(ckpt: dict):
 
 
 def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images, calib_method,
-                  max_drop, golden_count, log) -> dict:
+                  max_drop, golden_count, int8_default, log) -> dict:
     classes = ckpt["classes"]
     val_labels = np.asarray(ds.val.labels)
     val_pixels = pixels_of(ds.val, spec)
@@ -227,8 +235,10 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
             art["speed"] = batch1_latency(fp32, tmp / ONNX_FILES[name], val_pixels)
             log(f"int8 speed here: {art['speed']['int8_ms']:.2f} ms vs fp32 {art['speed']['fp32_ms']:.2f} ms at batch 1 "
                 f"({art['speed']['ratio']:.2f}x, ONNX Runtime CPU)")
-            if art["speed"]["ratio"] >= 1:  # still accepted (its accuracy holds) and checked, only not picked
-                art.update(default=False, not_default=slower_than_fp32(art["speed"]))
+            if int8_default == "no" or (int8_default == "auto" and art["speed"]["ratio"] >= 1):
+                # still accepted (its accuracy holds) and checked, only not picked
+                art.update(default=False, not_default="not the default: --int8-default no" if int8_default == "no"
+                           else slower_than_fp32(art["speed"]))
                 log(f"note: {name} is {art['not_default']}")
         if not record["accepted"]:
             art["rejected"] = record["rejected"]

@@ -96,12 +96,17 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
                 shutil.copy2(bundle.path / rel, tmp / rel)  # verified against its hash below
         slim = Bundle(tmp, copy.deepcopy(bundle.manifest))
         slim.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] in keep]
-        slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items() if k not in gone}
+        slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items()
+                                  if k not in gone and k != ".gitattributes"}  # written anew, not hashed
         slim.manifest["slimmed"] = {"from": str(bundle.path.resolve()), "dropped": [a["name"] for a in dropped],
                                     "from_manifest_sha256": bundle.manifest.get(SELF_DIGEST)}
         slim.save()
         write_text(tmp / "README.md", bundle_readme(slim, out))
         Bundle.load(tmp)  # verified before it takes the name
+        if not any(a.get("accepted", True) and a.get("default", True) for a in slim.artifacts):
+            log(f"warning: export chose none of {', '.join(keep)} as a default ("
+                + "; ".join(f"{a['name']}: {a.get('not_default') or a.get('rejected') or 'not accepted'}" for a in slim.artifacts)
+                + "): apps run it with a warning; keep fp32 too, or name the artifact in the app")
         try:
             tmp.rename(out)
         except OSError:
@@ -141,7 +146,9 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
                  ("copy the bundle and the wheel to the device", f"rsync -a {b} {wheels} DEVICE:~/")]
         pkg = f"~/{wheels.name}/edge_tl-*.whl"
     if bundle.manifest["target"] == "cpu":
-        steps.append(("install the runtime", f"pip install {pkg} onnxruntime"))
+        steps.append(("install the runtime in its own environment (Raspberry Pi OS, Debian 12 and Ubuntu 23.04+ "
+                      "refuse pip into the system Python; PyPI has onnxruntime for x86-64 and aarch64, glibc >= 2.28)",
+                      f"python3 -m venv ~/edge-tl && . ~/edge-tl/bin/activate && pip install {pkg} onnxruntime"))
         steps.append(("or, on an x86 CPU with VNNI, in a fresh environment: ONNX Runtime's OpenVINO provider "
                       "(INT8 1.15-1.4x faster here; add --device openvino below)",
                       f"pip install --no-deps {pkg} && pip install numpy pillow typer onnxruntime-openvino"))

@@ -32,7 +32,8 @@ import onnx
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write
 from edge_tl.runtime.check import NOISE_MIN_IMAGES, accuracy, drop_noise, noise_allowance
-from edge_tl.runtime.images import to_input
+from edge_tl.runtime.bench import cpu_info, int8_speed
+from edge_tl.runtime.images import cpu_cores, to_input
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -339,34 +340,14 @@ def _not_reached(fully: dict, all_float: dict, images: int, max_drop: float, all
     return f"{why}; the fully quantized model is kept, marked not accepted: {fix}"
 
 
-SETTLE_S = 0.25  # before each timed block: the other session's threads stop spinning (a spinning idle session
-# stole the cores from the timed one: Lite0's INT8 read 0.75x FP32 instead of 0.44x)
-
-
-def batch1_latency(fp32_path: Path, int8_path: Path, pixels: np.ndarray, blocks: int = 4, runs: int = 10) -> dict:
-    """Batch-1 latency (ms) of the FP32 and INT8 files on ONNX Runtime CPU here, and INT8's ratio to FP32:
-    the median over ``blocks`` interleaved blocks of each block's median (after ``SETTLE_S`` and 3
-    untimed calls), so drift of a busy machine hits both alike. Some models' INT8 is slower than their
-    FP32 (attention and hard-swish blocks leave float islands with Q/DQ around them)."""
-    import time
-
-    x = to_input(pixels[:1])
+def batch1_latency(fp32_path: Path, int8_path: Path, pixels: np.ndarray) -> dict:
+    """Batch-1 latency (ms) of the FP32 and INT8 files on ONNX Runtime CPU here, and INT8's ratio to
+    FP32 (``int8_speed``), with the CPU that measured it. Some models' INT8 is slower than their FP32
+    (attention and hard-swish blocks leave float islands with Q/DQ around them), and whether INT8
+    pays off depends on the CPU (VNNI, Arm's dot product): ``edge-tl bench`` measures it again on the device."""
     with OnnxRuntimeRunner(fp32_path, "cpu") as fp32, OnnxRuntimeRunner(int8_path, "cpu") as int8:
-        medians = {"fp32": [], "int8": []}
-        for _ in range(blocks):
-            for name, runner in (("fp32", fp32), ("int8", int8)):
-                time.sleep(SETTLE_S)
-                for _ in range(3):
-                    runner.infer(x)
-                times = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    runner.infer(x)
-                    times.append(time.perf_counter() - t0)
-                medians[name].append(float(np.median(times)) * 1e3)
-    ratio = float(np.median(np.asarray(medians["int8"]) / np.asarray(medians["fp32"])))
-    return {"fp32_ms": round(float(np.median(medians["fp32"])), 3), "int8_ms": round(float(np.median(medians["int8"])), 3),
-            "ratio": round(ratio, 3), "batch": 1, "runtime": "onnxruntime cpu, the exporting machine"}
+        speed = int8_speed(fp32, int8, pixels)
+    return {**speed, "runtime": "onnxruntime cpu, the exporting machine", **cpu_info(), "cpu_threads": cpu_cores()}
 
 
 def slower_than_fp32(speed: dict) -> str:

@@ -233,8 +233,9 @@ def auto_workers() -> int:
     """DataLoader workers when images are decoded at each use: min(4, cores - 1) per process on a
     machine (torchrun's share of the cores this process may use), at least 1, so decoding overlaps
     the training step; 0 where workers are spawned, not forked (--workers N still sets them)."""
-    if torch.multiprocessing.get_start_method() != "fork":
-        return 0  # spawn (macOS, Windows): each worker would get its own copy of the images held in memory
+    method = torch.multiprocessing.get_start_method(allow_none=True) or torch.multiprocessing.get_all_start_methods()[0]
+    if method != "fork":  # spawn, forkserver (Python 3.14's Linux default): the dataset is pickled to each worker
+        return 0  # each worker would get its own copy of the images held in memory (macOS, Windows)
     cores = cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, cores - 1))
 

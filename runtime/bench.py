@@ -26,22 +26,38 @@ from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, expand_images, to_input
-from .predictor import flavour_mismatch, make_runner, not_runnable, tensorrt_available
+from .predictor import choose_artifact, flavour_mismatch, make_runner, not_runnable, tensorrt_available
 
 LOG = logging.getLogger("edge_tl").info  # progress lines; the CLI passes its own printer
 
 
-def machine() -> dict:
-    """CPU model and threads, GPU, library versions: numbers mean nothing without them."""
-    cpu = platform.processor() or platform.machine()
+# CPU features that decide how fast int8 runs (x86: VNNI, AMX; Arm: dot product, int8 matrix multiply)
+INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU's model (x86: its name; Arm: implementer and part numbers) and its int8 features, from
+    /proc/cpuinfo (or ``cpuinfo``, its text) where there is one."""
+    cpu, features, arm = platform.processor() or platform.machine(), set(), {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        for line in (cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()).splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and cpu in (platform.processor(), platform.machine()):
+                cpu = value
+            elif key in ("flags", "Features"):
+                features |= set(value.split())
+            elif key in ("CPU implementer", "CPU part"):
+                arm.setdefault(key, value)
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_threads": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+    if arm:
+        cpu = f"{platform.machine()} (implementer {arm.get('CPU implementer', '?')}, part {arm.get('CPU part', '?')})"
+    return {"cpu": cpu, "cpu_int8_features": [f for f in INT8_FEATURES if f in features]}
+
+
+def machine() -> dict:
+    """CPU model and threads, GPU, library versions: numbers mean nothing without them."""
+    info = {**cpu_info(), "cpu_threads": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
     try:
         import onnxruntime
 
@@ -102,6 +118,16 @@ def interleaved_blocks(calls: dict, blocks: int, iters: int, settle_s: float = 0
             times[k] += t
             medians[k].append(float(np.median(t)))
     return times, {k: np.asarray(v) for k, v in medians.items()}
+
+
+def int8_speed(fp32, int8, pixels: np.ndarray, blocks: int = 4, runs: int = 10) -> dict:
+    """Batch-1 latency (ms) of two runners (FP32 and INT8 of one model) and INT8's ratio to FP32,
+    timed in interleaved blocks (``interleaved_blocks``; the ratio is ``paired_ratio``'s). Whether
+    INT8 pays off depends on the CPU: VNNI or dot-product instructions, or neither."""
+    x = to_input(pixels[:1])
+    _, medians = interleaved_blocks({"fp32": lambda: fp32.infer(x), "int8": lambda: int8.infer(x)}, blocks, runs)
+    return {"fp32_ms": round(float(np.median(medians["fp32"])), 3), "int8_ms": round(float(np.median(medians["int8"])), 3),
+            "ratio": round(paired_ratio(medians["int8"], medians["fp32"])["paired"], 3), "batch": 1}
 
 
 def paired_ratio(num_block_medians: np.ndarray, den_block_medians: np.ndarray) -> dict:
@@ -208,6 +234,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 results.append(row)
                 log(f"{art['name']:>10} {backend:>11} batch {b:>3}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
                     f"  {row['throughput']:8.1f} img/s  end-to-end p50 {row['e2e_p50_ms']:8.2f} ms")
+    int8 = _default_int8_vs_fp32(bundle, {r["artifact"] for r in results}, device, threads, golden, log)
     if checkpoint:
         results += _torch_reference(checkpoint, bundle, golden, batches, warmup, iters, seconds, log)
     if not results:
@@ -216,7 +243,31 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                         f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
     return {"machine": machine(), "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
             "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "e2e_input": e2e_input,
-            "results": results}
+            "results": results, **({"default_int8_vs_fp32": int8} if int8 else {})}
+
+
+def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int, golden: np.ndarray, log) -> dict | None:
+    """Where apps get an INT8 artifact by default on ONNX Runtime and fp32 was timed too: the two
+    interleaved at batch 1 on this machine. Export made INT8 the default on the exporting machine's
+    CPU; a device without VNNI or dot-product instructions may find it slower than FP32."""
+    if "fp32" not in timed:
+        return None
+    try:
+        chosen, backend = choose_artifact(bundle, "onnxruntime", None, device)
+    except UserError:
+        return None
+    if chosen["precision"] != "int8" or chosen["name"] not in timed or backend != "onnxruntime":
+        return None
+    with make_runner(bundle, bundle.artifact("fp32"), "onnxruntime", device, threads) as fp32, \
+            make_runner(bundle, chosen, "onnxruntime", device, threads) as int8:
+        speed = {"artifact": chosen["name"], **int8_speed(fp32, int8, golden), "exported": chosen.get("speed")}
+    here = f"{chosen['name']} (the default) is {speed['ratio']:.2f}x fp32 here at batch 1 (interleaved)"
+    if speed["ratio"] >= 1:
+        speed["advice"] = (f"{here}, no faster: apps on this machine should ask for precision='fp32' "
+                           "(--precision fp32), or slim the bundle to fp32 (`edge-tl slim --keep fp32`)")
+    log(speed.get("advice", here) + (f"; {speed['exported']['ratio']:.2f}x on the exporting machine"
+                                     if speed["exported"] else ""))
+    return speed
 
 
 def _reference_checkpoint(bundle: Bundle) -> Path:

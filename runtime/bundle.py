@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zipfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +52,31 @@ NPZ_MIN_LIMIT = 64 << 20
 
 
 def _load_npz(data: bytes, where: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file's bytes: no pickled objects, no decompression bomb."""
+    """The arrays of an .npz file's bytes: no pickled objects, no decompression bomb, no array
+    whose header claims more than its member holds."""
+    def refuse(why: str) -> BundleError:
+        return BundleError(f"{where}: {why}; it is not one edge-tl wrote. Re-export the bundle.")
+
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            unpacked = sum(i.file_size for i in zf.infolist())  # zipfile reads no more than this per member
-        if unpacked > max(NPZ_MIN_LIMIT, NPZ_MAX_EXPANSION * len(data)):
-            raise BundleError(f"{where}: unpacks to {unpacked / 2**20:.0f} MiB from {len(data) / 2**20:.1f} MiB, far more "
-                              "than golden outputs take; it is not one edge-tl wrote. Re-export the bundle.")
+            members = zf.infolist()
+            unpacked = sum(i.file_size for i in members)  # zipfile reads no more than this per member
+            if unpacked > max(NPZ_MIN_LIMIT, NPZ_MAX_EXPANSION * len(data)):
+                raise refuse(f"unpacks to {unpacked / 2**20:.0f} MiB from {len(data) / 2**20:.1f} MiB, far more than "
+                             "golden outputs take")
+            for info in members:
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(fh)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise refuse(f"member {info.filename} claims {shape} {dtype}, more than it holds or objects")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except BundleError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, MemoryError) as exc:
         raise BundleError(f"{where}: not a readable .npz of arrays ({type(exc).__name__}: {exc}). "
                           "Re-export the bundle.") from None
 
@@ -100,6 +117,10 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     temperature = output.get("temperature", 1.0) if isinstance(output, dict) else None
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
         raise bad("output", "an object whose 'temperature' (if any) is a positive number")
+    batch = manifest.get("batch", {"min": 1, "opt": 1, "max": 32})
+    sizes = [batch.get(k) for k in ("min", "opt", "max")] if isinstance(batch, dict) else [None]
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes) or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
+        raise bad("batch", "an object of integers 1 <= min <= opt <= max")
     validation = manifest.get("validation") or {}
     images = validation.get("images") if isinstance(validation, dict) else "?"
     if images is not None and (not isinstance(images, int) or isinstance(images, bool)):
@@ -112,6 +133,7 @@ class Bundle:
 
     path: Path
     manifest: dict
+    _golden: dict | None = field(default=None, repr=False, compare=False)  # golden.npz's arrays, once verified
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
@@ -171,7 +193,10 @@ class Bundle:
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing. Copy the whole bundle folder again.")
             try:
-                actual = sha256_file(f)
+                data = f.read_bytes() if rel == GOLDEN else None  # hashed and unpacked from the same bytes
+                actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(f)
+                if data is not None and actual == digest:
+                    self._golden = _load_npz(data, f)
             except OSError as exc:
                 raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(self.path)}") from None
             if actual != digest:
@@ -254,10 +279,13 @@ class Bundle:
         return data
 
     def _golden_arrays(self) -> dict[str, np.ndarray]:
-        f = self.path / GOLDEN
-        if not f.is_file():
-            raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
-        return _load_npz(self.read_verified(GOLDEN), f)
+        """golden.npz's arrays: read, checked against the manifest and unpacked once per Bundle."""
+        if self._golden is None:
+            f = self.path / GOLDEN
+            if not f.is_file():
+                raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
+            self._golden = _load_npz(self.read_verified(GOLDEN), f)
+        return self._golden
 
     @property
     def temperature(self) -> float:
@@ -290,17 +318,23 @@ class Bundle:
         z = self._golden_arrays()
         if "source_pixels" not in z:
             return []
-        expected = z["source_pixels"]
-        if any(f"source_{i}" not in z for i in range(len(expected))):
-            raise BundleError(f"{self.path / GOLDEN}: 'source_pixels' has {len(expected)} entries but not as many "
-                              "'source_<i>' images. Re-export the bundle.")
-        return [(z[f"source_{i}"], expected[i]) for i in range(len(expected))]
+        expected, (h, w) = z["source_pixels"], self.spec.input_size
+        sources = [z.get(f"source_{i}") for i in range(len(expected))] if expected.ndim == 4 else []
+        if (expected.shape[1:] != (h, w, 3) or expected.dtype != np.uint8 or
+                not all(s is not None and s.dtype == np.uint8 and s.ndim in (2, 3) for s in sources)):
+            raise BundleError(f"{self.path / GOLDEN}: 'source_pixels' must be uint8 N×{h}×{w}×3 with one uint8 image "
+                              "'source_<i>' each. Re-export the bundle.")
+        return list(zip(sources, expected))
 
     def jpeg_vector(self) -> tuple[bytes, np.ndarray] | None:
         """(a camera-sized JPEG's bytes, its expected model input) from golden.npz: the test of the
         reduced JPEG decode; None in bundles without one (no reducing gap, or older)."""
-        z = self._golden_arrays()
-        return (z["jpeg_source"].tobytes(), z["jpeg_pixels"]) if "jpeg_source" in z and "jpeg_pixels" in z else None
+        z, (h, w) = self._golden_arrays(), self.spec.input_size
+        if "jpeg_source" not in z or "jpeg_pixels" not in z:
+            return None
+        if z["jpeg_pixels"].shape != (h, w, 3) or z["jpeg_pixels"].dtype != np.uint8:
+            raise BundleError(f"{self.path / GOLDEN}: 'jpeg_pixels' must be uint8 {h}×{w}×3. Re-export the bundle.")
+        return z["jpeg_source"].tobytes(), z["jpeg_pixels"]
 
     def add_file(self, rel: str) -> None:
         """Record ``rel``'s sha256 in the manifest (in memory; call :meth:`save`)."""

@@ -230,7 +230,8 @@ SYSTEM_FOLDERS = frozenset(n.lower() for n in ("@eaDir", "#recycle", "#snapshot"
 SYSTEM_FILES = frozenset(("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"))
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
+    """A name no one means as an image or a class: dot files, NAS/OS system folders and files."""
     return name.startswith(".") or name.lower() in SYSTEM_FOLDERS or name.lower() in SYSTEM_FILES
 
 
@@ -262,12 +263,12 @@ def visible_files(folder: Path) -> list[Path]:
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(top, d))
             # a loop, or a link up to a folder holding this one (it would take in its siblings: test/, other classes)
-            if _hidden(d) or any(_contains(real, c) for c in chain):
+            if hidden(d) or any(_contains(real, c) for c in chain):
                 continue
             chains[os.path.join(top, d)] = chain + (real,)
             keep.append(d)
         dirs[:] = keep
-        found += [p for p in (Path(top) / f for f in files if not _hidden(f))
+        found += [p for p in (Path(top) / f for f in files if not hidden(f))
                   if p.is_file() or (p.is_symlink() and not p.exists())]
     return sorted(found, key=path_order)
 
@@ -282,7 +283,7 @@ def _contains(folder: str, path: str) -> bool:
 def class_folders(root: Path) -> list[Path]:
     """An ImageFolder's class folders, sorted, hidden ones left out. A broken link in their place
     is refused: its class would silently vanish from the class list."""
-    entries = sorted((d for d in root.iterdir() if not _hidden(d.name)), key=path_order)
+    entries = sorted((d for d in root.iterdir() if not hidden(d.name)), key=path_order)
     for d in entries:
         if d.is_symlink() and not d.exists():
             raise UserError(f"{d}: broken symbolic link (to {os.readlink(d)}) where a class folder is expected; "

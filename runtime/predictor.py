@@ -135,6 +135,7 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
     engines = [a for a in bundle.artifacts if a["format"] == "engine"]
     # name -> why it cannot run here (None: it can), asked once per engine: each asks CUDA and TensorRT
     engine_why = {a["name"]: not_runnable(a, "tensorrt", device) for a in engines} if "tensorrt" in backends else {}
+    fallback = None  # the first runnable artifact made for the backend but not chosen by default
     for b in backends:
         if b == "tensorrt" and not tensorrt_available():
             if backend == "tensorrt":
@@ -152,23 +153,32 @@ def choose_artifact(bundle: Bundle, backend: str = "auto", precision: str | None
             for p in wanted:
                 # left to choose, only files made for this backend's flavour (or for any): the TensorRT
                 # Q/DQ file on ONNX Runtime's CPU provider is several times slower than FP32
-                cands = [a for a in bundle.artifacts if a["precision"] == p and (a.get("dla_core") is not None) == dla
-                         and (engine_why.get(a["name"], "not an engine") is None if b == "tensorrt" else runnable(a, b))
-                         and (precision or (a.get("accepted", True) and a.get("default", True)
-                                            and a.get("backend", "any") in (flavour, "any")))]
-                cands.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
+                fits = [a for a in bundle.artifacts if a["precision"] == p and (a.get("dla_core") is not None) == dla
+                        and (engine_why.get(a["name"], "not an engine") is None if b == "tensorrt" else runnable(a, b))
+                        and (precision or a.get("backend", "any") in (flavour, "any"))]
+                fits.sort(key=lambda a: {flavour: 0, "any": 1}.get(a.get("backend"), 2))
+                cands = [a for a in fits if precision or (a.get("accepted", True) and a.get("default", True))]
                 if cands:
                     if b != "tensorrt" and (stale := _stale(engine_why)):
                         warnings.warn(f"{bundle.path}: running {cands[0]['name']} on ONNX Runtime, not the bundle's "
                                       f"TensorRT engines: {stale}", stacklevel=3)
                     return cands[0], b
+                fallback = fallback or next(((a, b) for a in fits if a.get("accepted", True)), None)
+    if fallback is not None:  # e.g. a bundle slimmed to an INT8 that export found no faster than FP32
+        art, b = fallback
+        warnings.warn(f"{bundle.path}: running {art['name']}, which export did not make the default "
+                      f"({art.get('not_default', 'not the default')}), as nothing else here runs on {b}", stacklevel=3)
+        return art, b
     have = ", ".join(f"{a['name']} ({a['format']}, {a['precision']})" for a in bundle.artifacts)
     if precision and precision not in {a["precision"] for a in bundle.artifacts}:
         raise UserError(f"precision {precision!r}: {bundle.path} has no {precision} artifact (it has: {have})"
                         f"{bundle.slim_note()}.")
     why = f" Its engines: {'; '.join(f'{n}: {w}' for n, w in engine_why.items())}." if engine_why else ""
+    fix = (f" Build engines on the device with `edge-tl engine {bundle.path}`."
+           if engine_why or any(a.get("backend") == "tensorrt" for a in bundle.artifacts) else
+           " Name one with precision= (--precision) or artifact=, or re-export the bundle.")
     raise UserError(f"{bundle.path}: nothing runnable here for backend={backend} precision={precision or 'any'} "
-                    f"(bundle has: {have}).{why} Build engines on the device with `edge-tl engine {bundle.path}`.")
+                    f"(bundle has: {have}).{why}{fix}")
 
 
 def _stale(engine_why: dict[str, str | None]) -> str:
@@ -193,12 +203,13 @@ def _ort_flavour(device: str | None) -> str:
 
 
 def make_runner(bundle: Bundle, artifact: dict, backend: str, device: str | None = None, threads: int = 0,
-                session_options: dict | None = None) -> Runner:
+                session_options: dict | None = None, session_config: dict | None = None) -> Runner:
     """A runner of ``artifact`` that loads the very bytes it hashed (``Bundle.read_verified``)."""
     path, data = bundle.file(artifact), bundle.read_verified(artifact["file"])
     if backend == "tensorrt":
         return TensorRTRunner(path, gpu_index(device), artifact.get("dla_core"), engine=data)
-    return OnnxRuntimeRunner(path, device, threads, model=data, session_options=session_options)
+    return OnnxRuntimeRunner(path, device, threads, model=data, session_options=session_options,
+                             session_config=session_config)
 
 
 class Predictor:
@@ -228,7 +239,7 @@ class Predictor:
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", precision: str | None = None,
                     device: str | None = None, threads: int = 0, artifact: str | None = None,
-                    session_options: dict | None = None) -> "Predictor":
+                    session_options: dict | None = None, session_config: dict | None = None) -> "Predictor":
         """Load and verify ``path``; pick an artifact (by name, or by backend and precision) and activate it.
 
         ``backend``: auto (a TensorRT engine built for this GPU, else ONNX Runtime), tensorrt or onnxruntime.
@@ -238,6 +249,10 @@ class Predictor:
         Predictors or worker threads wants 1-2 each, so that together they do not exceed the cores).
         ``session_options``: further ``onnxruntime.SessionOptions`` attributes by name, e.g.
         ``{"enable_cpu_mem_arena": False}`` (memory back after each call, a little slower).
+        ``session_config``: ONNX Runtime session config entries, e.g.
+        ``{"session.intra_op.allow_spinning": "0"}`` (threads sleep between calls: a camera app at
+        10 fps used a seventh of the CPU for the same latency) or
+        ``{"session.intra_op_thread_affinities": "1;2"}`` (pin its threads).
         """
         check_threads(threads)
         bundle = Bundle.load(path)
@@ -246,7 +261,12 @@ class Predictor:
             chosen_backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
         else:
             art, chosen_backend = choose_artifact(bundle, backend, precision, device)
-        return cls(bundle, art, make_runner(bundle, art, chosen_backend, device, threads, session_options).activate())
+        runner = make_runner(bundle, art, chosen_backend, device, threads, session_options, session_config).activate()
+        try:
+            return cls(bundle, art, runner)
+        except BaseException:
+            runner.deactivate()  # a TensorRT runner's GPU buffers are freed by nothing else
+            raise
 
     def describe(self) -> str:
         """What runs: artifact, precision, file, and the runner (backend, provider, threads)."""
@@ -256,11 +276,11 @@ class Predictor:
     def warmup(self, batch_sizes=(1,)) -> None:
         """Run each batch size once on a golden image (kept in memory), so the first real call is not the slow one
         (TensorRT and OpenVINO set up each new input shape on its first call)."""
-        sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-        if not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
+        sizes = [batch_sizes] if isinstance(batch_sizes, (int, np.integer)) else list(batch_sizes)
+        if not sizes or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in sizes):
             raise UserError(f"warmup batch sizes {batch_sizes!r}: each must be at least 1 (a whole number), e.g. (1, 8).")
         for b in sizes:
-            self.infer(np.repeat(self._warmup_image, b, axis=0))
+            self.infer(np.repeat(self._warmup_image, int(b), axis=0))
 
     def close(self) -> None:
         """Release the runner (sessions, GPU memory); the ``with`` block does it. Idempotent.
@@ -421,7 +441,7 @@ class Predictor:
 def _count(value, name: str) -> int:
     """``value`` (a top-k) as an int >= 1, or a UserError naming ``name``."""
     try:
-        n = operator.index(value)
+        n = 0 if isinstance(value, bool) else operator.index(value)
     except TypeError:
         n = 0
     if n < 1:

@@ -81,10 +81,21 @@ def ort_providers(device: str | None) -> list[str]:
     return chosen
 
 
+NO_WEIGHT_FILES = ".edge-tl-bundles-hold-no-weight-files"  # where ONNX Runtime is told to find external data
+
+
+def _settings(settings, name: str) -> dict:
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UserError(f"{name}: a dict of setting -> value, not a {type(settings).__name__}.")
+    return dict(settings)
+
+
 def check_threads(threads) -> int:
     """``threads`` as an int >= 0 (0: all cores), or a UserError."""
     try:
-        n = operator.index(threads)
+        n = -1 if isinstance(threads, bool) else operator.index(threads)
     except TypeError:
         n = -1
     if n < 0:
@@ -121,11 +132,14 @@ class OnnxRuntimeRunner(Runner):
     MAX_STATIC_SHAPES = 4
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int = 0, model: bytes | None = None,
-                 session_options: dict | None = None):
+                 session_options: dict | None = None, session_config: dict | None = None):
         self.threads = check_threads(threads)
         self.path, self.device = Path(path), device
         self.model = model  # the file's bytes, as verified against a manifest: loaded instead of ``path``
-        self.session_options = dict(session_options or {})
+        self.session_options = _settings(session_options, "session_options")
+        self.session_config = {"session.x64quantprecision": "1", **_settings(session_config, "session_config")}
+        if bad := {"intra_op_num_threads"} & set(self.session_options):
+            raise UserError(f"session_options {sorted(bad)}: set the thread count with threads=.")
         self.session, self.closed = None, False
         self.providers: list[str] = []
         self.input_name: str | None = None
@@ -157,15 +171,22 @@ class OnnxRuntimeRunner(Runner):
         opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
         for key, value in self.session_options.items():
-            if not hasattr(opts, key) or key.startswith("_"):
-                raise UserError(f"session_options {key!r}: not an onnxruntime.SessionOptions attribute "
+            if not hasattr(opts, key) or key.startswith("_") or callable(getattr(opts, key)):
+                raise UserError(f"session_options {key!r}: not an onnxruntime.SessionOptions setting "
                                 "(e.g. enable_cpu_mem_arena, inter_op_num_threads, execution_mode).")
-            setattr(opts, key, value)
+            try:
+                setattr(opts, key, value)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise UserError(f"session_options {key}={value!r}: onnxruntime refuses it ({str(exc).splitlines()[0]}).") from None
+        # u8s8 int8 products saturate on x86 CPUs without VNNI (AVX2, AVX-512F): ONNX Runtime's exact
+        # u8u8 path there; no effect with VNNI (identical logits here) or on Arm
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(str(key), str(value))
         if self.model is not None:
             # bytes carry no folder: ONNX Runtime would look for external weight files in the current
             # directory. Bundles hold self-contained files, so point it at a folder that cannot exist.
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                          str(self.path.with_name(f".{self.path.name}.no-external-data")))
+                                          str(self.path.with_name(NO_WEIGHT_FILES)))
         providers = [(p, openvino_options(self.threads, self.input_name, shape)) if p == OPENVINO else p
                      for p in self.providers]
         try:
@@ -173,7 +194,7 @@ class OnnxRuntimeRunner(Runner):
                                         providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             first = str(exc).splitlines()[0]
-            if self.model is not None and "external" in first.lower():
+            if self.model is not None and (NO_WEIGHT_FILES in first or "external data" in first.lower()):
                 raise UserError(f"{self.path}: keeps its weights in a separate file, which a bundle's manifest does "
                                 f"not cover ({first}). Export bundles with edge-tl (self-contained ONNX files).") from None
             raise UserError(f"{self.path}: ONNX Runtime cannot load it ({first}).") from None

@@ -384,3 +384,16 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
                           (root / "out" / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
     assert res.stdout.count("<img") >= 4 and "Latency" in res.stdout
+
+
+def test_report_of_a_build_folder_edited_into_another_shape_is_a_user_error_and_escapes_values(built, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    (out / "run" / "metrics.json").write_text(json.dumps({**metrics, "epochs": "<script>alert(1)</script>"}))
+    page = write_report(out).read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    (out / "run" / "metrics.json").write_text(json.dumps({**metrics, "seconds": "<script>"}))
+    with pytest.raises(UserError, match=r"not as `edge-tl build` wrote it \(TypeError"):
+        write_report(out)

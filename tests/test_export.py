@@ -131,7 +131,7 @@ def test_device_steps_of_a_wheel_install_name_the_wheel_never_pypi(cpu_bundle, m
     monkeypatch.setattr(device, "source_checkout", lambda: None)
     steps = [cmd for _, cmd in device.device_commands(bundle, cpu_bundle)]
     wheel = f"edge_tl-{__version__}-py3-none-any.whl"
-    assert wheel in steps[0] and f"pip install ~/{wheel} onnxruntime" in steps
+    assert wheel in steps[0] and f"python3 -m venv ~/edge-tl && . ~/edge-tl/bin/activate && pip install ~/{wheel} onnxruntime" in steps
     assert not any("pip install edge-tl" in cmd for cmd in steps)
 
 
@@ -418,6 +418,11 @@ def test_an_int8_no_faster_than_fp32_is_not_made_the_default(elpv_run, cpu_bundl
     with Predictor.from_bundle(tmp_path / "b", precision="int8") as p:
         assert p.artifact["name"] == "int8-cpu"
     assert check_bundle(tmp_path / "b", log=lambda s: None)["artifacts"]["int8-cpu"]["gated"]
+    for choice, default in (("yes", True), ("no", False)):  # fixed, not timed: the same bundle every time
+        export_bundle(elpv_run, tmp_path / choice, "cpu", "fp32,int8", progress=False, int8_default=choice,
+                      log=lambda s: None)
+        art = Bundle.load(tmp_path / choice).artifact("int8-cpu")
+        assert art.get("default", True) == default and art["speed"] == slow
 
 
 def test_the_quantizers_per_weight_axis_warnings_are_dropped(caplog):

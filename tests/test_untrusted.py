@@ -233,3 +233,80 @@ def test_expand_images_takes_one_path_as_well_as_a_list(elpv_small):
 
     folder = elpv_small / "test" / "p100"
     assert expand_images(str(folder)) == expand_images([folder]) == sorted(folder.iterdir())
+
+
+def test_a_bundle_slimmed_to_an_int8_that_is_not_the_default_still_runs_with_a_warning(cpu_bundle, elpv_small, tmp_path):
+    from edge_tl.export.device import slim_bundle
+
+    src = _copy(cpu_bundle, tmp_path, "src")  # as export marks an INT8 no faster than FP32 (MobileNetV3-small, MobileViT)
+    _resign(src, lambda m: next(a for a in m["artifacts"] if a["name"] == "int8-cpu").update(
+        default=False, not_default="not the default: no faster than fp32 on this machine"))
+    logs = []
+    slim_bundle(src, ["int8-cpu"], tmp_path / "slim", log=logs.append)
+    assert any("chose none of int8-cpu as a default" in line for line in logs)
+    with pytest.warns(UserWarning, match="which export did not make the default"):
+        p = Predictor.from_bundle(tmp_path / "slim", device="cpu")
+    with p:
+        assert p.artifact["name"] == "int8-cpu" and p.predict(_image(elpv_small)).label in p.classes
+    with Predictor.from_bundle(src, device="cpu") as full:  # with fp32 beside it, fp32 is chosen
+        assert full.artifact["name"] == "fp32"
+
+
+def test_onnx_runtime_settings_reach_the_session_and_bad_ones_are_user_errors(cpu_bundle):
+    config = {"session.intra_op.allow_spinning": "0"}
+    with Predictor.from_bundle(cpu_bundle, device="cpu", session_config=config) as p:
+        assert p.runner.session_config == {"session.x64quantprecision": "1", **config}
+        assert p.runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for kwargs, message in (({"session_options": {"enable_cpu_mem_arena": "no"}}, "onnxruntime refuses it"),
+                            ({"session_options": {"add_session_config_entry": 1}}, "not an onnxruntime.SessionOptions"),
+                            ({"session_options": {"intra_op_num_threads": 3}}, "threads="),
+                            ({"session_options": ["x"]}, "a dict of setting"),
+                            ({"threads": True}, "threads=True")):
+        with pytest.raises(UserError, match=message):
+            Predictor.from_bundle(cpu_bundle, device="cpu", **kwargs)
+
+
+def test_golden_arrays_that_claim_more_than_they_hold_or_do_not_unpack_are_refused(cpu_bundle, tmp_path):
+    import zipfile
+
+    path = _copy(cpu_bundle, tmp_path)
+    data = bytearray((path / "golden.npz").read_bytes())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as src, zipfile.ZipFile(buf, "w") as out:
+        for info in src.infolist():
+            out.writestr(info, src.read(info))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**13,)})
+        out.writestr("huge.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\0" * 64)
+    (path / "golden.npz").write_bytes(buf.getvalue())
+    _resign(path, lambda m: m["files"].update({"golden.npz": _sha(path / "golden.npz")}))
+    with pytest.raises(BundleError, match=r"member huge.npy claims \(10000000000000,\)"):
+        Bundle.load(path)
+
+
+@pytest.mark.parametrize("batch", [{"min": 1, "opt": 1, "max": -1}, {"min": 1, "opt": 1, "max": "x"}, "x"])
+def test_a_batch_profile_that_is_not_one_is_refused(cpu_bundle, tmp_path, batch):
+    path = _copy(cpu_bundle, tmp_path)
+    _resign(path, lambda m: m.update(batch=batch))
+    with pytest.raises(BundleError, match="'batch' must be"):
+        Bundle.load(path)
+
+
+def test_export_force_ignores_the_files_file_browsers_leave_in_a_bundle(cpu_bundle, tmp_path):
+    from edge_tl.export.bundle import _check_replaceable
+
+    bundle = _copy(cpu_bundle, tmp_path, "bundle")
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini"):
+        (bundle / name).write_bytes(b"\0")
+    _check_replaceable(bundle, tmp_path / "run", tmp_path / "data")
+
+
+def test_cpu_info_names_arm_cores_and_their_int8_features():
+    from edge_tl.runtime.bench import cpu_info
+
+    pi5 = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
+           "asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd0b\n")
+    info = cpu_info(pi5)
+    assert "implementer 0x41, part 0xd0b" in info["cpu"] and info["cpu_int8_features"] == ["asimddp"]
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    assert cpu_info(epyc) == {"cpu": "AMD EPYC 9R14", "cpu_int8_features": ["avx512_vnni"]}
