@@ -32,7 +32,8 @@ import onnx
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write
 from edge_tl.runtime.check import NOISE_MIN_IMAGES, accuracy, drop_noise, noise_allowance
-from edge_tl.runtime.bench import cpu_info, int8_speed
+from edge_tl.runtime.bench import int8_speed
+from edge_tl.runtime.cpu import cpu_info
 from edge_tl.runtime.images import cpu_cores, to_input
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 

@@ -38,7 +38,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import atomic_write, write_json, write_text
 from edge_tl.provenance import code_version, library_versions
-from edge_tl.runtime.bench import cpu_info
+from edge_tl.runtime.cpu import cpu_info
 from edge_tl.runtime.images import cpu_cores
 from edge_tl.runtime.spec import PreprocessSpec
 

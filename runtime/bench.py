@@ -26,33 +26,10 @@ from edge_tl.errors import UserError
 
 from .bundle import SELF_DIGEST, Bundle
 from .images import UnreadableImage, expand_images, to_input
+from .cpu import cpu_info
 from .predictor import choose_artifact, flavour_mismatch, make_runner, not_runnable, tensorrt_available
 
 LOG = logging.getLogger("edge_tl").info  # progress lines; the CLI passes its own printer
-
-
-# CPU features that decide how fast int8 runs (x86: VNNI, AMX; Arm: dot product, int8 matrix multiply)
-INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-
-
-def cpu_info(cpuinfo: str | None = None) -> dict:
-    """The CPU's model (x86: its name; Arm: implementer and part numbers) and its int8 features, from
-    /proc/cpuinfo (or ``cpuinfo``, its text) where there is one."""
-    cpu, features, arm = platform.processor() or platform.machine(), set(), {}
-    try:
-        for line in (cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()).splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and cpu in (platform.processor(), platform.machine()):
-                cpu = value
-            elif key in ("flags", "Features"):
-                features |= set(value.split())
-            elif key in ("CPU implementer", "CPU part"):
-                arm.setdefault(key, value)
-    except OSError:
-        pass
-    if arm:
-        cpu = f"{platform.machine()} (implementer {arm.get('CPU implementer', '?')}, part {arm.get('CPU part', '?')})"
-    return {"cpu": cpu, "cpu_int8_features": [f for f in INT8_FEATURES if f in features]}
 
 
 def machine() -> dict:

@@ -18,6 +18,8 @@ import numpy as np
 
 from edge_tl.errors import UserError
 
+from .cpu import int8_may_saturate
+
 REOPEN = "load the bundle again (Predictor.from_bundle), or use the Predictor inside its `with` block"
 
 
@@ -137,7 +139,8 @@ class OnnxRuntimeRunner(Runner):
         self.path, self.device = Path(path), device
         self.model = model  # the file's bytes, as verified against a manifest: loaded instead of ``path``
         self.session_options = _settings(session_options, "session_options")
-        self.session_config = {"session.x64quantprecision": "1", **_settings(session_config, "session_config")}
+        exact = {"session.x64quantprecision": "1"} if int8_may_saturate() else {}  # x86 without VNNI
+        self.session_config = {**exact, **_settings(session_config, "session_config")}
         if bad := {"intra_op_num_threads"} & set(self.session_options):
             raise UserError(f"session_options {sorted(bad)}: set the thread count with threads=.")
         self.session, self.closed = None, False
@@ -178,8 +181,6 @@ class OnnxRuntimeRunner(Runner):
                 setattr(opts, key, value)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise UserError(f"session_options {key}={value!r}: onnxruntime refuses it ({str(exc).splitlines()[0]}).") from None
-        # u8s8 int8 products saturate on x86 CPUs without VNNI (AVX2, AVX-512F): ONNX Runtime's exact
-        # u8u8 path there; no effect with VNNI (identical logits here) or on Arm
         for key, value in self.session_config.items():
             opts.add_session_config_entry(str(key), str(value))
         if self.model is not None:

@@ -19,6 +19,7 @@ from PIL import Image
 from edge_tl.errors import UserError
 from edge_tl.runtime import Bundle, Predictor
 from edge_tl.runtime.bundle import BundleError
+from edge_tl.runtime.cpu import int8_may_saturate
 from edge_tl.runtime.images import to_input
 
 
@@ -255,7 +256,8 @@ def test_a_bundle_slimmed_to_an_int8_that_is_not_the_default_still_runs_with_a_w
 def test_onnx_runtime_settings_reach_the_session_and_bad_ones_are_user_errors(cpu_bundle):
     config = {"session.intra_op.allow_spinning": "0"}
     with Predictor.from_bundle(cpu_bundle, device="cpu", session_config=config) as p:
-        assert p.runner.session_config == {"session.x64quantprecision": "1", **config}
+        exact = {"session.x64quantprecision": "1"} if int8_may_saturate() else {}  # x86 without VNNI only
+        assert p.runner.session_config == {**exact, **config}
         assert p.runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     for kwargs, message in (({"session_options": {"enable_cpu_mem_arena": "no"}}, "onnxruntime refuses it"),
                             ({"session_options": {"add_session_config_entry": 1}}, "not an onnxruntime.SessionOptions"),
@@ -302,7 +304,7 @@ def test_export_force_ignores_the_files_file_browsers_leave_in_a_bundle(cpu_bund
 
 
 def test_cpu_info_names_arm_cores_and_their_int8_features():
-    from edge_tl.runtime.bench import cpu_info
+    from edge_tl.runtime.cpu import cpu_info
 
     pi5 = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
            "asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd0b\n")
@@ -310,3 +312,10 @@ def test_cpu_info_names_arm_cores_and_their_int8_features():
     assert "implementer 0x41, part 0xd0b" in info["cpu"] and info["cpu_int8_features"] == ["asimddp"]
     epyc = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
     assert cpu_info(epyc) == {"cpu": "AMD EPYC 9R14", "cpu_int8_features": ["avx512_vnni"]}
+
+
+def test_the_exact_int8_path_only_where_int8_products_saturate():
+    avx2 = "processor\t: 0\nmodel name\t: Intel(R) Core(TM) i5-10400\nflags\t\t: fpu sse4_1 avx2 fma\n"
+    vnni = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    assert int8_may_saturate(avx2, "x86_64") and not int8_may_saturate(vnni, "x86_64")
+    assert not int8_may_saturate("Features\t: fp asimd\n", "aarch64") and not int8_may_saturate("", "x86_64")
