@@ -121,9 +121,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         _check_test_classes(data_dir, test_dir)
 
         # the data is its content's fingerprint, not its path: a moved or differently spelled folder is the same data
-        # weights by content only (below): the same file named by another path is the same start
-        train_inputs = {"config": {k: None if k == "weights" else v for k, v in asdict(cfg).items()
-                                   if k not in ("workers", "device", "out", "data")},
+        train_inputs = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "out", "data")},
                         "data": data_fp,
                         "weights": (sha256_file(Path(cfg.weights)) if cfg.weights and Path(cfg.weights).is_file()
                                     else cfg.weights)}

@@ -28,7 +28,7 @@ from edge_tl.finetune.train import load_model, predict_logits
 from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GITATTRIBUTES, GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 from edge_tl.runtime.check import accuracy
-from edge_tl.runtime.images import hidden
+from edge_tl.runtime.images import SYSTEM_FILES
 from edge_tl.runtime.scores import fit_temperature
 
 from . import tensorrt as trt_build
@@ -57,6 +57,13 @@ def versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
 
 
+def _junk(name: str) -> bool:
+    """Files a replaced bundle may hold without anyone missing them: an interrupted write's temp file,
+    what Finder and Explorer leave (.DS_Store, ._*, Thumbs.db, desktop.ini)."""
+    return (name.lower() in SYSTEM_FILES or name in (".DS_Store",) or name.startswith("._")
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
 def _check_replaceable(out: Path, run: Path, data: Path) -> None:
     """--force replaces only an earlier bundle, never the run, its data or a folder holding them."""
     target = out.resolve()
@@ -77,7 +84,7 @@ def _check_replaceable(out: Path, run: Path, data: Path) -> None:
     ours = listed | {MANIFEST, "README.md", ".gitattributes", LABELS, GOLDEN}
     others = sorted(str(f.relative_to(out)) for f in out.rglob("*") if not f.is_dir() and
                     f.relative_to(out).as_posix() not in ours and f.relative_to(out).parts[0] != "engines"
-                    and not hidden(f.name))  # an interrupted write's temp file, .DS_Store, Thumbs.db
+                    and not _junk(f.name))
     if others:
         raise UserError(f"{out}: holds files that are not the bundle's ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}), which --force would delete. Move them out, or "

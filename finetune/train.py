@@ -592,25 +592,33 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         load_plans(d.gather(saved_plans())[0])
 
     val_split = {"source": data.val_source, "images": len(data.val), "sha256": data.val.signature(data.root)}
+    complete = state is not None and state["epoch"] >= cfg.epochs
     if state is not None:
         split_moved = state.get("val_split", val_split)["sha256"] != val_split["sha256"]
-        new_split = (f"; the validation split differs ({state['val_split']['images']} images then, {len(data.val)} now), "
-                     "so best-epoch selection now uses the new one") if split_moved else ""
-        if changed := data.changes_since(out / "images.tsv"):
+        split_differs = (f"; the validation split differs ({state['val_split']['images']} images then, "
+                         f"{len(data.val)} now)") if split_moved else ""
+        new_split = f"{split_differs}, so best-epoch selection now uses the new one" if split_moved else ""
+        if (changed := data.changes_since(out / "images.tsv")) and complete:
+            log(f"warning: the data changed since this run ({changed}){split_differs}; the run is complete, so "
+                "nothing trains on it and the run's record of its images stays as it was")
+        elif changed:
             log(f"warning: the data changed since this run started ({changed}){new_split}; training goes on with it")
             if d.is_main:  # the images the epochs so far trained on stay on record beside the new ones
                 kept = _keep_aside(out / "images.tsv")
                 log(f"  the earlier image list is kept as {kept.name}")
         elif split_moved:
             log(f"warning: the data folder changed since this run started{new_split}")
-    images_table = data.images_table()
+    keep_record = complete and (out / "images.tsv").is_file()  # a finished run's record is of what it trained on
+    images_table = (out / "images.tsv").read_text(encoding="utf-8") if keep_record else data.images_table()
     provenance = {**code_version(), **library_versions(), "torch": str(torch.__version__), "timm": timm.__version__,
                   "pretrained": ((state or {}).get("provenance") or {}).get("pretrained")  # what it started from
                   or weights_identity(cfg.model, cfg.weights, cfg.scratch),
                   "images_tsv_sha256": hashlib.sha256(images_table.encode()).hexdigest(),
                   "torch_threads": torch.get_num_threads(), "autocast": str(dtype).replace("torch.", "") if dtype else "off",
                   "depthwise_tuned": tuned, "cpu": cpu_info()["cpu"]}
-    if state is not None and (before := state.get("provenance")):
+    if complete and state.get("provenance"):
+        provenance = state["provenance"]
+    elif state is not None and (before := state.get("provenance")):
         # each changes the rounding of every step: the resumed run then differs from an uninterrupted one
         differ = [f"{k} {before.get(k)} -> {provenance[k]}" for k in ("torch_threads", "autocast", "cpu", "torch")
                   if before.get(k) != provenance[k]]

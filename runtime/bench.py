@@ -211,7 +211,9 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                 results.append(row)
                 log(f"{art['name']:>10} {backend:>11} batch {b:>3}: p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
                     f"  {row['throughput']:8.1f} img/s  end-to-end p50 {row['e2e_p50_ms']:8.2f} ms")
-    int8 = _default_int8_vs_fp32(bundle, {r["artifact"] for r in results}, device, threads, golden, log)
+    # as many blocks and calls as the timing above was given, at most 4 x 10 (a slow device's big model)
+    blocks, runs = (4, 10) if iters is None and (seconds or 0) >= 1 else (2, max(1, min(10, iters or 5)))
+    int8 = _default_int8_vs_fp32(bundle, {r["artifact"] for r in results}, device, threads, golden, log, blocks, runs)
     if checkpoint:
         results += _torch_reference(checkpoint, bundle, golden, batches, warmup, iters, seconds, log)
     if not results:
@@ -223,7 +225,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
             "results": results, **({"default_int8_vs_fp32": int8} if int8 else {})}
 
 
-def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int, golden: np.ndarray, log) -> dict | None:
+def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int, golden: np.ndarray, log,
+                          blocks: int = 4, runs: int = 10) -> dict | None:
     """Where apps get an INT8 artifact by default on ONNX Runtime and fp32 was timed too: the two
     interleaved at batch 1 on this machine. Export made INT8 the default on the exporting machine's
     CPU; a device without VNNI or dot-product instructions may find it slower than FP32."""
@@ -237,11 +240,12 @@ def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int,
         return None
     with make_runner(bundle, bundle.artifact("fp32"), "onnxruntime", device, threads) as fp32, \
             make_runner(bundle, chosen, "onnxruntime", device, threads) as int8:
-        speed = {"artifact": chosen["name"], **int8_speed(fp32, int8, golden), "exported": chosen.get("speed")}
+        speed = {"artifact": chosen["name"], **int8_speed(fp32, int8, golden, blocks, runs), "exported": chosen.get("speed")}
     here = f"{chosen['name']} (the default) is {speed['ratio']:.2f}x fp32 here at batch 1 (interleaved)"
     if speed["ratio"] >= 1:
         speed["advice"] = (f"{here}, no faster: apps on this machine should ask for precision='fp32' "
-                           "(--precision fp32), or slim the bundle to fp32 (`edge-tl slim --keep fp32`)")
+                           f"(--precision fp32), or slim the bundle to fp32 (`edge-tl slim {bundle.path} --keep fp32 "
+                           "--out SMALL`)")
     log(speed.get("advice", here) + (f"; {speed['exported']['ratio']:.2f}x on the exporting machine"
                                      if speed["exported"] else ""))
     return speed

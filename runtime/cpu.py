@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 # CPU features that decide how fast int8 runs (x86: VNNI, AMX; Arm: dot product, int8 matrix multiply)
@@ -42,4 +43,5 @@ def int8_may_saturate(cpuinfo: str | None = None, machine: str | None = None) ->
     except OSError:
         return False
     features = cpu_info(text)["cpu_int8_features"]
-    return "flags" in text and not any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    has_flags = re.search(r"^flags\s*:", text, re.MULTILINE) is not None  # x86's list of features is there
+    return has_flags and not any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -61,7 +61,8 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     logs.clear()
     finetune(_cfg(tiny_folder, out), resume=True, progress=False, log=logs.append)
     assert any("validation split differs" in line for line in logs), logs
-    assert any("the data changed since this run started (" in line and "removed" in line for line in logs), logs
+    assert any("the data changed since this run (" in line and "removed" in line and "the run is complete" in line
+               for line in logs), logs
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
@@ -383,12 +384,25 @@ def test_class_names_outside_the_plot_font_get_a_fallback_font_or_an_index_never
 
 def test_a_resume_on_changed_data_keeps_the_earlier_image_list(tiny_folder, tmp_path):
     data = shutil.copytree(tiny_folder, tmp_path / "data")
-    finetune(_cfg(data, tmp_path / "run", epochs=1), progress=False, log=lambda s: None)
+
+    def interrupt(step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C part-way: epochs are left to train
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(data, tmp_path / "run", epochs=2), progress=False, on_step=interrupt, log=lambda s: None)
     before = (tmp_path / "run" / "images.tsv").read_text()
     first = sorted((data / "checker").iterdir())[0]
     first.write_bytes(sorted((data / "hstripes").iterdir())[0].read_bytes())  # new content, same name
     logs = []
     finetune(_cfg(data, tmp_path / "run", epochs=2), resume=True, progress=False, log=logs.append)
     assert (tmp_path / "run" / "images.before-resume-1.tsv").read_text() == before
-    assert (tmp_path / "run" / "images.tsv").read_text() != before
-    assert any("the data changed since this run started (1 images with new content)" in line for line in logs)
+    after = (tmp_path / "run" / "images.tsv").read_text()
+    assert after != before and any("the data changed since this run started (1 images with new content)" in line
+                                   for line in logs)
+    first.write_bytes(sorted((data / "vstripes").iterdir())[0].read_bytes())  # again, after the run is complete
+    logs.clear()
+    finetune(_cfg(data, tmp_path / "run", epochs=2), resume=True, progress=False, log=logs.append)
+    assert (tmp_path / "run" / "images.tsv").read_text() == after  # the record stays that of what it trained on
+    assert not (tmp_path / "run" / "images.before-resume-2.tsv").exists()
+    assert any("the run is complete, so nothing trains on it" in line for line in logs)

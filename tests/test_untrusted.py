@@ -319,3 +319,41 @@ def test_the_exact_int8_path_only_where_int8_products_saturate():
     vnni = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
     assert int8_may_saturate(avx2, "x86_64") and not int8_may_saturate(vnni, "x86_64")
     assert not int8_may_saturate("Features\t: fp asimd\n", "aarch64") and not int8_may_saturate("", "x86_64")
+
+
+def test_where_int8_products_saturate_sessions_take_the_exact_path(cpu_bundle, monkeypatch):
+    from edge_tl.runtime import runners
+
+    monkeypatch.setattr(runners, "int8_may_saturate", lambda: True)  # an AVX2 CPU without VNNI
+    with Predictor.from_bundle(cpu_bundle, device="cpu") as p:
+        assert p.runner.session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
+
+
+def test_export_force_still_refuses_a_bundle_holding_someone_s_dot_files(cpu_bundle, tmp_path):
+    from edge_tl.export.bundle import _check_replaceable
+
+    bundle = _copy(cpu_bundle, tmp_path, "bundle")
+    (bundle / ".env").write_text("TOKEN=1\n")
+    with pytest.raises(UserError, match=r"holds files that are not the bundle's \(.env\)"):
+        _check_replaceable(bundle, tmp_path / "run", tmp_path / "data")
+
+
+def test_code_version_is_edge_tls_commit_whatever_git_dir_says(tmp_path, monkeypatch):
+    from edge_tl.provenance import code_version
+
+    root = Path(__file__).resolve().parents[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, env=clean)
+    if head.returncode != 0:
+        pytest.skip("edge-tl is not a git checkout here (installed from a wheel): code_version records no commit")
+    other = tmp_path / "other"
+    subprocess.run(["git", "init", "-q", str(other)], check=True, env=clean)
+    subprocess.run(["git", "-C", str(other), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True, env=clean)
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))  # as in a git hook or `git rebase -x`
+    code_version.cache_clear()
+    try:
+        assert code_version()["git"].startswith(head.stdout.strip())
+    finally:
+        code_version.cache_clear()
