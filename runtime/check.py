@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ from .scores import ece, softmax
 LOG = logging.getLogger("edge_tl").info  # progress lines; the CLI passes its own printer
 
 
-def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """uint8 pixels, labels, paths and skipped files of an ImageFolder (``DIR/<class>/*``) whose classes are the bundle's."""
+def labelled_files(root: str | Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The image files and labels of an ImageFolder (``DIR/<class>/*``) whose classes are the bundle's."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; --data takes an ImageFolder with one sub-folder per class.")
@@ -43,24 +44,44 @@ def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndar
     if not folders or unknown:
         raise UserError(f"{root}: class folders {unknown or '(none)'} are not the bundle's classes {classes}; "
                         "--data needs DIR/<class>/* with the bundle's class names.")
+    files = [(f, index[class_key(d.name)]) for d in folders for f in image_files(d)]
+    return [f for f, _ in files], np.asarray([y for _, y in files], np.int64)
+
+
+def decoded_batches(files: list[Path], labels: np.ndarray, spec, skipped: list[str], batch: int = 32):
+    """Yield ``(uint8 pixels, labels, paths)`` of the readable files, ``batch`` at a time (decoded on
+    every core, in order), so a test set of any size takes memory for a batch; each unreadable
+    file's reason is appended to ``skipped``."""
     def read(f: Path) -> np.ndarray | UnreadableImage:
         try:
             return spec.to_pixels(spec.load(f))
         except UnreadableImage as exc:
             return exc
 
-    files = [(f, index[class_key(d.name)]) for d in folders for f in image_files(d)]
-    pixels, labels, paths, skipped = [], [], [], []
-    for (f, y), result in zip(files, in_order(read, [f for f, _ in files], min(MAX_DECODE_THREADS, cpu_cores()))):
+    pixels, ys, paths = [], [], []
+    for f, y, result in zip(files, labels, in_order(read, files, min(MAX_DECODE_THREADS, cpu_cores()))):
         if isinstance(result, UnreadableImage):
             skipped.append(str(result))
             continue
         pixels.append(result)
-        labels.append(y)
+        ys.append(y)
         paths.append(str(f))
-    if not pixels:
+        if len(pixels) == batch:
+            yield np.stack(pixels), np.asarray(ys, np.int64), paths
+            pixels, ys, paths = [], [], []
+    if pixels:
+        yield np.stack(pixels), np.asarray(ys, np.int64), paths
+
+
+def labelled_images(root: str | Path, classes: list[str], spec) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """uint8 pixels, labels, paths and skipped files of an ImageFolder whose classes are the bundle's, all in memory."""
+    files, labels = labelled_files(root, classes)
+    skipped: list[str] = []
+    batches = list(decoded_batches(files, labels, spec, skipped))
+    if not batches:
         raise UserError(f"{root}: no readable images in its class folders.")
-    return np.stack(pixels), np.asarray(labels), paths, skipped
+    return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]),
+            [p for b in batches for p in b[2]], skipped)
 
 
 PREPROCESS_TOLERANCE = 2  # grey levels: another Pillow build may round differently; another resize differs far more
@@ -89,6 +110,35 @@ def preprocess_parity(bundle: Bundle) -> dict | None:
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of N×classes logits (NaN for no images)."""
     return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
+
+
+PROGRESS_SECONDS = 10
+
+
+def run_on_files(runners: dict, files: list[Path], labels: np.ndarray, spec, outputs: dict, seconds: dict,
+                 log) -> tuple[np.ndarray, list[str], list[str]]:
+    """Decode the files batch by batch and run each batch on every runner (memory for one batch, not
+    the test set); each runner's logits are appended to its ``outputs`` entry, making it
+    ``(golden logits, data logits)``, and the time in it added to ``seconds``. Returns the readable
+    files' labels and paths, and the unreadable ones' reasons."""
+    chunks, ys, paths, skipped = {name: [] for name in runners}, [], [], []
+    last = time.perf_counter()
+    for pixels, batch_labels, batch_paths in decoded_batches(files, labels, spec, skipped):
+        x = to_input(pixels)
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            chunks[name].append(runner.infer(x).astype(np.float32))
+            seconds[name] += time.perf_counter() - t0
+        ys.append(batch_labels)
+        paths += batch_paths
+        if time.perf_counter() - last > PROGRESS_SECONDS:
+            log(f"  {len(paths) + len(skipped)} of {len(files)} images")
+            last = time.perf_counter()
+    n_classes = {name: outputs[name].shape[1] for name in runners}
+    for name in runners:
+        outputs[name] = (outputs[name], np.concatenate(chunks[name]) if chunks[name]
+                         else np.zeros((0, n_classes[name]), np.float32))
+    return (np.concatenate(ys) if ys else np.zeros(0, np.int64)), paths, skipped
 
 
 def infer_all(runner, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -164,24 +214,43 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     golden_pixels, golden_logits = bundle.golden()
     golden_labels = bundle.golden_labels()
     golden_labels = golden_logits.argmax(1) if golden_labels is None else golden_labels
-    base = Baseline.load(baseline, bundle.classes) if baseline else None
-    if data is not None:
-        pixels, labels, paths, skipped = labelled_images(data, bundle.classes, bundle.spec)
-        source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
-        images_sha = _digest(sorted(f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)))
-    else:
-        pixels, labels = golden_pixels, golden_labels
-        source = (f"golden.npz ({len(golden_labels)} labelled validation images, which chose the best epoch: not an "
-                  "independent test; held-out images give one: check --data DIR, or DATA/test/ for build)")
-        paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
-        images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
+    base = Baseline.load(baseline, bundle) if baseline else None
+    files, file_labels = labelled_files(data, bundle.classes) if data is not None else ([], None)
+    order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
+    backends = {a["name"]: "tensorrt" if a["format"] == "engine" else "onnxruntime" for a in order}
+    skipped_why = {a["name"]: why for a in order if (why := not_runnable(a, backends[a["name"]], device))}
+    if len(skipped_why) == len(order):
+        raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
+    golden_source = (f"golden.npz ({len(golden_labels)} labelled validation images, which chose the best epoch: not "
+                     "an independent test; held-out images give one: check --data DIR, or DATA/test/ for build)")
+    log(f"check {bundle.path} on {golden_source if data is None else f'{data} ({len(files)} image files)'}")
+    outputs, seconds, runs_on = {}, {}, {}  # name -> (golden logits, data logits); time in its runner; describe()
+    with contextlib.ExitStack() as runners:
+        active = {}
+        for art in order:
+            if art["name"] not in skipped_why:
+                t0 = time.perf_counter()
+                runner = active[art["name"]] = runners.enter_context(
+                    make_runner(bundle, art, backends[art["name"]], device, threads))
+                outputs[art["name"]] = infer_all(runner, golden_pixels)
+                seconds[art["name"]], runs_on[art["name"]] = time.perf_counter() - t0, runner.describe()
+        if data is not None:
+            labels, paths, skipped = run_on_files(active, files, file_labels, bundle.spec, outputs, seconds, log)
+            if not paths:
+                raise UserError(f"{data}: no readable images in its class folders.")
+            source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
+            images_sha = _digest(sorted(f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)))
+        else:
+            labels, source = golden_labels, golden_source
+            paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
+            images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
+            outputs = {name: (g, g) for name, g in outputs.items()}
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
     dropped = set((bundle.manifest.get("slimmed") or {}).get("dropped", []))
     unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped
                      - (base.not_gated if base else set()))
     if base is not None:
-        base.check_same_images(images_sha, class_counts, source, bundle, log)
-    log(f"check {bundle.path} on {source}")
+        base.check_same_images(images_sha, class_counts, source, log)
     for line in skipped[:5]:
         log(f"  unreadable, not counted: {line}")
     if len(skipped) > 5:
@@ -193,19 +262,12 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             f", camera-sized JPEG decoded: {preprocess['jpeg_max_abs_diff']}")
             + ("" if preprocess["passed"] else f": {preprocess['reason']}"))
 
-    results, accuracies, skipped_why, fp32_logits = {}, {}, {}, None
-    order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
+    results, accuracies, fp32_logits = {}, {}, None
     for art in order:
-        backend = "tensorrt" if art["format"] == "engine" else "onnxruntime"
-        if why := not_runnable(art, backend, device):
-            skipped_why[art["name"]] = why
-            log(f"  {art['name']}: skipped: {why}")
+        if art["name"] in skipped_why:
+            log(f"  {art['name']}: skipped: {skipped_why[art['name']]}")
             continue
-        t0 = time.perf_counter()
-        with make_runner(bundle, art, backend, device, threads) as runner:
-            g = infer_all(runner, golden_pixels)
-            logits = g if data is None else infer_all(runner, pixels)
-            runs_on = runner.describe()
+        g, logits = outputs[art["name"]]
         acc = accuracy(logits, labels)
         accuracies[art["name"]] = acc
         balanced = float(np.mean([(logits.argmax(1)[labels == c] == c).mean() for c in np.unique(labels)]))
@@ -243,7 +305,8 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             allowed = f"{drop_limit:.2f}" + (f": --max-drop {max_drop:g} + its noise" if drop_limit > max_drop else "")
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {allowed})")
         results[art["name"]] = {
-            "precision": art["precision"], "backend": backend, "runs_on": runs_on, "file": art["file"], "accuracy": acc,
+            "precision": art["precision"], "backend": backends[art["name"]], "runs_on": runs_on[art["name"]],
+            "file": art["file"], "accuracy": acc,
             "balanced_accuracy": round(balanced, 6), "reference_accuracy": ref,
             "reference": ref_source if ref is not None else
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
@@ -252,7 +315,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             "agreement": agreement, "agreement_floor": agreement_floor,
             "score_ece": round(ece(softmax(logits, bundle.temperature), labels), 4) if finite else None,
             "max_abs_diff": float(np.abs(g - golden_logits).max()) if finite else None, "passed": not reasons,
-            "reason": "; ".join(reasons) or "ok", "seconds": round(time.perf_counter() - t0, 2),
+            "reason": "; ".join(reasons) or "ok", "seconds": round(seconds[art["name"]], 2),
             # export already found it short of --max-drop: measured and shown, not gated (apps use it only when
             # asked), unless it is broken (non-finite) or a baseline gated it (a regression from a passing release)
             "gated": art.get("accepted", True) or not finite or (base is not None and art["name"] in base.accuracies
@@ -268,8 +331,6 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             f"{'' if drop is None else f' (drop {drop:+.2f} pts)'}, golden agreement {agreement:.3f}, "
             f"max |diff| {r['max_abs_diff'] if r['max_abs_diff'] is None else format(r['max_abs_diff'], '.3g')}"
             + ("" if r["passed"] else f": {r['reason']}"))
-    if not results:
-        raise UserError(f"{bundle.path}: no artifact can run on this machine (ONNX Runtime missing?).")
     not_run = [a["name"] for a in bundle.artifacts if a["name"] not in results]
     for name in unknown:  # in the baseline, gone from the bundle: a regression, not a silent pass
         log(f"  {name}: FAIL: in the baseline but not in the bundle")
@@ -350,7 +411,9 @@ class Baseline:
         self.not_gated = not_gated  # artifacts that release's check measured without gating (not accepted at export)
 
     @classmethod
-    def load(cls, path: str | Path, classes: list[str]) -> "Baseline":
+    def load(cls, path: str | Path, bundle: Bundle) -> "Baseline":
+        """The report at ``path``, refused when it failed, or has other classes or none of ``bundle``'s artifacts."""
+        classes = bundle.classes
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -373,11 +436,15 @@ class Baseline:
         if counts is not None and len(counts) != len(classes):
             raise UserError(f"{path}: measured on {len(counts)} classes, the bundle has {len(classes)} ({classes}); "
                             "compare bundles of the same classes.")
+        if not set(accuracies) & {a["name"] for a in bundle.artifacts}:
+            raise UserError(f"{path}: none of its artifacts ({', '.join(sorted(accuracies))}) is in "
+                            f"{bundle.path}, so nothing would be compared; the baseline must come from "
+                            "`edge-tl check --json` on a bundle with the same artifacts.")
         not_gated = frozenset(k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("gated") is False)
         return cls(path, accuracies, images, counts, not_gated)
 
-    def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, bundle: Bundle, log) -> None:
-        """Refuse a comparison on other images, or with a baseline none of whose artifacts is in ``bundle``."""
+    def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, log) -> None:
+        """Refuse a comparison on other images."""
         if self.images_sha256 is not None and self.images_sha256 != images_sha256:
             raise UserError(f"{self.path}: measured on other images than this check's ({source}; images_sha256 "
                             f"{self.images_sha256[:12]}… vs {images_sha256[:12]}…); compare on the same --data as the "
@@ -387,10 +454,6 @@ class Baseline:
                             f"{class_counts} ({source}); compare on the same --data as the baseline.")
         if self.images_sha256 is None:
             log(f"  note: {self.path} predates images_sha256; only its class counts show it used the same images")
-        if not set(self.accuracies) & {a["name"] for a in bundle.artifacts}:
-            raise UserError(f"{self.path}: none of its artifacts ({', '.join(sorted(self.accuracies))}) is in "
-                            f"{bundle.path}, so nothing would be compared; the baseline must come from "
-                            "`edge-tl check --json` on a bundle with the same artifacts.")
 
 
 def write_junit(report: dict, path: str | Path) -> Path:
