@@ -394,7 +394,7 @@ def check(
     """Accuracy-parity gate: every artifact runnable here against golden outputs and a reference.
 
     Exit 0 when all pass, 1 on a regression, 2 on bad input (with --json the output is then
-    {"passed": false, "error": ...}), 3 if edge-tl itself failed. In CI: run it on each change
+    {"passed": false, "error": ...}), 3 if edge-tl itself failed, 141 if stdout was closed early. In CI: run it on each change
     of model or data, with --baseline from the last release.
 
     Example: edge-tl check bundles/elpv --data elpv/test --json
@@ -414,12 +414,12 @@ def check(
             with contextlib.suppress(UserError):  # e.g. --junit is a folder: the first error is the one to show
                 write_junit({"passed": False, "error": error}, junit)
         raise
+    if junit:  # first: a reader of stdout that exits early must not cost CI its report
+        write_junit(report, junit)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(failures(report)))
-    if junit:
-        write_junit(report, junit)
     raise typer.Exit(0 if report["passed"] else 1)
 
 
@@ -504,6 +504,8 @@ def report(out: Path = typer.Argument(..., help="A build folder from `edge-tl bu
     typer.echo(f"wrote {write_report(out)}")
 
 
+# click's ClickException, in typer's own copy of click from typer 0.24 on and in click before it
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "tqdm", "matplotlib"}
 
 
@@ -521,10 +523,12 @@ def main() -> None:
         with contextlib.suppress(AttributeError, ValueError):  # a class named 缺陷 would end the command there
             stream.reconfigure(errors="backslashreplace")
     try:
-        app()
-    except SystemExit as exc:
-        if exc.code == 2:
-            _junit_for_usage_error(sys.argv[1:])
+        code = app(standalone_mode=False)  # usage errors come here: --json prints them too
+    except CLICK_ERROR as exc:  # refused by the option parser, before the command ran
+        _usage_error(exc, sys.argv[1:])
+    except SystemExit as exc:  # click answers a closed stdout (EPIPE) so, in any mode: exit 1, check's "regression"
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            _stdout_closed()
         raise
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -535,8 +539,42 @@ def main() -> None:
         typer.echo(f"error: this command needs {exc.name}, part of the training extras: pip install -e \".[train]\" in the edge-tl checkout "
                    "(device-side commands predict, bench, check, slim and engine do not).", err=True)
         sys.exit(2)
+    except BrokenPipeError:
+        _stdout_closed()
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden
         _crashed()
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) and Ctrl-C (130) come back as their code
+
+
+STDOUT_CLOSED = 141  # as a shell reports a process ended by SIGPIPE: never check's 1 (regression)
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout exited before all was written (``edge-tl predict ... | head``): the
+    output is cut short, which is not a result of the command."""
+    with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit would fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError):
+        typer.echo(f"error: stdout was closed before edge-tl wrote all of it (its reader exited); exit code "
+                   f"{STDOUT_CLOSED}.", err=True)
+    sys.exit(STDOUT_CLOSED)
+
+
+def _usage_error(exc: Exception, args: list[str]) -> None:
+    """Show an option refused by the parser as typer does; with --json also print ``{"error"}`` on
+    stdout (``"passed": false`` for check) and for ``check --junit FILE`` write FILE; exit 2."""
+    if typer.core.HAS_RICH:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+    else:
+        exc.show()
+    if "--json" in args:
+        with contextlib.suppress(OSError):
+            typer.echo(json.dumps({**({"passed": False} if args[:1] == ["check"] else {}),
+                                   "error": f"the command line was refused: {exc.format_message()}"}, indent=2))
+    _junit_for_usage_error(args)
+    sys.exit(exc.exit_code)
 
 
 def _junit_for_usage_error(args: list[str]) -> None:

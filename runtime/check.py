@@ -164,6 +164,52 @@ def noise_allowance(noise: float, max_drop: float, images: int) -> float:
     return min(noise, max_drop) if images >= NOISE_MIN_IMAGES else 0.0
 
 
+GOLDEN_TAIL = 0.00135  # the chance a sound export is failed by sampling: that of three standard errors of a normal
+EXACT_FLIPS = 30  # expected disagreements up to which they are counted exactly (beyond, a normal approximation)
+
+
+def _log_comb(a: int, b: int) -> float:
+    return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1) if 0 <= b <= a else -math.inf
+
+
+def flips_pmf(q: float, n: int, population: int | None) -> list[float]:
+    """P(k of ``n`` golden images disagree with FP32), k = 0.., for an export that disagrees on a
+    fraction ``q`` of the ``population`` validation images they are drawn from (hypergeometric;
+    binomial without a population); cut where the rest is below 1e-12."""
+    if population and population >= n:
+        bad = round(q * population)
+        log_p = lambda k: _log_comb(bad, k) + _log_comb(population - bad, n - k) - _log_comb(population, n)  # noqa: E731
+    else:
+        log_p = lambda k: _log_comb(n, k) + (k * math.log(q) if k else 0.0) + ((n - k) * math.log1p(-q) if n > k else 0.0)  # noqa: E731
+    pmf, total = [], 0.0
+    for k in range(n + 1):
+        pmf.append(math.exp(log_p(k)) if q > 0 else float(k == 0))
+        total += pmf[-1]
+        if total > 1 - 1e-12:
+            break
+    return pmf
+
+
+def upper_count(pmf: list[float]) -> int:
+    """The smallest count m with P(more than m) <= GOLDEN_TAIL, of a distribution over 0, 1, .."""
+    tail = 1.0
+    for m, pm in enumerate(pmf):
+        tail -= pm
+        if tail <= GOLDEN_TAIL:
+            return m
+    return len(pmf) - 1
+
+
+def net_losses_pmf(flips: list[float]) -> list[float]:
+    """P(m more golden images lost than gained), m = 0.. (0: none more, or more gained), where each
+    flip is a loss or a gain with equal chance (a sound export: its flips cancel on average)."""
+    net = [0.0] * len(flips)
+    for k, pk in enumerate(flips):
+        for losses in range(k + 1):
+            net[max(2 * losses - k, 0)] += pk * math.exp(_log_comb(k, losses) - k * math.log(2))
+    return net
+
+
 def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreement: float,
                      max_drop: float) -> tuple[float, float]:
     """(agreement floor, drop limit in points) for ``artifact`` judged on ``n`` golden images.
@@ -172,23 +218,28 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
     export measured it on (the manifest's ``fp32_agreement``); the golden images are drawn from
     them. On a few golden images its agreement and accuracy then move by sampling alone: at
     p = 0.96 on 32 images a sound export shows 30 or fewer a third of the time, and one image is
-    3.1 points. The gate widens to three standard errors of that sampling (with the finite-
-    population correction: golden = validation leaves none) where they exceed ``min_agreement`` /
-    ``max_drop``, never more than 0.1 below ``min_agreement``, and only for an export that was
-    accepted: a sound INT8 is not failed by two flipped images, a broken deployment still is. Where
-    the golden images are the whole validation set (a small one), the floor is the agreement export
-    measured on them and accepted: the runtime must reproduce it.
+    3.1 points. Where ``min_agreement`` / ``max_drop`` would fail such an export more often than
+    ``GOLDEN_TAIL``, the gate widens to what sampling reaches with that chance (counted exactly
+    where few flips are expected: there a normal approximation is too narrow; at p = 0.99 it failed
+    two flips of 32), never more than 0.1 below ``min_agreement``, and only for an export that was accepted: a
+    sound INT8 is not failed by two flipped images, a broken deployment still is. Where the golden
+    images are the whole validation set (a small one), the floor is the agreement export measured
+    on them and accepted: the runtime must reproduce it.
     """
     p = artifact.get("fp32_agreement")
     if p is None or not artifact.get("accepted", True):
         return min_agreement, max_drop
     if not 0 < p <= 1:
         raise UserError(f"manifest artifact {artifact.get('name')}: fp32_agreement {p} is not in (0, 1]. Re-export the bundle.")
-    fpc = math.sqrt(max(population - n, 0) / (population - 1)) if population and population > 1 else 1.0
-    if fpc == 0:  # the golden images are the whole validation set: export measured exactly this agreement
+    if population and population <= n:  # the golden images are the whole validation set: export measured exactly this
         return min(min_agreement, p), max_drop
-    floor = p - 3 * fpc * math.sqrt(p * (1 - p) / n)
-    drop = 300 * fpc * math.sqrt((1 - p) / n)  # net change per image is -1, 0 or +1, nonzero only where top-1 differs
+    if (1 - p) * n > EXACT_FLIPS:  # many flips expected: the normal approximation holds
+        fpc = math.sqrt((population - n) / (population - 1)) if population and population > 1 else 1.0
+        floor, drop = p - 3 * fpc * math.sqrt(p * (1 - p) / n), 300 * fpc * math.sqrt((1 - p) / n)
+    else:
+        flips = flips_pmf(1 - p, n, population)
+        floor = 1 - upper_count(flips) / n - 1e-9  # 1e-9: agreement is a count / n in floating point
+        drop = 100 * upper_count(net_losses_pmf(flips)) / n + 1e-9
     return min(min_agreement, max(floor, min_agreement - 0.1)), max(max_drop, drop)
 
 
