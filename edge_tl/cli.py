@@ -419,7 +419,9 @@ def check(
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo("PASSED" if report["passed"] else "FAILED: " + "; ".join(failures(report)))
+        unchecked = report["classes_without_images"]
+        typer.echo(("PASSED" if report["passed"] else "FAILED: " + "; ".join(failures(report)))
+                   + (f" (not checked, no images: {', '.join(unchecked)})" if unchecked else ""))
     raise typer.Exit(0 if report["passed"] else 1)
 
 

@@ -110,6 +110,9 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
                 raise bad(f"artifacts[{i}].{k}", "a number")
         if art.get("dla_core") is not None and (not isinstance(art["dla_core"], int) or art["dla_core"] < 0):
             raise bad(f"artifacts[{i}].dla_core", "a DLA core index (0, 1, ...) or null")
+    names = [a["name"] for a in artifacts]
+    if len(set(names)) < len(names):  # one would hide the other in every report keyed by name
+        raise bad("artifacts", f"objects of distinct names, got {names}")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise bad("files", "an object of path: sha256 strings")
@@ -121,7 +124,7 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     sizes = [batch.get(k) for k in ("min", "opt", "max")] if isinstance(batch, dict) else [None]
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes) or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
         raise bad("batch", "an object of integers 1 <= min <= opt <= max")
-    validation = manifest.get("validation") or {}
+    validation = manifest.get("validation", {})
     images = validation.get("images") if isinstance(validation, dict) else "?"
     if images is not None and (not isinstance(images, int) or isinstance(images, bool)):
         raise bad("validation", "an object whose 'images' is an integer")

@@ -297,6 +297,10 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
             outputs = {name: (g, g) for name, g in outputs.items()}
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
+    unchecked = [c for c, n in zip(bundle.classes, class_counts) if n == 0]
+    if unchecked:  # a partial checkout or a renamed folder: the gate would judge only the classes left
+        log(f"  note: no images of {len(unchecked)} of the {len(bundle.classes)} classes ({', '.join(unchecked)}) in "
+            f"{data if data is not None else 'golden.npz'}: the check says nothing about them")
     dropped = set((bundle.manifest.get("slimmed") or {}).get("dropped", []))
     unknown = sorted(set(base.accuracies if base else ()) - {a["name"] for a in bundle.artifacts} - dropped
                      - (base.not_gated if base else set()))
@@ -416,7 +420,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
               "tensorrt_available": tensorrt_available(), "skipped": not_run, "skipped_reasons": skipped_why,
               "engine_failures": engine_failures, "missing": unknown, "artifacts": results,
-              "chance": chance, "at_chance": at_chance,
+              "chance": chance, "at_chance": at_chance, "classes_without_images": unchecked,
               "preprocess": preprocess}
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)

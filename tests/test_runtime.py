@@ -441,6 +441,20 @@ def test_a_closed_stdout_is_neither_a_pass_nor_a_regression(pattern_bundle, tmp_
         assert junit is None or 'failures="0"' in junit.read_text()
 
 
+def test_a_check_on_some_classes_only_says_which_it_did_not_check(pattern_bundle, tmp_path):
+    """A partial checkout or a renamed folder would otherwise gate only the classes left, silently."""
+    bundle_dir, test_dir = pattern_bundle
+    first = sorted(test_dir.iterdir())[0]
+    shutil.copytree(first, tmp_path / "some" / first.name)
+    res = _cli("check", str(bundle_dir), "--data", str(tmp_path / "some"))
+    others = sorted(Bundle.load(bundle_dir).classes)[1:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert res.returncode == 0 and last == f"PASSED (not checked, no images: {', '.join(others)})", res.stdout
+    assert f"no images of {len(others)} of the {len(others) + 1} classes" in res.stdout
+    report = check_bundle(bundle_dir, test_dir, log=lambda s: None)
+    assert report["classes_without_images"] == []
+
+
 def test_check_holds_one_batch_of_a_large_test_set_not_all_of_it(pattern_bundle, tmp_path):
     """A test set of any size fits a device's memory: images are decoded batch by batch (numpy's
     allocations are traced; ONNX Runtime's are not, and are the same for any set size)."""

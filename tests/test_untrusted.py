@@ -110,6 +110,8 @@ def _sha(f: Path) -> str:
     (lambda m: m.update(classes="abcd"), "non-empty list of non-empty names"),
     (lambda m: m.update(classes=[1, 2, 3, 4]), "non-empty list of non-empty names"),
     (lambda m: m["artifacts"][0].update(fp32_agreement="0.97"), r"artifacts\[0\]\.fp32_agreement"),
+    (lambda m: m.update(validation=None), "'validation' must be an object"),  # check crashed on it
+    (lambda m: m["artifacts"][1].update(name=m["artifacts"][0]["name"]), "distinct names"),  # one hid the other
 ])
 def test_a_re_signed_manifest_that_would_misbehave_is_refused(cpu_bundle, tmp_path, edit, message):
     path = _copy(cpu_bundle, tmp_path)
