@@ -1,15 +1,29 @@
 # The two Quickstart commands: `make demo` (whole pipeline on the ELPV demo data) and `make test`.
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 DEMO ?= demo
+
+# A Python whose packages the OS manages (PEP 668: Debian's and Ubuntu's /usr/bin/python3, Homebrew's)
+# refuses pip installs outside a virtual environment: edge-tl then goes into .venv, made here, and
+# every command below runs from it (activate it, `. .venv/bin/activate`, to call edge-tl yourself).
+EXTERNALLY_MANAGED := $(shell $(PYTHON) -c "import os, sys, sysconfig; print(int(sys.prefix == sys.base_prefix and \
+  os.path.isfile(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))))" 2>/dev/null)
+ifeq ($(EXTERNALLY_MANAGED),1)
+SYSTEM_PYTHON := $(PYTHON)
+override PYTHON := .venv/bin/python
+$(PYTHON):
+	$(SYSTEM_PYTHON) -m venv .venv
+else
+$(PYTHON):
+endif
+PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
 .PHONY: install demo test openvino-env
 
-install:
+install: | $(PYTHON)
 	$(PIP) -e ".[train,demo,dev]"
 
 demo: install
-	edge-tl build --data demo --target cpu --out $(DEMO)
+	$(PYTHON) -m edge_tl build --data demo --target cpu --out $(DEMO)
 
 test: install openvino-env
 	$(PYTHON) -m pytest -q

@@ -408,7 +408,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], spec: PreprocessSp
     todo = [(p, ci) for ci, name in enumerate(classes) for p in files.get(name, [])]
     paths, labels, arrays, digests = [], [], [], []
     results = in_order(partial(_read_image, spec), [p for p, _ in todo], decode_threads())
-    for (p, ci), result in zip(todo, tqdm(results, desc=desc, total=len(todo), unit="img", disable=not progress,
+    for (p, ci), result in zip(todo, tqdm(results, desc=desc, total=len(todo), unit="img", disable=None if progress else True,
                                           leave=False)):
         if isinstance(result, str):
             skipped.append(result)

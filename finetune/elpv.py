@@ -84,7 +84,7 @@ def write_elpv(out: str | Path, task: str = "4class", test_fraction: float = 0.2
         plan = trimmed
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split, cls, path in tqdm(plan, desc="write ELPV", unit="img", disable=not progress, leave=False):
+    for split, cls, path in tqdm(plan, desc="write ELPV", unit="img", disable=None if progress else True, leave=False):
         dst = tmp / split / cls / Path(path).name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_dir / path, dst)

@@ -673,7 +673,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
         loss_sum, correct, seen = partial if start_step else (0.0, 0, 0)
         batches = _agreed_batches(loader, d, check=agree_on_data_errors)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs} @{sizes[epoch]}px", unit="batch",
-                   initial=start_step, total=steps_per_epoch, disable=not progress, leave=False)
+                   initial=start_step, total=steps_per_epoch, disable=None if progress else True, leave=False)
         step = start_step
         interrupt = _StepBoundaryInterrupt()
         try:
