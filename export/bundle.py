@@ -250,8 +250,8 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         if flavour == "cpu":  # this flavour runs on ONNX Runtime CPU, as here: is it worth running?
             art["speed"] = batch1_latency(fp32, tmp / ONNX_FILES[name], val_pixels)
             log(f"int8 speed here: {art['speed']['int8_ms']:.2f} ms vs fp32 {art['speed']['fp32_ms']:.2f} ms at batch 1 "
-                f"({art['speed']['ratio']:.2f}x, ONNX Runtime CPU)")
-            if int8_default == "no" or (int8_default == "auto" and art["speed"]["ratio"] >= 1):
+                f"(paired ratio {art['speed']['ratio']:.2f}x, ONNX Runtime CPU)")
+            if int8_default == "no" or (int8_default == "auto" and not art["speed"]["faster"]):
                 # still accepted (its accuracy holds) and checked, only not picked
                 art.update(default=False, not_default="not the default: --int8-default no" if int8_default == "no"
                            else slower_than_fp32(art["speed"]))

@@ -357,6 +357,31 @@ def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:
     return [low if e < n_low else full for e in range(cfg.epochs)]
 
 
+def _sizes_the_model_takes(probe: torch.nn.Module, cfg: TrainConfig, spec: PreprocessSpec, log) -> TrainConfig:
+    """``cfg``, without its low-resolution epochs where the model does not run at that size (ViT,
+    DeiT, LeViT: a fixed input size); a UserError naming the size it takes where it does not run
+    at ``--img-size`` itself. One batch-1 forward per size, before any image is decoded."""
+    def fails(h: int, w: int) -> str | None:
+        try:
+            with torch.no_grad():
+                probe.eval()(torch.zeros(1, 3, h, w))
+        except Exception as exc:  # noqa: BLE001 - timm's asserts and shape errors alike: the size does not fit
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None
+
+    h, w = spec.input_size
+    if why := fails(h, w):
+        native = tuple(probe.pretrained_cfg.get("input_size", (3, h, w))[1:])
+        fix = (f"it takes {native[0]}x{native[1]}: pass --img-size {native[0]}" if native != (h, w) else
+               "pass another --img-size")
+        raise UserError(f"{cfg.model} does not run on {h}x{w} input ({why}); {fix}.")
+    low = _train_sizes(cfg, spec)[0]
+    if low != h and (why := fails(low, low)):
+        log(f"note: {cfg.model} does not run at {low} px ({why}): every epoch at {h} px (--low-res-epochs 0)")
+        cfg = replace(cfg, low_res_epochs=0.0)
+    return cfg
+
+
 def _save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda p: torch.save(payload, p))
 
@@ -520,6 +545,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
     if note := crop_mode_note(probe):
         log(note)
+    cfg = _sizes_the_model_takes(probe, cfg, spec, log)
     if state is not None:  # a run keeps the decode it started with (runs from before the reduced JPEG decode: none)
         spec = replace(spec, jpeg_reducing_gap=state.get("preprocess", {}).get("jpeg_reducing_gap"))
     _frozen_modules(probe, 0 if cfg.scratch else cfg.freeze_stages)  # a bad --freeze-stages fails before decoding

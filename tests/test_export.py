@@ -407,7 +407,9 @@ def test_an_int8_no_faster_than_fp32_is_not_made_the_default(elpv_run, cpu_bundl
 
     speed = json.loads((cpu_bundle / "manifest.json").read_text())["artifacts"][-1]["speed"]
     assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0 and speed["batch"] == 1
-    slow = {"fp32_ms": 1.0, "int8_ms": 1.3, "ratio": 1.3, "batch": 1, "runtime": "onnxruntime cpu, the exporting machine"}
+    assert speed["faster"] == (speed["ratio"] < 1 and speed["int8_ms"] < speed["fp32_ms"])
+    slow = {"fp32_ms": 1.0, "int8_ms": 1.3, "ratio": 1.3, "batch": 1, "faster": False,
+            "runtime": "onnxruntime cpu, the exporting machine"}
     monkeypatch.setattr(bundle_module, "batch1_latency", lambda *args, **kwargs: slow)
     logs = []
     export_bundle(elpv_run, tmp_path / "b", "cpu", "fp32,int8", progress=False, log=logs.append)
@@ -420,6 +422,11 @@ def test_an_int8_no_faster_than_fp32_is_not_made_the_default(elpv_run, cpu_bundl
     with Predictor.from_bundle(tmp_path / "b", precision="int8") as p:
         assert p.artifact["name"] == "int8-cpu"
     assert check_bundle(tmp_path / "b", log=lambda s: None)["artifacts"]["int8-cpu"]["gated"]
+    # a busy host (a review's export: 4.36 vs 3.08 ms, yet a paired ratio of 0.89): not shown faster, said so
+    from edge_tl.export.quantize import slower_than_fp32
+
+    mixed = slower_than_fp32({"fp32_ms": 3.08, "int8_ms": 4.36, "ratio": 0.89, "faster": False})
+    assert mixed.startswith("not the default: not shown faster than fp32") and "the timings disagree" in mixed
     for choice, default in (("yes", True), ("no", False)):  # fixed, not timed: the same bundle every time
         export_bundle(elpv_run, tmp_path / choice, "cpu", "fp32,int8", progress=False, int8_default=choice,
                       log=lambda s: None)

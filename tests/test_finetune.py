@@ -222,6 +222,21 @@ def test_last_epoch_always_at_full_size():
     assert sizes(1, 0.6) == [224] and sizes(2, 1.0) == [160, 224] and sizes(10, 0.6) == [160] * 6 + [224] * 4
 
 
+def test_a_fixed_size_backbone_trains_at_its_size_and_another_size_is_refused(tiny_folder, tmp_path):
+    """ViT, DeiT and LeViT run only at their pretrained size: the low-resolution epochs are left out,
+    saying so, and another --img-size is a UserError naming the size (both crashed with exit 3)."""
+    logs = []
+    metrics = finetune(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "levit"), model="levit_128s", scratch=True,
+                                   epochs=2, batch_size=8), progress=False, log=logs.append)
+    assert any("levit_128s does not run at 160 px" in line and "every epoch at 224 px" in line for line in logs), logs
+    assert metrics["config"]["low_res_epochs"] == 0 and metrics["epochs"] == 2
+    with pytest.raises(UserError, match=r"deit_tiny_patch16_224 does not run on 64x64 input \(.*\); it takes 224x224: "
+                                         r"pass --img-size 224"):
+        finetune(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "deit"), model="deit_tiny_patch16_224",
+                             scratch=True, img_size=64), progress=False, log=lambda s: None)
+    assert not (tmp_path / "deit" / "last.pt").exists()
+
+
 def test_layer_decay_scales_lr_from_head_down():
     model = timm.create_model("tf_efficientnet_lite0", num_classes=3)
     scale = lambda opt, name: next(g.get("lr_scale", 1.0) for g in opt.param_groups
