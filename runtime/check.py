@@ -153,8 +153,12 @@ NOISE_MIN_IMAGES = 50  # fewer images: a drop budget is strict (as scores.MIN_IM
 def drop_noise(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> float:
     """Standard error (points) of the accuracy drop from ``reference_logits`` to ``logits`` on the
     same images: only the images exactly one of them gets right move it."""
-    ref_right, right = reference_logits.argmax(1) == labels, logits.argmax(1) == labels
-    return float(np.sqrt((ref_right != right).sum()) / max(len(labels), 1) * 100)
+    return paired_noise(reference_logits.argmax(1) == labels, logits.argmax(1) == labels)
+
+
+def paired_noise(ref_right: np.ndarray, right: np.ndarray) -> float:
+    """``drop_noise`` of two models' right/wrong per image (booleans, the same images in the same order)."""
+    return float(np.sqrt((ref_right != right).sum()) / max(len(right), 1) * 100)
 
 
 def noise_allowance(noise: float, max_drop: float, images: int) -> float:
@@ -290,11 +294,14 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             if not paths:
                 raise UserError(f"{data}: no readable images in its class folders.")
             source = f"{data} ({len(labels)} images{f', {len(skipped)} unreadable skipped' if skipped else ''})"
-            images_sha = _digest(sorted(f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)))
+            rows = [f"{bundle.classes[y]}\t{sha256_file(f)}" for f, y in zip(paths, labels)]
+            in_digest_order = sorted(range(len(rows)), key=rows.__getitem__)  # of the files' contents, not names
+            images_sha = _digest([rows[i] for i in in_digest_order])
         else:
             labels, source = golden_labels, golden_source
             paths, skipped = [f"golden.npz[{i}]" for i in range(len(labels))], []
             images_sha = hashlib.sha256(golden_pixels.tobytes() + np.asarray(golden_labels, np.int64).tobytes()).hexdigest()
+            in_digest_order = list(range(len(labels)))
             outputs = {name: (g, g) for name, g in outputs.items()}
     class_counts = np.bincount(labels, minlength=len(bundle.classes)).tolist()
     unchecked = [c for c, n in zip(bundle.classes, class_counts) if n == 0]
@@ -335,9 +342,13 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         drop = None if ref is None else round((ref - acc) * 100, 3)
         if art["name"] == "fp32":
             fp32_logits = logits
-        # against the fp32 ONNX on the same --data images: the drop's sampling noise is measurable, as at export
-        paired = data is not None and base is None and ref is not None and fp32_logits is not None
-        noise = round(drop_noise(fp32_logits, logits, labels), 3) if paired else None
+        right = (logits.argmax(1) == labels)[in_digest_order]
+        if base is not None:  # a retrained model against the last release: the images either one gets right move it
+            base_right = base.right.get(art["name"])
+            noise = None if base_right is None else round(paired_noise(base_right, right), 3)
+        else:  # against the fp32 ONNX on the same --data images, as at export
+            paired = data is not None and ref is not None and fp32_logits is not None
+            noise = round(drop_noise(fp32_logits, logits, labels), 3) if paired else None
         agreement = float((g.argmax(1) == golden_logits.argmax(1)).mean())
         agreement_floor, golden_drop_limit = golden_tolerance(
             art, len(golden_logits), bundle.manifest.get("validation", {}).get("images"), min_agreement, max_drop)
@@ -366,6 +377,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
             "reference": ref_source if ref is not None else
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
             "drop": drop, "drop_limit": round(drop_limit, 3), "drop_noise_pts": noise,
+            # which images it got right: one bit each, in images_sha256's order (hex of numpy.packbits), so that
+            # a later check against this report as --baseline knows the noise of its drop
+            "right_images": np.packbits(right).tobytes().hex(),
             "manifest_val_accuracy": art.get("val_accuracy"),
             "agreement": agreement, "agreement_floor": agreement_floor,
             "score_ece": round(ece(softmax(logits, bundle.temperature), labels), 4) if finite else None,
@@ -451,6 +465,14 @@ def failures(report: dict) -> list[str]:
     return lines
 
 
+def _unpack_right(hex_bits: str, images: int) -> np.ndarray:
+    """A report's ``right_images`` back to one boolean per image (a ValueError where it does not fit)."""
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(hex_bits), np.uint8))
+    if not images <= len(bits) < images + 8 or bits[images:].any():
+        raise ValueError(f"right_images holds {len(bits)} bits for {images} images")
+    return bits[:images].astype(bool)
+
+
 def _digest(rows: list[str]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
@@ -461,9 +483,10 @@ class Baseline:
     reports from before it)."""
 
     def __init__(self, path: Path, accuracies: dict[str, float], images_sha256: str | None, class_counts: list[int] | None,
-                 not_gated: frozenset[str] = frozenset()):
+                 not_gated: frozenset[str] = frozenset(), right: dict[str, np.ndarray] | None = None):
         self.path, self.accuracies, self.images_sha256, self.class_counts = path, accuracies, images_sha256, class_counts
         self.not_gated = not_gated  # artifacts that release's check measured without gating (not accepted at export)
+        self.right = right or {}  # artifact -> right/wrong per image, in images_sha256's order (reports from before: none)
 
     @classmethod
     def load(cls, path: str | Path, bundle: Bundle) -> "Baseline":
@@ -479,6 +502,8 @@ class Baseline:
             if counts is None and images is None:
                 raise ValueError("nothing says which images it was measured on: no images_sha256 or class_counts")
             counts = None if counts is None else [int(c) for c in counts]
+            right = {k: _unpack_right(v["right_images"], int(data["image_count"]))
+                     for k, v in data["artifacts"].items() if v.get("right_images") is not None}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             why = f"no {exc} field" if isinstance(exc, KeyError) else exc
             raise UserError(f"{path}: not a baseline ({why}); save one with `edge-tl check BUNDLE --data DIR --json > "
@@ -496,7 +521,7 @@ class Baseline:
                             f"{bundle.path}, so nothing would be compared; the baseline must come from "
                             "`edge-tl check --json` on a bundle with the same artifacts.")
         not_gated = frozenset(k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("gated") is False)
-        return cls(path, accuracies, images, counts, not_gated)
+        return cls(path, accuracies, images, counts, not_gated, right)
 
     def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, log) -> None:
         """Refuse a comparison on other images."""

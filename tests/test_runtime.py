@@ -455,6 +455,42 @@ def test_a_check_on_some_classes_only_says_which_it_did_not_check(pattern_bundle
     assert report["classes_without_images"] == []
 
 
+def test_a_drop_against_the_last_release_may_be_its_paired_noise_as_at_export(pattern_bundle, tmp_path):
+    """A model retrained on each change differs from the last release on images either gets right:
+    a drop within that noise passes, as against FP32 at export; the same drop without the
+    release's per-image results (a report from before them) still fails the exact --max-drop."""
+    from edge_tl.runtime.check import _unpack_right
+
+    bundle_dir, test_dir = pattern_bundle
+    classes = sorted(d.name for d in test_dir.iterdir())
+    big = tmp_path / "big"
+    for d in test_dir.iterdir():
+        (big / d.name).mkdir(parents=True)
+        for k in range(40):
+            for f in d.iterdir():
+                os.link(f, big / d.name / f"{k}_{f.name}")
+    for k, f in enumerate(sorted((test_dir / classes[0]).iterdir()) * 5):  # 40 images filed under the wrong class
+        os.link(f, big / classes[1] / f"mislabelled_{k}_{f.name}")
+    report = check_bundle(bundle_dir, big, log=lambda s: None)
+    n = report["image_count"]
+    assert n == 1000 and report["artifacts"]["fp32"]["accuracy"] == 0.96  # wrong on exactly the mislabelled ones
+    for r in report["artifacts"].values():  # the release: right on those 40, wrong on 25 others: 65 differ, 1.5 pts
+        right = _unpack_right(r["right_images"], n)
+        release = np.ones(n, bool)
+        release[np.flatnonzero(right)[:25]] = False
+        r.update(accuracy=float(release.mean()), right_images=np.packbits(release).tobytes().hex())
+    base = tmp_path / "release.json"
+    base.write_text(json.dumps(report))
+    again = check_bundle(bundle_dir, big, baseline=base, log=lambda s: None)["artifacts"]["fp32"]
+    assert again["drop"] == pytest.approx(1.5) and again["drop_noise_pts"] == pytest.approx(np.sqrt(65) / 10, abs=1e-3)
+    assert again["drop_limit"] == pytest.approx(1 + np.sqrt(65) / 10, abs=1e-3) and again["passed"]
+    for r in report["artifacts"].values():
+        del r["right_images"]
+    base.write_text(json.dumps(report))
+    before = check_bundle(bundle_dir, big, baseline=base, log=lambda s: None)["artifacts"]["fp32"]
+    assert before["drop_limit"] == 1.0 and not before["passed"]
+
+
 def test_check_holds_one_batch_of_a_large_test_set_not_all_of_it(pattern_bundle, tmp_path):
     """A test set of any size fits a device's memory: images are decoded batch by batch (numpy's
     allocations are traced; ONNX Runtime's are not, and are the same for any set size)."""
