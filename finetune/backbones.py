@@ -223,6 +223,16 @@ def crop_mode_note(model: torch.nn.Module) -> str | None:
             "the device, so the fine-tune adapts the pretrained features to that framing")
 
 
+def native_img_size(name: str) -> int | None:
+    """The square input side ``name`` was pretrained at (its timm ``pretrained_cfg``, read without
+    building the model), or None: an unknown name or a non-square size (the fine-tune names the fix)."""
+    try:
+        size = timm.models.get_pretrained_cfg(name).input_size
+    except Exception:  # noqa: BLE001 - any name timm cannot resolve: create_backbone says why
+        return None
+    return int(size[1]) if size and size[1] == size[2] else None
+
+
 def preprocess_spec(model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> PreprocessSpec:
     """The eval preprocessing of ``model`` from its timm ``pretrained_cfg``, with overrides."""
     cfg = timm.data.resolve_data_config({}, model=model)

@@ -23,7 +23,7 @@ class TrainConfig:
     weights: str | None = None
     scratch: bool = False
     epochs: int = 10
-    img_size: int | None = 224
+    img_size: int | None = None  # None: the model's pretrained size (224 for the default backbone)
     crop_pct: float | None = None
     batch_size: int = 32
     lr: float = 2e-3

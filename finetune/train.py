@@ -543,6 +543,7 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
 
     probe, _ = create_backbone(cfg.model, 2, scratch=True)  # cheap: resolves name and pretrained_cfg
     spec = preprocess_spec(probe, cfg.img_size, cfg.crop_pct)
+    cfg = replace(cfg, img_size=spec.input_size[0])  # the checkpoint records the size, not "the model's"
     if note := crop_mode_note(probe):
         log(note)
     cfg = _sizes_the_model_takes(probe, cfg, spec, log)

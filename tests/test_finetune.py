@@ -237,6 +237,17 @@ def test_a_fixed_size_backbone_trains_at_its_size_and_another_size_is_refused(ti
     assert not (tmp_path / "deit" / "last.pt").exists()
 
 
+def test_the_default_input_size_is_the_models_pretrained_one(tiny_folder, tmp_path):
+    """As timm's pretrained_cfg drives mean, std and crop, it drives the size (tinynet_e: 106 px)."""
+    from edge_tl.finetune.backbones import native_img_size
+
+    assert native_img_size("tf_efficientnet_lite0") == 224 and native_img_size("tinynet_e") == 106
+    assert native_img_size("vit_base_patch16_384") == 384 and native_img_size("no_such_model") is None
+    metrics = finetune(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "run"), model="tinynet_e", scratch=True,
+                                   epochs=1, batch_size=8), progress=False, log=lambda s: None)
+    assert metrics["config"]["img_size"] == 106 and metrics["preprocess"]["input_size"] == [106, 106]
+
+
 def test_layer_decay_scales_lr_from_head_down():
     model = timm.create_model("tf_efficientnet_lite0", num_classes=3)
     scale = lambda opt, name: next(g.get("lr_scale", 1.0) for g in opt.param_groups

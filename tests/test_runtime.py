@@ -580,7 +580,7 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
 def test_a_crash_exits_3_never_1_which_check_means_as_regression(monkeypatch, capsys):
     from edge_tl import cli
 
-    def crash():
+    def crash(**kwargs):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(cli, "app", crash)
