@@ -408,7 +408,8 @@ def check(
         report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, min_accuracy, threads,
                               require_engines=require_engines, log=_log_for(json_out))
     except Exception as exc:  # still leave CI a report that says why, then exit 2 (bad input) or 3 (a bug)
-        error = str(exc) if isinstance(exc, UserError) else f"edge-tl failed unexpectedly: {exc!r}"
+        error = (str(exc) if isinstance(exc, UserError) else "cut short: stdout was closed (its reader exited) before "
+                 "the check finished" if isinstance(exc, BrokenPipeError) else f"edge-tl failed unexpectedly: {exc!r}")
         if json_out:
             typer.echo(json.dumps({"passed": False, "error": error}, indent=2))
         if junit:

@@ -206,7 +206,9 @@ def upper_count(pmf: list[float]) -> int:
 
 def net_losses_pmf(flips: list[float]) -> list[float]:
     """P(m more golden images lost than gained), m = 0.. (0: none more, or more gained), where each
-    flip is a loss or a gain with equal chance (a sound export: its flips cancel on average)."""
+    flip is a loss or a gain with equal chance: the sampling of a drop-free export. Export accepted
+    a drop up to --max-drop (and its noise), which need not split so; the golden limit is the larger
+    of --max-drop and this sampling's, as the normal approximation's was."""
     net = [0.0] * len(flips)
     for k, pk in enumerate(flips):
         for losses in range(k + 1):
@@ -243,7 +245,7 @@ def golden_tolerance(artifact: dict, n: int, population: int | None, min_agreeme
     else:
         flips = flips_pmf(1 - p, n, population)
         floor = 1 - upper_count(flips) / n - 1e-9  # 1e-9: agreement is a count / n in floating point
-        drop = 100 * upper_count(net_losses_pmf(flips)) / n + 1e-9
+        drop = 100 * upper_count(net_losses_pmf(flips)) / n + 5e-4  # the drop it is compared with is rounded to 0.001
     return min(min_agreement, max(floor, min_agreement - 0.1)), max(max_drop, drop)
 
 
@@ -271,6 +273,9 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     golden_labels = golden_logits.argmax(1) if golden_labels is None else golden_labels
     base = Baseline.load(baseline, bundle) if baseline else None
     files, file_labels = labelled_files(data, bundle.classes) if data is not None else ([], None)
+    if base is not None:
+        base.check_can_match(len(files) if data is not None else len(golden_labels), data is None,
+                             f"{len(files)} image files in {data}" if data is not None else "golden.npz")
     order = sorted(bundle.artifacts, key=lambda a: a["name"] != "fp32")  # fp32 first: it is the default reference
     backends = {a["name"]: "tensorrt" if a["format"] == "engine" else "onnxruntime" for a in order}
     skipped_why = {a["name"]: why for a in order if (why := not_runnable(a, backends[a["name"]], device))}
@@ -487,6 +492,7 @@ class Baseline:
         self.path, self.accuracies, self.images_sha256, self.class_counts = path, accuracies, images_sha256, class_counts
         self.not_gated = not_gated  # artifacts that release's check measured without gating (not accepted at export)
         self.right = right or {}  # artifact -> right/wrong per image, in images_sha256's order (reports from before: none)
+        self.image_count, self.source = None, None  # how many images and which source (golden.npz or a folder) it used
 
     @classmethod
     def load(cls, path: str | Path, bundle: Bundle) -> "Baseline":
@@ -521,7 +527,17 @@ class Baseline:
                             f"{bundle.path}, so nothing would be compared; the baseline must come from "
                             "`edge-tl check --json` on a bundle with the same artifacts.")
         not_gated = frozenset(k for k, v in data["artifacts"].items() if isinstance(v, dict) and v.get("gated") is False)
-        return cls(path, accuracies, images, counts, not_gated, right)
+        base = cls(path, accuracies, images, counts, not_gated, right)
+        base.image_count, base.source = data.get("image_count"), data.get("data")
+        return base
+
+    def check_can_match(self, listed: int, on_golden: bool, source: str) -> None:
+        """Before any image runs, refuse a baseline that cannot have used these images: measured on the
+        golden images and now on a folder (or the reverse), or on more images than the folder lists."""
+        if isinstance(self.source, str) and self.source.startswith("golden.npz") != on_golden or (
+                isinstance(self.image_count, int) and self.image_count > listed):
+            raise UserError(f"{self.path}: measured on other images than this check's ({self.image_count} images of "
+                            f"{self.source} vs {source}); compare on the same --data as the baseline.")
 
     def check_same_images(self, images_sha256: str, class_counts: list[int], source: str, log) -> None:
         """Refuse a comparison on other images."""

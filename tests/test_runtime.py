@@ -455,6 +455,27 @@ def test_a_check_on_some_classes_only_says_which_it_did_not_check(pattern_bundle
     assert report["classes_without_images"] == []
 
 
+def test_a_baseline_that_cannot_match_the_images_is_refused_before_any_run(pattern_bundle, tmp_path, monkeypatch):
+    """Measured on the golden images, or on more images than --data lists: no need to run the set first."""
+    from edge_tl.runtime import check
+
+    bundle_dir, test_dir = pattern_bundle
+    on_golden, on_data = tmp_path / "golden.json", tmp_path / "data.json"
+    on_golden.write_text(json.dumps(check_bundle(bundle_dir, log=lambda s: None)))
+    bigger = check_bundle(bundle_dir, test_dir, log=lambda s: None)
+    for r in bigger["artifacts"].values():
+        del r["right_images"]  # (they would not fit a million images: refused as "not a baseline")
+    on_data.write_text(json.dumps({**bigger, "image_count": 10 ** 6}))
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an artifact ran")
+
+    monkeypatch.setattr(check, "make_runner", ran)
+    for base, data in ((on_golden, test_dir), (on_data, None), (on_data, test_dir)):
+        with pytest.raises(UserError, match="measured on other images than this check's"):
+            check_bundle(bundle_dir, data, baseline=base, log=lambda s: None)
+
+
 def test_a_drop_against_the_last_release_may_be_its_paired_noise_as_at_export(pattern_bundle, tmp_path):
     """A model retrained on each change differs from the last release on images either gets right:
     a drop within that noise passes, as against FP32 at export; the same drop without the
