@@ -373,6 +373,9 @@ def test_golden_tolerance_allows_sampling_noise_of_int8_but_not_a_broken_deploym
         flips = rng.hypergeometric(round((1 - p) * population), population - round((1 - p) * population), 32, 20000)
         net_losses = 2 * rng.binomial(flips, 0.5) - flips
         assert ((1 - flips / 32 < floor) | (100 * net_losses / 32 > limit)).mean() < 0.01, p
+    floor, limit = golden_tolerance({"fp32_agreement": 0.995}, 24, 1000, 0.95, 1.0)  # 100 / 24 pts per image
+    allowed = round(limit * 24 / 100)
+    assert allowed >= 1 and round(100 * allowed / 24, 3) <= limit  # the drop as check rounds it passes
     broken = rng.binomial(32, 0.25, 20000)  # one that disagrees on a quarter of the images fails nearly always
     assert (1 - broken / 32 < golden_tolerance({"fp32_agreement": 0.99}, 32, 296, 0.95, 1.0)[0]).mean() > 0.99
     assert golden_tolerance({"fp32_agreement": 0.9628}, 3000, 30000, 0.95, 1.0) == pytest.approx((0.95, 1.0), abs=0.06)
@@ -439,6 +442,12 @@ def test_a_closed_stdout_is_neither_a_pass_nor_a_regression(pattern_bundle, tmp_
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=300) == 141 and "stdout was closed" in err and "Traceback" not in err, err
         assert junit is None or 'failures="0"' in junit.read_text()
+    junit = tmp_path / "progress.xml"  # without --json the progress lines to stdout stop the check itself
+    proc = subprocess.Popen([sys.executable, "-m", "edge_tl", "check", str(bundle_dir), "--junit", str(junit)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "cut short: stdout was closed" in junit.read_text(), err
 
 
 def test_a_check_on_some_classes_only_says_which_it_did_not_check(pattern_bundle, tmp_path):
