@@ -44,7 +44,7 @@ app = typer.Typer(
     "edge-tl build --data ./imgs --target jetson    (your ImageFolder; prints the device steps)\n\n"
     "Exit status: 0 done; 1 a check or build gate failed, or some of predict's images were unreadable; 2 bad input "
     "(a bad option, path, image folder or a refused bundle: one line says which and the fix); 3 edge-tl "
-    "itself failed (a traceback; please report it).",
+    "itself failed (a traceback; please report it); 141 stdout's reader exited before all was written (| head).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -126,8 +126,8 @@ def finetune(
 ) -> None:
     """Fine-tune a pretrained timm backbone on a folder of labelled images.
 
-    Writes OUT/best.pt, last.pt, history.jsonl, metrics.json, learning_curve.png and
-    confusion_matrix.png. Ctrl-C saves last.pt; --resume continues exactly. Under torchrun
+    Writes OUT/best.pt, last.pt, history.jsonl, metrics.json, learning_curve.png,
+    confusion_matrix.png, images.tsv, skipped.txt, duplicates.txt and odd_images.txt. Ctrl-C saves last.pt; --resume continues exactly. Under torchrun
     it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size is per
     process and only rank 0 writes.
 
@@ -455,8 +455,9 @@ def build(
     calib_images: int = typer.Option(512, help="INT8 calibration images from the training split."),
     max_drop: float = typer.Option(1.0, help="Largest accuracy drop (points) an artifact may cost: past it (and its "
                                    "sampling noise on validation) the export keeps INT8 layers in float (FP16 is only "
-                                   "measured), and past it on test/ the check fails. Raise it for a small test/ folder, "
-                                   "where one image is several points."),
+                                   "measured), and past it on test/ (and its sampling noise there, from 50 images) "
+                                   "the check fails. Raise it for a small test/ folder, where one image is several "
+                                   "points."),
     compare_scratch: bool = typer.Option(False, help="Also train from random init with the same recipe; the report "
                                          "shows what pretraining gained (start, slope, asymptote). Doubles training time."),
     force: bool = typer.Option(False, help="Redo every stage even when its inputs are unchanged."),

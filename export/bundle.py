@@ -293,7 +293,10 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         "golden": {"file": GOLDEN, "count": int(len(gidx)), "reference": "PyTorch FP32 logits of best.pt",
                    "keys": {"pixels": "uint8 N×H×W×3 model inputs (validation images)", "logits": "their float32 logits",
                             "labels": "their int64 labels", "source_<i>": "uint8 H×W×3 RGB images of other sizes",
-                            "source_pixels": "uint8 N×H×W×3: source_<i> after preprocess.steps (a port's test vectors)"}},
+                            "source_pixels": "uint8 N×H×W×3: source_<i> after preprocess.steps (a port's test vectors)",
+                            **({"jpeg_source": "uint8 bytes of a camera-sized JPEG of golden image 0",
+                                "jpeg_pixels": "uint8 H×W×3: jpeg_source decoded (reduced) and preprocessed"} if jpeg
+                               else {})}},
         "versions": versions(), "files": {},
     }
 

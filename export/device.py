@@ -149,9 +149,10 @@ def device_commands(bundle: Bundle, where: str | Path) -> list[tuple[str, str]]:
         steps.append(("install the runtime in its own environment (Raspberry Pi OS, Debian 12 and Ubuntu 23.04+ "
                       "refuse pip into the system Python; PyPI has onnxruntime for x86-64 and aarch64, glibc >= 2.28)",
                       f"python3 -m venv ~/edge-tl && . ~/edge-tl/bin/activate && pip install {pkg} onnxruntime"))
-        steps.append(("or, on an x86 CPU with VNNI, in a fresh environment: ONNX Runtime's OpenVINO provider "
+        steps.append(("or, on an x86 CPU with VNNI, in an environment of its own: ONNX Runtime's OpenVINO provider "
                       "(INT8 1.15-1.4x faster here; add --device openvino below)",
-                      f"pip install --no-deps {pkg} && pip install numpy pillow typer onnxruntime-openvino"))
+                      f"python3 -m venv ~/edge-tl-ov && . ~/edge-tl-ov/bin/activate && pip install --no-deps {pkg} && "
+                      "pip install numpy pillow typer onnxruntime-openvino"))
         names = set()
     else:
         steps += [
