@@ -343,7 +343,9 @@ class Predictor:
                 if self.spec.jpeg_min_shorter and getattr(image, "tile", None):  # Image.open()'s, not loaded yet:
                     draft_jpeg(image, self.spec.jpeg_min_shorter)  # decoded as its file is (in place, as thumbnail() does)
                 image = to_rgb(image, keep_gray=True)  # as for a path: EXIF turn, alpha on white, 16-bit scaled
-            except (OSError, SyntaxError, ValueError, AssertionError) as exc:  # truncated, or its file closed
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - truncated, its file closed, malformed (bad EXIF: struct.error)
                 raise UnreadableImage(f"PIL image: cannot be decoded ({type(exc).__name__}: {exc}); pass the file's "
                                       "path or bytes, or use the image inside its `with Image.open(...)` block") from exc
         else:

@@ -178,7 +178,7 @@ class PreprocessSpec:
         """
         if img.mode == "L":
             return np.repeat(np.asarray(self.resize_and_crop(img), dtype=np.uint8)[..., None], 3, axis=2)
-        return np.asarray(self.resize_and_crop(img.convert("RGB")), dtype=np.uint8)
+        return np.asarray(self.resize_and_crop(img if img.mode == "RGB" else img.convert("RGB")), dtype=np.uint8)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N×H×W×3 (or H×W×3) -> float32 N×3×H×W normalized, for float-input models."""

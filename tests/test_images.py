@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -72,6 +73,84 @@ def test_exif_rotation_applied(tmp_path):
     out = _rgb(tmp_path / "r.jpg")
     assert out.shape == (20, 10, 3)  # displayed upright: portrait
     assert out[2, 5].mean() > 200 and out[17, 5].mean() < 50  # left half ends up on top
+
+
+def _jpeg_with_exif(arr: np.ndarray, exif: Image.Exif) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_a_photo_whose_exif_is_slightly_malformed_is_still_turned_upright():
+    """Pillow reads such a photo's orientation but its exif_transpose raised re-writing the EXIF
+    (an XResolution stored as text: TypeError), which stopped a fine-tune (exit 3) on one photo."""
+    import struct
+
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112], exif[0x011A] = 6, 72.0  # orientation, XResolution (a RATIONAL)
+    good = _jpeg_with_exif(arr, exif)
+    data = bytearray(good)
+    tiff = data.find(b"Exif\0\0") + 6
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    ifd = tiff + struct.unpack(order + "I", data[tiff + 4:tiff + 8])[0]
+    for k in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack(order + "H", data[entry:entry + 2])[0] == 0x011A:
+            data[entry + 2:entry + 4] = struct.pack(order + "H", 2)  # its type: RATIONAL -> ASCII
+    assert bytes(data) != good
+    out = np.asarray(load_rgb(bytes(data)))
+    assert out.shape == (20, 10, 3) and np.array_equal(out, np.asarray(load_rgb(good)))
+
+
+def test_any_decoder_failure_is_an_unreadable_image(monkeypatch):
+    """A parser's odd exception (struct.error, NotImplementedError, ...) and Pillow's bomb warning
+    under an app's warnings-as-errors are UnreadableImage, a UserError a service answers with 400."""
+    from PIL import JpegImagePlugin
+
+    def odd(self):
+        raise NotImplementedError("an unknown pixel format")
+
+    data = _jpeg_with_exif(np.zeros((8, 8, 3), np.uint8), Image.Exif())
+    with monkeypatch.context() as m:
+        m.setattr(JpegImagePlugin.JpegImageFile, "load", odd)
+        with pytest.raises(UnreadableImage, match=r"not a readable image \(NotImplementedError: an unknown pixel format"):
+            load_rgb(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 64 pixels: over the limit, under twice it, so a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(UnreadableImage, match="too large to decode safely"):
+            load_rgb(data)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "DDS", "TGA", "ICO"])
+def test_only_the_documented_formats_are_parsed(fmt):
+    """Bytes from a client reach only the decoders of the documented formats, whatever their name:
+    Pillow alone would try some 40 (EPS hands them to Ghostscript where it is installed)."""
+    buf = io.BytesIO()
+    if fmt == "EPS":
+        buf.write(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    else:
+        Image.new("RGB", (8, 8)).save(buf, fmt)
+    assert fmt == "EPS" or Image.open(io.BytesIO(buf.getvalue())).format == fmt  # Pillow itself would read it
+    with pytest.raises(UnreadableImage, match="cannot identify image file; formats read: JPEG, PNG, BMP, TIFF, WEBP"):
+        load_rgb(buf.getvalue())
+
+
+def test_alpha_is_composited_in_bands_to_the_same_pixels(monkeypatch):
+    """Compositing band by band (bounded memory for a huge PNG) gives the whole-image composite's pixels."""
+    from edge_tl.runtime import images
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 23, 4), dtype=np.uint8), "RGBA")
+    pal = Image.fromarray(rng.integers(0, 4, (37, 23), dtype=np.uint8), "P")
+    pal.putpalette(list(rng.integers(0, 256, 12)) + [0] * 756)
+    pal.info["transparency"] = 2
+    monkeypatch.setattr(images, "BAND_PIXELS", 100)  # 4 rows a band
+    for img in (rgba, rgba.convert("LA"), pal):
+        whole = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA")).convert("RGB")
+        assert np.array_equal(np.asarray(images.to_rgb(img)), np.asarray(whole)), img.mode
 
 
 def test_cmyk(tmp_path):
