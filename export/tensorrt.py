@@ -121,6 +121,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
         raise UserError("--dla-core: DLA runs fp16 or int8 only; choose --precision fp16 or int8.")
     ts.check(ts.import_cudart().cudaSetDevice(gpu))  # TensorRT builds for the current device
     logger = ts.logger()
+    since = logger.mark()
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "strong" else 0
     network = builder.create_network(flags)
@@ -164,7 +165,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_name:
     log(f"building TensorRT {trt.__version__} {precision} engine ({mode}ly typed) from {onnx_path.name} ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        cause = logger.cause("see the TensorRT log above")
+        cause = logger.cause("see the TensorRT log above", since)
         raise UserError(f"{onnx_path}: TensorRT {trt.__version__} could not build a {precision} engine ({cause}).")
     atomic_write(engine_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
     cache = config.get_timing_cache()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import operator
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,17 @@ class OnnxRuntimeRunner(Runner):
                 f"{self.threads or 'all'} thread{'s' if self.threads != 1 else ''}{', closed' if self.closed else ''})")
 
 
+_CUDA_FREE = {"host": "cudaFreeHost", "device": "cudaFree", "event": "cudaEventDestroy", "stream": "cudaStreamDestroy"}
+
+
+def _free_cuda(cudart, held: list) -> None:
+    """Free what ``held`` lists, newest first, and empty it: pinned and GPU memory, events and the
+    stream are no Python objects, so the garbage collector alone would never give them back."""
+    while held:
+        kind, handle = held.pop()
+        getattr(cudart, _CUDA_FREE[kind])(handle)
+
+
 class TensorRTRunner(Runner):
     """A TensorRT engine (TensorRT 10 or 11) with reused device buffers, pinned host memory and stream.
 
@@ -246,9 +258,10 @@ class TensorRTRunner(Runner):
         self._engine_bytes = engine  # the file's bytes, as verified against a manifest: loaded instead of ``path``
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}
-        self._allocs: list = []
+        self._held: list = []  # (kind, handle) of what CUDA handed out, freed by _release
         self._events: list = []
         self._stream = self._cudart = self.engine = self.context = None
+        self._release = None
 
     def activate(self) -> "TensorRTRunner":
         from edge_tl.runtime import trt_support as ts
@@ -256,6 +269,8 @@ class TensorRTRunner(Runner):
         trt, cudart = ts.import_tensorrt(), ts.import_cudart()
         ts.check(cudart.cudaSetDevice(self.device))
         self._trt, self._cudart = trt, cudart
+        self._held = []  # freed by deactivate, or when the runner is garbage-collected without it (a service's
+        self._release = weakref.finalize(self, _free_cuda, cudart, self._held)  # reload that forgot close)
         try:
             return self._load(trt, cudart, ts)
         except BaseException:
@@ -264,13 +279,14 @@ class TensorRTRunner(Runner):
 
     def _load(self, trt, cudart, ts) -> "TensorRTRunner":
         self._logger = ts.logger()
+        since = self._logger.mark()
         self._runtime = trt.Runtime(self._logger)
         if self.dla_core is not None:
             self._runtime.DLA_core = self.dla_core  # else a DLA engine runs on core 0, whatever it was built for
         data, self._engine_bytes = self._engine_bytes or self.path.read_bytes(), None
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            cause = self._logger.cause("no message")
+            cause = self._logger.cause("no message", since)
             raise UserError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine on {ts.gpu_name(self.device)} "
                             f"({cause}); engines only run on the GPU model and TensorRT version that built them. Rebuild here: "
                             f"edge-tl engine {self.path.parent.parent if self.path.parent.name == 'engines' else self.path.parent}")
@@ -286,8 +302,10 @@ class TensorRTRunner(Runner):
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))[1:]
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))[1:]
         self._stream = ts.check(cudart.cudaStreamCreate())
+        self._held.append(("stream", self._stream))
         for _ in range(4):
             self._events.append(ts.check(cudart.cudaEventCreate()))  # one at a time: deactivate frees those made
+            self._held.append(("event", self._events[-1]))
         self._host_in, self._dev_in = self._buffers((self.max_batch, *in_shape), self.input_name)
         self._host_out, self._dev_out = self._buffers((self.max_batch, *out_shape), self.output_name)
         self.context.set_tensor_address(self.input_name, self._dev_in)
@@ -304,9 +322,9 @@ class TensorRTRunner(Runner):
             raise UserError(f"{self.path}: engine tensor {name!r} is {trt_dtype}, which numpy cannot hold; "
                             "build the engine from an ONNX file with float32 inputs and outputs (edge-tl exports them so)") from None
         host, host_ptr = ts.pinned_array(self._cudart, shape, dtype)
-        self._allocs.append(("host", host_ptr))  # before cudaMalloc, which may fail: deactivate frees it
+        self._held.append(("host", host_ptr))  # before cudaMalloc, which may fail: deactivate frees it
         dev = ts.check(self._cudart.cudaMalloc(host.nbytes))
-        self._allocs.append(("dev", dev))
+        self._held.append(("device", dev))
         return host, dev
 
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -350,16 +368,9 @@ class TensorRTRunner(Runner):
 
     def deactivate(self) -> None:
         with self._lock:  # never free buffers under a running infer
-            cudart = self._cudart
-            if cudart is None:
-                return
-            for kind, ptr in self._allocs:
-                (cudart.cudaFreeHost if kind == "host" else cudart.cudaFree)(ptr)
-            for e in self._events:
-                cudart.cudaEventDestroy(e)
-            if self._stream is not None:
-                cudart.cudaStreamDestroy(self._stream)
-            self._allocs, self._events, self._stream, self.context, self.engine = [], [], None, None, None
+            if self._release is not None:
+                self._release()  # once: a second call does nothing
+            self._events, self._stream, self.context, self.engine = [], None, None, None
 
     def describe(self) -> str:
         from edge_tl.runtime import trt_support as ts

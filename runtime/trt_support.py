@@ -7,8 +7,11 @@ and an NVIDIA GPU exist; on other machines :func:`missing_reason` says what woul
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import re
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +88,16 @@ def handle(obj) -> int:
 
 
 _LOGGER = None
+KEPT_MESSAGES = 200  # the logger keeps this many recent warnings and errors (a long-running service logs forever)
 
 
 def logger():
     """The process's one TensorRT logger (TensorRT keeps the first one it is given, as
-    Polygraphy does). It prints warnings and errors and keeps them, so a failed
-    deserialize/build (which returns None, no exception) can name its cause: ``cause()``."""
+    Polygraphy does). It prints warnings and errors and keeps the recent ones, so a failed
+    deserialize/build (which returns None, no exception) can name its cause: take
+    ``mark()`` before the call, ``cause(default, mark)`` after it. TensorRT logs a call's errors
+    on the thread that made it, so a cause is looked for among that thread's messages first:
+    another thread's load at the same time neither hides nor lends one."""
     global _LOGGER
     if _LOGGER is None:
         trt = import_tensorrt()
@@ -98,21 +105,32 @@ def logger():
         class Logger(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
-                self.messages: list[tuple] = []
+                self.messages: deque = deque(maxlen=KEPT_MESSAGES)  # (number, thread, severity, text)
+                self._numbers = itertools.count()
+                self._lock = threading.Lock()
 
             def log(self, severity, msg):
                 if severity <= trt.ILogger.Severity.WARNING:
-                    self.messages.append((severity, str(msg)))
+                    with self._lock:
+                        self.messages.append((next(self._numbers), threading.get_ident(), severity, str(msg)))
                     logging.getLogger("edge_tl").log(logging.ERROR if severity <= trt.ILogger.Severity.ERROR
                                                      else logging.WARNING, "[TensorRT] %s", msg)
 
-            def cause(self, default: str) -> str:
-                """The last error logged (a later warning, e.g. a deprecation notice, is not the cause)."""
-                errors = [m for s, m in self.messages if s <= trt.ILogger.Severity.ERROR]
-                return (errors or [m for _, m in self.messages] or [default])[-1]
+            def mark(self) -> int:
+                """The number the next message will get."""
+                with self._lock:
+                    return self.messages[-1][0] + 1 if self.messages else 0
+
+            def cause(self, default: str, since: int) -> str:
+                """The last error logged from ``since`` on, this thread's first (a later warning, e.g. a
+                deprecation notice, is not the cause); ``default`` where none was."""
+                with self._lock:
+                    new = [m for m in self.messages if m[0] >= since]
+                mine = [m for m in new if m[1] == threading.get_ident()] or new
+                errors = [m for m in mine if m[2] <= trt.ILogger.Severity.ERROR]
+                return (errors or mine)[-1][3] if mine else default
 
         _LOGGER = Logger()
-    _LOGGER.messages.clear()
     return _LOGGER
 
 

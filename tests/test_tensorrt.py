@@ -482,3 +482,154 @@ def test_gpu_index_out_of_range_is_bad_input(monkeypatch):
     for bad in (1, -1):
         with pytest.raises(UserError, match=rf"CUDA device {bad}: this machine has 1 GPU \(0 to 0\); pass one of those"):
             trt_support.gpu_info(bad)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """cuda-python's runtime calls the TensorRT runner makes, over host memory; ``live`` holds what
+    it handed out and has not had back (pinned and device memory, streams, events)."""
+    import ctypes
+    import types
+
+    live: dict = {}
+
+    def make(kind):
+        def alloc(nbytes=1):
+            buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+            live[ctypes.addressof(buf)] = (kind, buf)
+            return 0, ctypes.addressof(buf)
+        return alloc
+
+    def free(handle):
+        live.pop(handle)
+        return (0,)
+
+    cudart = types.SimpleNamespace(
+        cudaMallocHost=make("pinned"), cudaMalloc=make("device"), cudaStreamCreate=make("stream"),
+        cudaEventCreate=make("event"), cudaFreeHost=free, cudaFree=free, cudaStreamDestroy=free, cudaEventDestroy=free,
+        cudaSetDevice=lambda d: (0,), cudaEventRecord=lambda e, s: (0,), cudaStreamSynchronize=lambda s: (0,),
+        cudaEventElapsedTime=lambda a, b: (0, 0.0),
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2),
+        cudaMemcpyAsync=lambda dst, src, n, kind, s: (ctypes.memmove(dst, src, n), (0,))[1])
+    monkeypatch.setattr(trt_support, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_support, "gpu_name", lambda device=0: "Fake GPU")
+    monkeypatch.setattr(trt_support, "_LOGGER", None)
+    return live
+
+
+def engine_runtime(trt, load):
+    """``trt.Runtime`` deserializing engines whose ``load(runtime, data)`` returns True: an engine
+    computing each image's three channel means as logits (the pixels through the device buffers); or
+    False: None, as TensorRT does for an engine it cannot load (after logging why)."""
+    import ctypes
+    import types
+
+    import numpy as np
+
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.nptype = lambda dtype: np.float32
+
+    class Context:
+        def __init__(self):
+            self.address, self.shape = {}, None
+
+        def set_tensor_address(self, name, ptr):
+            self.address[name] = ptr
+
+        def set_input_shape(self, name, shape):
+            self.shape = shape
+            return True
+
+        def execute_async_v3(self, stream):
+            n = self.shape[0]
+            view = lambda name, shape: np.ctypeslib.as_array(  # noqa: E731
+                (ctypes.c_float * int(np.prod(shape))).from_address(self.address[name])).reshape(shape)
+            view("logits", (n, 3))[:] = view("pixels", (n, 3, 4, 4)).mean(axis=(2, 3))
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+        get_tensor_name = staticmethod(lambda i: ("pixels", "logits")[i])
+        get_tensor_mode = staticmethod(lambda name: "in" if name == "pixels" else "out")
+        get_tensor_profile_shape = staticmethod(lambda name, profile: [(1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4)])
+        get_tensor_shape = staticmethod(lambda name: (-1, 3, 4, 4) if name == "pixels" else (-1, 3))
+        get_tensor_dtype = staticmethod(lambda name: "float32")
+        create_execution_context = staticmethod(Context)
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            return Engine() if load(self, data) else None
+
+    trt.Runtime = Runtime
+
+
+def test_a_tensorrt_runner_dropped_without_close_gives_back_its_cuda_memory(monkeypatch, fake_cuda):
+    """Pinned and GPU memory, events and the stream are freed by deactivate, and also when a runner
+    is garbage-collected without it (a service's hot reload that forgot close()), as ONNX Runtime's
+    sessions are. TensorRT and CUDA: stand-ins; what is tested is the runner's bookkeeping."""
+    import gc
+
+    import numpy as np
+
+    from edge_tl.runtime.runners import TensorRTRunner
+
+    trt = fake_tensorrt("10.16.0")[0]
+    engine_runtime(trt, lambda runtime, data: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    x = np.arange(6 * 48, dtype=np.float32).reshape(6, 3, 4, 4)
+    runner = TensorRTRunner("b/engines/e.engine", engine=b"E").activate()
+    assert {kind for kind, _ in fake_cuda.values()} == {"pinned", "device", "stream", "event"}
+    assert np.array_equal(runner.infer(x), x.mean(axis=(2, 3)))  # 6 images: parts of the profile's 4
+    runner.deactivate()
+    runner.deactivate()
+    assert fake_cuda == {}
+    for _ in range(3):
+        TensorRTRunner("b/engines/e.engine", engine=b"E").activate().infer(x[:1])
+    gc.collect()
+    assert fake_cuda == {}
+
+
+def test_a_failed_engine_load_names_its_own_cause_while_another_loads(monkeypatch, fake_cuda):
+    """TensorRT says why it cannot load an engine only in its log: a load on another thread at the same
+    time (a service loading two bundles) no longer clears that message before it is read, and the
+    logger keeps only recent messages in a long-running process."""
+    import threading
+
+    from edge_tl.runtime.runners import TensorRTRunner
+
+    trt = fake_tensorrt("10.16.0")[0]
+    logged, other_loaded = threading.Event(), threading.Event()
+
+    def load(runtime, data):
+        if data == b"old":
+            runtime.logger.log(trt.ILogger.Severity.ERROR, "Error Code 6: engine plan file is incompatible")
+            logged.set()
+            other_loaded.wait(5)
+            return False
+        runtime.logger.log(trt.ILogger.Severity.WARNING, "a deprecation notice")
+        return True
+
+    engine_runtime(trt, load)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    errors = []
+
+    def load_old():
+        try:
+            TensorRTRunner("a/engines/old.engine", engine=b"old").activate()
+        except UserError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=load_old)
+    thread.start()
+    assert logged.wait(5)
+    TensorRTRunner("b/engines/new.engine", engine=b"new").activate().deactivate()
+    other_loaded.set()
+    thread.join(5)
+    assert errors and "(Error Code 6: engine plan file is incompatible); engines only run on" in errors[0]
+    logger = trt_support.logger()
+    for i in range(3 * trt_support.KEPT_MESSAGES):
+        logger.log(trt.ILogger.Severity.WARNING, f"warning {i}")
+    assert len(logger.messages) == trt_support.KEPT_MESSAGES
