@@ -154,13 +154,13 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         def check() -> None:
             from edge_tl.finetune.data import copies_in, run_images
             from edge_tl.runtime.check import check_bundle
-            from edge_tl.runtime.images import class_folders, image_files
+            from edge_tl.runtime.images import class_folders, class_key, image_files
 
             report = check_bundle(bundle_dir, test_dir, max_drop, keep_predictions=True, log=lambda s: log(f"  {s}"))
             copies = copies_in([f for d in class_folders(test_dir) for f in image_files(d)],
                                run_images(run_dir, data_dir)) if test_dir else []
             report["test_in_training"] = [{"test": str(t), "training": str(c),
-                                           "same_class": t.relative_to(test_dir).parts[0] == cls} for t, c, cls in copies]
+                                           "same_class": class_key(t.relative_to(test_dir).parts[0]) == class_key(cls)} for t, c, cls in copies]
             if copies:
                 log(f"  warning: byte-identical files: {'; '.join(describe_duplicates(test_copy_counts(report)))} "
                     f"(e.g. {copies[0][0]} = {copies[0][1]}); all in check.json's test_in_training")
@@ -229,13 +229,13 @@ def _removed_if_refused(out: Path, fresh: bool):
 
 def _check_test_classes(data_dir: Path, test_dir: Path | None) -> None:
     """Refuse, before any training, a test/ class the training data lacks (the check stage would)."""
-    from edge_tl.runtime.images import class_folders
+    from edge_tl.runtime.images import class_folders, class_key
 
     train = split_folder(data_dir, "train")
     if test_dir is None or train is None:  # no test/, or flat classes (the fine-tune refuses test/ beside them)
         return
-    classes = {d.name for d in class_folders(train)}
-    if unknown := sorted({d.name for d in class_folders(test_dir)} - classes):
+    classes = {class_key(d.name) for d in class_folders(train)}  # a Mac's decomposed "é" is the same class
+    if unknown := sorted({class_key(d.name) for d in class_folders(test_dir)} - classes):
         raise UserError(f"{test_dir}: class folders {unknown} are not among the training classes in {train} "
                         f"({', '.join(sorted(classes))}), so the check after the fine-tune could not score them. Rename "
                         "them to a training class's name, add them to training, or move them out of test/.")

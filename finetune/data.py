@@ -23,7 +23,8 @@ from tqdm import tqdm
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file
 from edge_tl.runtime.images import (CONVERT_FIRST, IMAGE_EXTENSIONS, MAX_DECODE_THREADS, UnreadableImage,
-                                    class_folders, class_key, cpu_cores, image_files, in_order, visible_files)
+                                    class_folders, class_key, cpu_cores, hidden, image_files, in_order, path_order,
+                                    visible_files)
 from edge_tl.runtime.spec import PreprocessSpec
 
 from .config import VAL_FOLDERS, split_folder
@@ -462,18 +463,47 @@ def pixels_of(split: Split, spec, idx: list[int] | None = None) -> np.ndarray:
 
 
 def stratified_sample(labels: list[int], n: int, seed: int = 0) -> list[int]:
-    """``n`` indices with the classes in their proportions (all when there are fewer)."""
+    """``n`` indices with the classes in their proportions (all when there are fewer): each class's
+    share rounded, at least one image each, then topped up or cut back by the largest rounding
+    differences to exactly ``n``; with fewer than one per class, one each of the ``n`` largest classes."""
     if n >= len(labels):
         return list(range(len(labels)))
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
+    exact = {y: n * len(idx) / len(labels) for y, idx in by_class.items()}
+    if n < len(by_class):
+        largest = sorted(by_class, key=lambda y: (-len(by_class[y]), y))[:n]
+        quota = {y: int(y in largest) for y in by_class}
+    else:
+        quota = {y: max(1, round(share)) for y, share in exact.items()}
+    while (gap := n - sum(quota.values())) != 0:
+        if gap > 0:
+            y = max((y for y in by_class if quota[y] < len(by_class[y])), key=lambda y: (exact[y] - quota[y], -y))
+            quota[y] += 1
+        else:
+            y = max((y for y in by_class if quota[y] > 1), key=lambda y: (quota[y] - exact[y], -y))
+            quota[y] -= 1
     picked = []
     for y, idx in sorted(by_class.items()):
         rng.shuffle(idx)
-        picked += idx[:max(1, round(n * len(idx) / len(labels)))]
-    return sorted(picked[:n])
+        picked += idx[:quota[y]]
+    return sorted(picked)
+
+
+def _loose_images(folder: Path, root: Path, train_dir: Path) -> list[str]:
+    """A line for ``skipped.txt`` naming the image files directly in ``folder`` (the data folder or a
+    split folder), outside any class folder, which nothing reads (a photo dropped beside the class
+    folders); none if there are none."""
+    loose = [f for f in sorted(folder.iterdir(), key=path_order) if not hidden(f.name) and f.is_file()
+             and (f.suffix.lower() in IMAGE_EXTENSIONS or f.suffix.lower() in CONVERT_FIRST)]
+    if not loose:
+        return []
+    into = ("a class folder" if folder == train_dir == root else
+            f"{(train_dir if folder == root else folder).name}/<class>/")
+    return [f"{folder}: {len(loose)} image files directly in it, outside the class folders, not read "
+            f"(e.g. {loose[0].name}): move them into {into} to use them"]
 
 
 def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15, split_seed: int = 0,
@@ -494,6 +524,8 @@ def discover(root: str | Path, spec: PreprocessSpec, val_fraction: float = 0.15,
                 skipped.append(f"{d}: {n} image files beside {train_dir.name}/, not read (a fine-tune reads "
                                f"{train_dir.name}/<class>/ and the validation folder): move it into {train_dir.name}/ "
                                "if it is a class")
+    for folder in dict.fromkeys(d for d in (root, train_dir, val_dir) if d is not None):
+        skipped += _loose_images(folder, root, train_dir)
     train_files = _scan_classes(train_dir)
     for name in train_files if train_dir == root else ():
         subdirs = {d.name for d in (root / name).iterdir() if d.is_dir() and not d.name.startswith(".")}

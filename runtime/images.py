@@ -203,6 +203,8 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed file makes Pillow's parsers raise anything (bad EXIF: struct.error)
         suffix = Path(str(name)).suffix.lower()
+        if isinstance(exc, UnidentifiedImageError):  # a photo renamed .jpg is still its format
+            suffix = _sniffed_suffix(path if stream else name) or suffix
         if kind := CONVERT_FIRST.get(suffix, "an AVIF image" if suffix == ".avif" else None):
             fix = "pip install -U pillow (one built with AVIF), or convert it" if suffix == ".avif" else "convert it"
             raise UnreadableImage(f"{name}: {kind}, which this Pillow ({Image.__version__}) cannot decode: {fix} to "
@@ -214,6 +216,27 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
             kind = type(exc)
             why = f"{'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__name__}: {why}"
         raise UnreadableImage(f"{name}: not a readable image ({why})") from exc
+
+
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def _sniffed_suffix(source) -> str | None:
+    """".heic" or ".avif" for a file (path or seekable stream) whose first bytes are an ISO-BMFF
+    ``ftyp`` box of that family (an iPhone's HEIC renamed .jpg), else None."""
+    try:
+        if hasattr(source, "read"):
+            source.seek(0)
+            head = source.read(12)
+        else:
+            with open(source, "rb") as f:
+                head = f.read(12)
+    except (OSError, ValueError, AttributeError):  # an unseekable or closed stream: no guess
+        return None
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return None
+    brand = head[8:12]
+    return ".avif" if brand in (b"avif", b"avis") else ".heic" if brand in HEIF_BRANDS else None
 
 
 @functools.lru_cache(maxsize=None)

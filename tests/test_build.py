@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
@@ -314,6 +315,14 @@ def test_a_test_class_training_lacks_is_refused_before_any_training(tmp_path):
     with pytest.raises(UserError, match=r"Test: class folders \['dog'\] are not among the training classes"):
         build(str(tmp_path / "imgs"), "cpu", tmp_path / "out", TRAIN, "fp32", log=lambda s: None)
     assert not (tmp_path / "out").exists()  # the build made it and wrote nothing but its state: removed again
+    # a test/ folder a Mac wrote ("é" decomposed) holds the same class as the training folder
+    from edge_tl.build import _check_test_classes
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    make_image_folder(tmp_path / "mac" / "train", per_class=2, classes=(nfc, "tea"))
+    make_image_folder(tmp_path / "mac" / "test", per_class=1, classes=(nfd, "tea"))
+    assert {d.name for d in (tmp_path / "mac" / "test").iterdir()} == {nfd, "tea"}
+    _check_test_classes(tmp_path / "mac", tmp_path / "mac" / "test")
 
 
 def test_many_classes_get_one_confusion_matrix(built, tmp_path, monkeypatch):

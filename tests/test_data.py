@@ -351,6 +351,28 @@ def test_a_folder_of_images_beside_train_is_listed_as_not_read(tmp_path):
                             "train/<class>/ and the validation folder): move it into train/ if it is a class"]
 
 
+def test_photos_left_outside_the_class_folders_are_listed_as_not_read(tmp_path):
+    """A photo dropped into DIR/, DIR/train/ or DIR/val/ beside the class folders was passed over in silence."""
+    import shutil
+
+    flat = make_image_folder(tmp_path / "flat", per_class=3)
+    shutil.copy(flat / "checker" / "000.png", flat / "IMG_0042.JPG")
+    assert discover(flat, SPEC, progress=False).skipped == [
+        f"{flat}: 1 image files directly in it, outside the class folders, not read (e.g. IMG_0042.JPG): move them into "
+        "a class folder to use them"]
+    split = tmp_path / "split"
+    make_image_folder(split / "train", per_class=3)
+    make_image_folder(split / "val", per_class=1)
+    for where in (split, split / "train", split / "val", split / "val"):
+        shutil.copy(flat / "checker" / "000.png", where / f"stray{len(list(where.iterdir()))}.png")
+    (split / "notes.txt").write_text("not an image")
+    skipped = discover(split, SPEC, progress=False).skipped
+    assert [line.split(": ", 1)[0] for line in skipped] == [str(split), str(split / "train"), str(split / "val")]
+    assert skipped[2].endswith("2 image files directly in it, outside the class folders, not read (e.g. stray3.png): "
+                               "move them into val/<class>/ to use them")
+    assert "move them into train/<class>/" in skipped[0]
+
+
 def test_images_the_model_sees_poorly_are_noted(tiny_folder):
     """Flat (a 16-bit file holding 8-bit values turns black), much upscaled (8x8 digits), mostly cropped
     away (a 20:1 strip): trained on all the same, each kind noted once with an example."""
@@ -372,3 +394,20 @@ def test_images_the_model_sees_poorly_are_noted(tiny_folder):
     lines = data.odd.lines()
     assert lines[0] == "kind\tpath\tsize" and len(lines) == 1 + sum(data.odd.counts().values())
     assert all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_calibration_samples_are_exactly_as_many_as_asked_and_stratified():
+    """--calib-images 16 of 36 images in four classes gave 15 (per-class rounding, never topped up),
+    and 4 of five classes all came from the largest."""
+    from collections import Counter
+
+    from edge_tl.finetune.data import stratified_sample
+
+    labels = [0] * 2 + [1] * 10 + [2] * 10 + [3] * 14
+    picked = stratified_sample(labels, 16)
+    assert len(picked) == len(set(picked)) == 16
+    assert Counter(labels[i] for i in picked) == {0: 1, 1: 5, 2: 4, 3: 6}  # shares 0.9, 4.4, 4.4, 6.2
+    few = [0] * 30 + [1, 1, 2, 3, 4]
+    assert Counter(few[i] for i in stratified_sample(few, 3)) == {0: 1, 1: 1, 2: 1}  # one each, largest first
+    assert stratified_sample(labels, 99) == list(range(36))
+    assert stratified_sample(labels, 16) == picked  # the same images for the same seed

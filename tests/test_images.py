@@ -325,3 +325,7 @@ def test_photos_to_convert_first_are_listed_with_the_fix_not_passed_over(tmp_pat
     for name, kind in (("IMG_1.HEIC", r"a HEIC/HEIF photo \(iPhones' default format\)"), ("DSC_2.NEF", "a camera RAW file")):
         with pytest.raises(UnreadableImage, match=f"{name}: {kind}, which this Pillow .* convert it to JPEG or PNG$"):
             load_rgb(tmp_path / name)
+    (tmp_path / "IMG_1.jpg").write_bytes((tmp_path / "IMG_1.HEIC").read_bytes())  # renamed, or sent as bytes:
+    for source, name in ((tmp_path / "IMG_1.jpg", "IMG_1.jpg"), ((tmp_path / "IMG_1.HEIC").read_bytes(), "<image bytes>")):
+        with pytest.raises(UnreadableImage, match=f"{name}: a HEIC/HEIF photo .* convert it to JPEG or PNG$"):
+            load_rgb(source)  # still named by its format
