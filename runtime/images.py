@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 from edge_tl.errors import UserError
 
@@ -184,7 +185,7 @@ def load_rgb(path, keep_gray: bool = False, min_shorter: int | None = None) -> I
     try:
         if not stream and name.stat().st_size == 0:
             raise UnreadableImage(f"{name}: empty file (0 bytes)")
-        with Image.open(path if hasattr(path, "read") else name, formats=READ_FORMATS) as img:
+        with _open_image(path if stream else name, min_shorter) as img:
             check_aspect(img.size, name)
             if min_shorter:
                 draft_jpeg(img, min_shorter)
@@ -245,6 +246,29 @@ def _warn_truncated_allowed() -> None:
     alone), so a truncated file decodes as far as it goes, the rest grey, instead of raising."""
     log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated image files are "
                 "classified from their partly decoded pixels instead of being refused as unreadable")
+
+
+def _open_image(source, min_shorter: int | None) -> Image.Image:
+    """``Image.open`` restricted to ``READ_FORMATS``; and a JPEG over Pillow's decompression-bomb
+    limit (2 × ``MAX_IMAGE_PIXELS``: 179 Mpx, a 200-Mpx phone photo) opened all the same where its
+    reduced decode (``draft_jpeg`` with ``min_shorter``) is within ``MAX_IMAGE_PIXELS``: then it is
+    never decoded at the size the limit guards against."""
+    try:
+        return Image.open(source, formats=READ_FORMATS)
+    except Image.DecompressionBombError as too_large:
+        if not min_shorter:
+            raise
+        try:
+            if hasattr(source, "read"):
+                source.seek(0)
+            img = JpegImagePlugin.jpeg_factory(source if hasattr(source, "read") else os.fspath(source))
+        except Exception:  # noqa: BLE001 - not a JPEG, or a broken one: the limit's error stands
+            raise too_large from None
+        draft_jpeg(img, min_shorter)
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+            img.close()
+            raise
+        return img
 
 
 def draft_jpeg(img: Image.Image, min_shorter: int) -> None:

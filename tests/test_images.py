@@ -187,6 +187,22 @@ def test_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch):
         load_rgb(tmp_path / "huge.png")
 
 
+def test_a_jpeg_over_the_pixel_limit_is_read_where_its_reduced_decode_is_within_it(monkeypatch):
+    """A 200-Mpx phone photo is over Pillow's bomb limit (179 Mpx) but decodes at 1/8 scale (3 Mpx):
+    read so, to the pixels it has under a higher limit; decoded at full size, or not a JPEG, refused."""
+    arr = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(arr).save(jpeg, "JPEG")
+    Image.fromarray(arr).save(png, "PNG")
+    expected = np.asarray(load_rgb(jpeg.getvalue(), min_shorter=12))
+    assert expected.shape == (12, 16, 3)  # 1/8 scale
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 12,288 pixels: over twice the limit; 1/8 of it under
+    assert np.array_equal(np.asarray(load_rgb(jpeg.getvalue(), min_shorter=12)), expected)
+    for data, min_shorter in ((jpeg.getvalue(), None), (jpeg.getvalue(), 40), (png.getvalue(), 12)):
+        with pytest.raises(UnreadableImage, match="too large to decode safely"):
+            load_rgb(data, min_shorter=min_shorter)
+
+
 def test_hidden_files_and_folders_are_not_images(tmp_path):
     for rel in ("a/x.png", "a/sub/y.png", "a/.ipynb_checkpoints/x-checkpoint.png", "a/._x.png", "a/.DS_Store"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
