@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_tl.errors import UserError
-from edge_tl.fileio import sha256_file, write_json
+from edge_tl.fileio import LOCK_NAME, folder_lock, make_folder, remove_stale_temps, sha256_file, write_json
 from edge_tl.finetune.config import TrainConfig, check_config, check_out_beside_data, split_folder, training_roots
 from edge_tl.finetune.data import describe_duplicates
 from edge_tl.runtime.check import chance_note
@@ -50,16 +50,20 @@ class Build:
     def __init__(self, out: Path, force: bool, log: Callable[[str], None], stages: tuple[str, ...] = STAGES):
         self.out, self.force, self.log, self.stages = out, force, log, stages
         self.state_path = out / "build.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
+        self.state = _read_state(self.state_path)
 
-    def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], None]) -> bool:
-        """Run stage ``name`` unless its inputs' fingerprint is unchanged and its outputs exist."""
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], None],
+            damage: Callable[[], str | None] | None = None) -> bool:
+        """Run stage ``name`` unless its inputs' fingerprint is unchanged and its outputs exist (and,
+        with ``damage``, are whole: it returns what is wrong with them, or None)."""
         fp = _hash(inputs)
         done = self.state["stages"].get(name, {})
         index = self.stages.index(name) + 1
         if not self.force and done.get("fingerprint") == fp and all(p.exists() for p in outputs):
-            self.log(f"[{index}/{len(self.stages)}] {name}: up to date (inputs unchanged), skipped")
-            return False
+            if (why := damage and damage()) is None:
+                self.log(f"[{index}/{len(self.stages)}] {name}: up to date (inputs unchanged), skipped")
+                return False
+            self.log(f"[{index}/{len(self.stages)}] {name}: its output changed since ({why}), so it is redone")
         self.log(f"[{index}/{len(self.stages)}] {name} ...")
         t0 = time.perf_counter()
         fn()
@@ -102,8 +106,12 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         cfg = replace(cfg, img_size=native_img_size(cfg.model))
     check_config(cfg, run_dir)  # a typo fails now, not after the data stage
     fresh = not out.exists()
-    with _removed_if_refused(out, fresh):  # bad data found by a stage leaves no OUT holding only build.json
-        out.mkdir(parents=True, exist_ok=True)
+    with _removed_if_refused(out, fresh), contextlib.ExitStack() as held:  # bad data found by a stage leaves
+        make_folder(out)  # no OUT holding only build.json
+        held.enter_context(folder_lock(out, "edge-tl build"))  # one build at a time: a rerun while one runs is refused
+        for folder in (out, out / "run", out / SCRATCH_RUN):
+            if removed := remove_stale_temps(folder):
+                log(f"removed what a killed build left half-written in {folder}: {', '.join(removed)}")
         b = Build(out, force, log, STAGES if compare_scratch else tuple(s for s in STAGES if s != "scratch"))
         b.state["compare_scratch"] = compare_scratch  # a run-scratch/ left by an earlier build is shown only when asked
         write_json(b.state_path, b.state)
@@ -143,12 +151,14 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
                          "calib_images": calib_images, "max_drop": max_drop, "data": data_fp}
 
         def export() -> None:
-            from edge_tl.export.bundle import export_bundle
+            from edge_tl.export.bundle import MANIFEST, export_bundle
 
+            if bundle_dir.exists() and not (bundle_dir / MANIFEST).is_file():  # this build's, its manifest lost
+                _remove_own(bundle_dir, "export" in b.state["stages"], "a bundle this build exported (build.json: export)")
             export_bundle(run_dir, bundle_dir, target, precision, data=data_dir, calib_images=calib_images,
                           max_drop=max_drop, force=True, log=lambda s: log(f"  {s}"))
 
-        b.run("export", export_inputs, [bundle_dir / "manifest.json"], export)
+        b.run("export", export_inputs, [bundle_dir / "manifest.json"], export, damage=lambda: _bundle_damage(bundle_dir))
         manifest_sha = sha256_file(bundle_dir / "manifest.json")
 
         def check() -> None:
@@ -174,7 +184,7 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
             from edge_tl.runtime.bench import bench_bundle
 
             report = bench_bundle(bundle_dir, batches=bench_batches, seconds=bench_seconds, reference="torch",
-                                  device="cpu", images=test_dir, log=lambda s: log(f"  {s}"))
+                                  device="cpu", images=test_dir, reference_run=run_dir, log=lambda s: log(f"  {s}"))
             write_json(out / "bench.json", report)
 
         b.run("bench", {"manifest": manifest_sha, "batches": bench_batches, "seconds": bench_seconds,
@@ -222,9 +232,34 @@ def _removed_if_refused(out: Path, fresh: bool):
     try:
         yield
     except UserError:
-        if fresh and all(p.name == "build.json" for p in out.rglob("*") if not p.is_dir()):
+        if fresh and all(p.name in ("build.json", LOCK_NAME) for p in out.rglob("*") if not p.is_dir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _read_state(path: Path) -> dict:
+    """build.json's record of the finished stages ({"stages": {}} for a new build)."""
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("stages"), dict):
+            return state
+    except (OSError, ValueError):
+        pass
+    raise UserError(f"{path}: not a build record (empty or damaged), and a build finds its stages' outputs by it: "
+                    f"delete {path.parent} and build again, or choose another --out.")
+
+
+def _bundle_damage(bundle_dir: Path) -> str | None:
+    """What is wrong with the build's bundle (a file edited or deleted since the export), or None."""
+    from edge_tl.runtime.bundle import Bundle, BundleError
+
+    try:
+        Bundle.load(bundle_dir)
+    except BundleError as exc:
+        return str(exc).split(". ")[0]
+    return None
 
 
 def _check_test_classes(data_dir: Path, test_dir: Path | None) -> None:

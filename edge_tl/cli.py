@@ -6,6 +6,7 @@ import contextlib
 import faulthandler
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -15,7 +16,7 @@ from typing import Optional
 import typer
 
 from edge_tl import __version__
-from edge_tl.errors import UserError
+from edge_tl.errors import Terminated, UserError
 from edge_tl.fileio import check_writable
 from edge_tl.finetune.config import DEFAULTS as D
 from edge_tl.finetune.config import TrainConfig
@@ -528,6 +529,8 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # Windows writes a redirected stdout in its code page (cp1252):
         with contextlib.suppress(AttributeError, ValueError):  # a class named 缺陷 would end the command there
             stream.reconfigure(errors="backslashreplace")
+    with contextlib.suppress(ValueError, AttributeError):  # not the main thread (embedded), or no SIGTERM (Windows)
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)  # usage errors come here: --json prints them too
     except CLICK_ERROR as exc:  # refused by the option parser, before the command ran
@@ -549,7 +552,18 @@ def main() -> None:
         _stdout_closed()
     except Exception:  # noqa: BLE001 - the last resort, re-labelled, not hidden
         _crashed()
+    if code == 130 and Terminated.raised:
+        code = TERMINATED
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) and Ctrl-C (130) come back as their code
+
+
+TERMINATED = 143  # as a shell reports a process ended by SIGTERM
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM stops a command as Ctrl-C does, through the same cleanup (temp files, a fine-tune's
+    step-boundary save), where the default action would end the process on the spot."""
+    raise Terminated()
 
 
 STDOUT_CLOSED = 141  # as a shell reports a process ended by SIGPIPE: never check's 1 (regression)

@@ -8,3 +8,14 @@ class UserError(Exception):
     """
 
     index: int | None = None  # Predictor.predict_batch: the position of the image it is about
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, Kubernetes, Slurm, `kill`), raised like Ctrl-C so that the same cleanup
+    runs: temp files removed, a fine-tune's steps saved at a step boundary. The CLI exits 143."""
+
+    raised = False  # once raised in this process (typer turns every KeyboardInterrupt into exit 130)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        Terminated.raised = True

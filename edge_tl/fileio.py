@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,6 +108,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp_path)
         if not direct:
+            _flush_to_disk(tmp_path)
             os.replace(tmp_path, path)
     except OSError as exc:
         if exc.errno in _WRITE_ERRNOS and exc.filename in (None, str(tmp_path), str(path)):
@@ -113,6 +118,92 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if not direct:
             tmp_path.unlink(missing_ok=True)
     return path
+
+
+def _flush_to_disk(path: Path) -> None:
+    """Have the file's bytes on disk before it is renamed into place: after a power cut the name
+    then holds the old file or the new one, not an empty one (ext4 and XFS may write the rename first)."""
+    with contextlib.suppress(OSError):  # a file system without fsync (some network and FUSE ones): the rename stands
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def refused_write(path: Path) -> OSError | None:
+    """The error the file system gives for more bytes appended to ``path`` (no space, over quota or
+    the file-size limit), or None when it takes them: for writers that report a full disk as
+    something else (``torch.save``: "RuntimeError: ... unexpected pos")."""
+    try:
+        with open(path, "ab") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    return None
+
+
+def make_folder(path: Path, option: str = "--out") -> None:
+    """``path`` and its missing parents, or a UserError naming why not (a read-only file system, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the folder ({exc.strerror or exc}). Choose another {option}.") from None
+
+
+LOCK_NAME = ".edge-tl.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str):
+    """Hold ``folder`` for one edge-tl command at a time: a second build or fine-tune writing the
+    same folder (a rerun started while one still runs) would interleave stages or train into the
+    same run. An OS lock on ``folder/.edge-tl.lock`` (flock; Windows: msvcrt, not tested here),
+    released however the process ends, even killed; the file stays, naming the last holder."""
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            _lock(fd)
+        except OSError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+            raise UserError(f"{folder}: another edge-tl command is writing it ({holder or 'see ' + str(path)}); "
+                            "wait for it to end, or choose another --out.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{command}, process {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+STALE_TEMP = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp|old\.[0-9a-f]{8})$")
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temp files and folders edge-tl's atomic writes left in ``folder`` when a process was
+    killed mid-write (SIGKILL, a power cut: nothing ran to clean up); call it holding the folder's lock."""
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if STALE_TEMP.match(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def unlink_links(*paths: Path) -> None:

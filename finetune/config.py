@@ -98,6 +98,9 @@ def check_config(cfg: TrainConfig, out: Path) -> None:
         raise UserError(f"--class-weights {cfg.class_weights}: use none, sqrt or inverse.")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out takes a folder for the run.")
+    ancestor = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if ancestor is not None and not os.access(ancestor, os.W_OK):  # before minutes of decoding, not after
+        raise UserError(f"{out}: cannot be written ({ancestor} is read-only, or not yours). Choose another --out.")
     check_out_beside_data(out, Path(cfg.data))
 
 

@@ -35,8 +35,9 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from edge_tl import __version__
-from edge_tl.errors import UserError
-from edge_tl.fileio import atomic_write, write_json, write_text
+from edge_tl.errors import Terminated, UserError
+from edge_tl.fileio import (atomic_write, folder_lock, make_folder, refused_write, remove_stale_temps, write_json,
+                            write_text)
 from edge_tl.provenance import code_version, library_versions
 from edge_tl.runtime.cpu import cpu_info
 from edge_tl.runtime.images import cpu_cores
@@ -325,29 +326,36 @@ def _frozen_modules(model: torch.nn.Module, stages: int) -> list[torch.nn.Module
 
 
 class _StepBoundaryInterrupt:
-    """Ctrl-C inside a training step takes effect at the step's end, so last.pt never holds half an
-    update (weights stepped but not counted, EMA behind); a second Ctrl-C stops at once, unsaved."""
+    """Ctrl-C (or SIGTERM: `docker stop`, Kubernetes, Slurm) inside a training step takes effect at
+    the step's end, so last.pt never holds half an update (weights stepped but not counted, EMA
+    behind); a second one stops at once, ``forced``, and then nothing is saved over the last.pt of
+    an earlier boundary (its resume would not be bit-identical)."""
 
-    pending = False
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
     def __enter__(self) -> "_StepBoundaryInterrupt":
-        self.pending, self.previous = False, None
+        self.pending, self.forced, self.previous = None, False, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-        self.pending = True
+        if self.pending is not None:
+            self.forced = True
+            raise self.exception()
+        self.pending = signum
+
+    def exception(self) -> KeyboardInterrupt:
+        """What the pending signal raises: Terminated for SIGTERM (exit 143), else KeyboardInterrupt (130)."""
+        return Terminated() if self.pending == getattr(signal, "SIGTERM", None) else KeyboardInterrupt()
 
     def check(self) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
+        if self.pending is not None:
+            raise self.exception()
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
 
 def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:
@@ -383,7 +391,13 @@ def _sizes_the_model_takes(probe: torch.nn.Module, cfg: TrainConfig, spec: Prepr
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda p: torch.save(payload, p))
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch reports a full disk as "unexpected pos": say what it was
+            raise refused_write(tmp) or exc
+
+    atomic_write(path, save)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -433,7 +447,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if not d.is_main:  # only rank 0 talks and writes
         log, progress = (lambda s: None), False
     try:
-        return _finetune(cfg, d, out, resume, progress, on_step, log, on_epoch)
+        with contextlib.ExitStack() as held:  # the run folder's lock, taken where it is first written
+            return _finetune(cfg, d, out, resume, progress, on_step, log, on_epoch, held)
     finally:
         d.close()
 
@@ -531,7 +546,7 @@ def _validation_logits(eval_model, val: Split, spec: PreprocessSpec, device, cfg
 
 
 def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, progress: bool, on_step, log,
-              on_epoch) -> dict:
+              on_epoch, held: contextlib.ExitStack) -> dict:
     cfg, state = _resume_state(cfg, out, log) if resume else (cfg, None)
     if state is None and (out / "last.pt").exists():
         raise UserError(f"{out}: already holds a run (last.pt). Add --resume to continue it, or choose another --out.")
@@ -663,7 +678,10 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None}
 
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
+        held.enter_context(folder_lock(out, "edge-tl finetune"))  # a second fine-tune into it is refused
+        if removed := remove_stale_temps(out):
+            log(f"removed what a killed run left half-written: {', '.join(removed)}")
         write_text(out / "skipped.txt", "".join(f"{s}\n" for s in data.skipped))
         write_text(out / "duplicates.txt", "".join(f"{s}\n" for s in duplicates.lines()))
         write_text(out / "odd_images.txt", "".join(f"{s}\n" for s in data.odd.lines()))
@@ -720,13 +738,15 @@ def _finetune(cfg: TrainConfig, d: distributed.Dist, out: Path, resume: bool, pr
                         on_step(epoch * steps_per_epoch + step)
                     interrupt.check()
         except (KeyboardInterrupt, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and not interrupt.pending:
+            if isinstance(exc, RuntimeError) and interrupt.pending is None:
                 raise  # a real error, not a data-loader worker stopped by the same Ctrl-C
             seconds += time.perf_counter() - t0
-            if d.is_main:
-                _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
             bar.close()
-            raise KeyboardInterrupt from None
+            if interrupt.forced:  # mid-step: the last.pt of an earlier boundary stays what --resume continues
+                log("stopped at once (interrupted twice): last.pt keeps the last step boundary it saved")
+            elif d.is_main:
+                _save_checkpoint(out / "last.pt", checkpoint(epoch, step, (loss_sum, correct, seen)))
+            raise (exc if isinstance(exc, KeyboardInterrupt) else interrupt.exception()) from None
         except UserError as exc:  # an image decoded at each use changed since the scan: keep the steps done
             bar.close()
             keep_steps_done(exc)

@@ -163,9 +163,12 @@ E2E_FILES = 64  # of --images, evenly spaced: enough for its mix of sizes, quick
 def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions: list[str] | None = None,
                  batches: tuple[int, ...] = (1, 8, 32), warmup: int = 10, iters: int | None = None,
                  seconds: float | None = 2.0, reference: str | None = None, device: str | None = "cpu",
-                 threads: int = 0, images: str | Path | None = None, log=LOG) -> dict:
+                 threads: int = 0, images: str | Path | None = None, log=LOG,
+                 reference_run: str | Path | None = None) -> dict:
     """Time every runnable artifact (filtered by backend and precision) at each batch size; end to
-    end (decode + preprocess + infer) on ``images`` (see ``e2e_inputs``)."""
+    end (decode + preprocess + infer) on ``images`` (see ``e2e_inputs``). ``reference_run``: the run
+    folder ``reference`` "torch" times (default: the manifest's ``run.path``, where it was exported;
+    a build passes its own, which moves with it)."""
     if warmup < 0 or (iters is not None and iters < 1) or (iters is None and not (seconds and seconds > 0)):
         raise UserError(f"--warmup {warmup} / --iters {iters} / --seconds {seconds}: warm-up calls >= 0 and "
                         "either at least one timed call or a positive number of seconds.")
@@ -175,7 +178,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
     if unknown := sorted(set(backends or ()) - {"onnxruntime", "tensorrt"}):
         raise UserError(f"--backend {','.join(unknown)}: unknown; use onnxruntime and/or tensorrt.")
     bundle = Bundle.load(path)
-    checkpoint = _reference_checkpoint(bundle) if reference == "torch" else None  # refused before any timing
+    checkpoint = _reference_checkpoint(bundle, reference_run) if reference == "torch" else None  # refused before any timing
     golden, _ = bundle.golden()
     spec = bundle.spec
     e2e_files, e2e_input = e2e_inputs(spec, golden, images, log)
@@ -226,7 +229,8 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                         f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
     return {"machine": machine(), "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
             "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "e2e_input": e2e_input,
-            "results": results, **({"default_int8_vs_fp32": int8} if int8 else {})}
+            "results": results, **({"default_int8_vs_fp32": int8} if int8 else {}),
+            **({"reference_checkpoint": str(checkpoint.resolve())} if checkpoint else {})}
 
 
 def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int, golden: np.ndarray, log,
@@ -255,9 +259,9 @@ def _default_int8_vs_fp32(bundle: Bundle, timed: set[str], device, threads: int,
     return speed
 
 
-def _reference_checkpoint(bundle: Bundle) -> Path:
+def _reference_checkpoint(bundle: Bundle, run: str | Path | None = None) -> Path:
     """The run's best.pt that ``--reference torch`` times, or a UserError saying what is missing."""
-    run = Path(bundle.manifest.get("run", {}).get("path", ""))
+    run = Path(run or bundle.manifest.get("run", {}).get("path", ""))
     if not (run / "best.pt").is_file():
         raise UserError(f"--reference torch needs the fine-tune run the bundle was exported from: {run / 'best.pt'} "
                         "not found (moved, deleted, or on another machine). Run the bench where the run is, or drop --reference.")

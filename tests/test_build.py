@@ -221,7 +221,7 @@ def test_rerun_skips_and_force_redoes(built):
 
 
 @pytest.mark.parametrize("gone", ["run", "run/best.pt", "run/metrics.json", "run/best.pt+run/metrics.json", "bundle",
-                                  "check.json"])
+                                  "bundle/model.int8.onnx", "bundle/manifest.json", "check.json"])
 def test_missing_outputs_rerun_their_stage(built, tmp_path, gone):
     root, _, _ = built
     out = tmp_path / "out"
@@ -234,6 +234,50 @@ def test_missing_outputs_rerun_their_stage(built, tmp_path, gone):
     assert any(f"] {stage} ..." in line for line in logs) and all((out / p).exists() for p in gone.split("+"))
     if gone.startswith("run/best.pt"):  # the finished run's best epoch is lost: retrained, not "resumed" into nothing
         assert any("best.pt is gone, so it trains afresh" in line for line in logs)
+
+
+def test_a_moved_build_with_an_edited_bundle_and_a_killed_builds_leftovers_reruns_what_it_must(built, tmp_path):
+    """A bundle file edited since the export redoes the export (it had said "up to date", then check
+    refused the bundle); bench times the moved build's own run, not the path the manifest recorded;
+    what a killed build left half-written (temp files of atomic writes) is removed."""
+    root, _, _ = built
+    out = tmp_path / "moved"
+    shutil.copytree(root / "out", out)
+    with open(out / "bundle" / "model.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    (out / "bench.json").unlink()
+    (out / "run" / ".last.pt.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (out / ".bundle.89abcdef.tmp").mkdir()
+    logs: list[str] = []
+    build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", bench_batches=(1,), bench_seconds=0.1, log=logs.append)
+    assert any("] export: its output changed since (" in line and "model.fp32.onnx" in line for line in logs), logs
+    assert any(line.endswith("] export ...") for line in logs)
+    assert not (out / "run" / ".last.pt.0123abcd.tmp").exists() and not (out / ".bundle.89abcdef.tmp").exists()
+    assert any("removed what a killed build left half-written" in line for line in logs)
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["reference_checkpoint"] == str((out / "run" / "best.pt").resolve())
+
+
+def test_one_build_or_fine_tune_at_a_time_writes_a_folder(built, tmp_path):
+    """A second build (or fine-tune) into a folder one is writing is refused, naming the holder; once
+    it ends, the folder is free again."""
+    from edge_tl.fileio import folder_lock
+    from edge_tl.finetune.train import finetune
+
+    root, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    with folder_lock(out, "edge-tl build"):
+        with pytest.raises(UserError, match=r"out: another edge-tl command is writing it \(edge-tl build, process "
+                                            rf"{os.getpid()} on .*\); wait for it to end, or choose another --out"):
+            build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", log=lambda s: None)
+    with folder_lock(out / "run", "edge-tl finetune"):
+        cfg = TrainConfig(data=str(root / "imgs"), out=str(out / "run"), **TRAIN)
+        with pytest.raises(UserError, match="run: another edge-tl command is writing it"):
+            finetune(cfg, resume=True, progress=False, log=lambda s: None)
+    logs: list[str] = []
+    build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", log=logs.append)
+    assert [s for s in ("finetune", "export") if any(f"] {s}: up to date" in line for line in logs)] == ["finetune", "export"]
 
 
 def test_resume_without_best_pt_says_what_is_lost(built, tmp_path):

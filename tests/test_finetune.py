@@ -102,6 +102,48 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_folder, tmp_path, monk
             (b["train_loss"], b["train_accuracy"], b["val_loss"]), abs=1e-6)
 
 
+def test_sigterm_saves_at_a_step_boundary_and_a_second_signal_saves_nothing(tiny_folder, tmp_path):
+    """SIGTERM (docker stop, Kubernetes) stops training as Ctrl-C does, at the step's end with last.pt
+    saved (it killed the process, unsaved); a second signal mid-step stops at once and leaves the
+    last.pt of the epoch boundary before, so a resume stays bit-identical (it saved half an update)."""
+    from edge_tl.errors import Terminated
+
+    def terminate(step):
+        if step == 3:  # mid-epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated):
+        finetune(_cfg(tiny_folder, tmp_path / "term"), progress=False, on_step=terminate, log=lambda s: None)
+    saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+
+    def twice(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # raises at once, as inside a step
+
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(tiny_folder, tmp_path / "twice"), progress=False, on_step=twice, log=logs.append)
+    saved = torch.load(tmp_path / "twice" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 0)  # the end of epoch 1
+    assert "stopped at once (interrupted twice): last.pt keeps the last step boundary it saved" in logs
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the file-size limit (RLIMIT_FSIZE) is POSIX's")
+def test_a_disk_that_refuses_a_checkpoint_is_a_user_error(tmp_path):
+    """torch.save reports a full disk as "RuntimeError: [enforce fail ...] unexpected pos" (exit 3, a
+    traceback); the file system's own refusal is named instead, and no temp file is left."""
+    code = (f"import resource, torch\nfrom pathlib import Path\nfrom edge_tl.errors import UserError\n"
+            f"from edge_tl.finetune.train import _save_checkpoint\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            f"try:\n    _save_checkpoint(Path({str(tmp_path / 'last.pt')!r}), {{'w': torch.zeros(1 << 20)}})\n"
+            f"except UserError as exc:\n    print(exc)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == f"{tmp_path / 'last.pt'}: cannot write it (File too large). Free space or choose another path."
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_runs_from_before_the_tuned_depthwise_backward_and_reduced_jpeg_decode_resume_without_them(tiny_folder, tmp_path):
     out = tmp_path / "run"
     finetune(_cfg(tiny_folder, out, epochs=1), progress=False, log=lambda s: None)

@@ -450,6 +450,22 @@ def test_a_closed_stdout_is_neither_a_pass_nor_a_regression(pattern_bundle, tmp_
     assert proc.wait(timeout=300) == 141 and "cut short: stdout was closed" in junit.read_text(), err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX's")
+def test_sigterm_ends_a_command_through_its_cleanup_with_exit_143(pattern_bundle):
+    """`docker stop` / Kubernetes send SIGTERM: the command stops as on Ctrl-C (cleanup runs) and exits
+    143, as a shell reports it, not killed on the spot."""
+    import signal
+
+    bundle_dir, _ = pattern_bundle
+    proc = subprocess.Popen([sys.executable, "-m", "edge_tl", "bench", str(bundle_dir), "--seconds", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its first line as soon as it is written
+    assert proc.stdout.readline()  # it is timing
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "Traceback" not in err, err
+
+
 def test_a_check_on_some_classes_only_says_which_it_did_not_check(pattern_bundle, tmp_path):
     """A partial checkout or a renamed folder would otherwise gate only the classes left, silently."""
     bundle_dir, test_dir = pattern_bundle
