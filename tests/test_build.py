@@ -280,6 +280,15 @@ def test_one_build_or_fine_tune_at_a_time_writes_a_folder(built, tmp_path):
     assert [s for s in ("finetune", "export") if any(f"] {s}: up to date" in line for line in logs)] == ["finetune", "export"]
 
 
+def test_a_damaged_build_record_is_named_with_the_fix(tmp_path):
+    make_image_folder(tmp_path / "imgs", per_class=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "build.json").write_text("")
+    with pytest.raises(UserError, match=r"build.json: not a build record \(empty or damaged\).* delete .*out and build "
+                                        "again, or choose another --out"):
+        build(str(tmp_path / "imgs"), "cpu", tmp_path / "out", TRAIN, "fp32", log=lambda s: None)
+
+
 def test_resume_without_best_pt_says_what_is_lost(built, tmp_path):
     from edge_tl.finetune.train import finetune
 
