@@ -163,7 +163,10 @@ def folder_lock(folder: Path, command: str):
     same run. An OS lock on ``folder/.edge-tl.lock`` (flock; Windows: msvcrt, not tested here),
     released however the process ends, even killed; the file stays, naming the last holder."""
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # a read-only folder, or another user's
+        raise _cannot_write(path, exc) from None
     try:
         try:
             _lock(fd)
@@ -174,22 +177,27 @@ def folder_lock(folder: Path, command: str):
             raise UserError(f"{folder}: another edge-tl command is writing it ({holder or 'see ' + str(path)}); "
                             "wait for it to end, or choose another --out.") from None
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{command}, process {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        yield
+        try:
+            yield
+        finally:  # released outright: a DataLoader worker forked meanwhile shares the lock while it lives
+            _lock(fd, unlock=True)
     finally:
         os.close(fd)
 
 
-def _lock(fd: int) -> None:
+def _lock(fd: int, unlock: bool = False) -> None:
     try:
         import fcntl
     except ImportError:  # Windows
         import msvcrt
 
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK if unlock else msvcrt.LK_NBLCK, 1)
     else:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 STALE_TEMP = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp|old\.[0-9a-f]{8})$")

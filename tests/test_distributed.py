@@ -29,7 +29,8 @@ def test_two_process_gloo_finetune(tmp_path):
     assert "2 processes (DistributedDataParallel" in res.stdout
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["best.pt", "last.pt", "history.jsonl", "metrics.json", "learning_curve.png",
-                            "confusion_matrix.png", "skipped.txt", "duplicates.txt", "odd_images.txt", "images.tsv"])  # none from rank 1
+                            "confusion_matrix.png", "skipped.txt", "duplicates.txt", "odd_images.txt", "images.tsv",
+                            ".edge-tl.lock"])  # none from rank 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and len((out / "history.jsonl").read_text().splitlines()) == 2
     assert load_checkpoint(out / "last.pt")["depthwise_plans"]  # a CPU run under torchrun is tuned too

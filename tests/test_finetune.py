@@ -42,7 +42,7 @@ def test_run_folder_complete(tiny_folder, tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2]
     assert set(hist[0]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
     assert metrics["best_epoch"] == max(hist, key=lambda h: (h["val_accuracy"], -h["val_loss"]))["epoch"]
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    assert not list(out.glob("*.tmp")) and [p.name for p in out.glob(".*")] == [".edge-tl.lock"]  # one run at a time
     rows = [line.split("\t") for line in (out / "images.tsv").read_text().splitlines()]
     assert rows[0] == ["split", "class", "sha256", "path"] and len(rows) == 1 + metrics["num_train"] + 3
     assert rows[1][3] == "checker/000.png" and rows[1][2] == hashlib.sha256((tiny_folder / rows[1][3]).read_bytes()).hexdigest()
