@@ -106,9 +106,10 @@ def build(data: str, target: str, out: str | Path, train: dict, precision: str |
         cfg = replace(cfg, img_size=native_img_size(cfg.model))
     check_config(cfg, run_dir)  # a typo fails now, not after the data stage
     fresh = not out.exists()
-    with _removed_if_refused(out, fresh), contextlib.ExitStack() as held:  # bad data found by a stage leaves
-        make_folder(out)  # no OUT holding only build.json
+    with _removed_if_refused(out, fresh) as ours, contextlib.ExitStack() as held:  # bad data found by a stage
+        make_folder(out)  # leaves no OUT holding only build.json
         held.enter_context(folder_lock(out, "edge-tl build"))  # one build at a time: a rerun while one runs is refused
+        ours["locked"] = True  # refused by the lock, this build removes nothing: the folder is the other's
         for folder in (out, out / "run", out / SCRATCH_RUN):
             if removed := remove_stale_temps(folder):
                 log(f"removed what a killed build left half-written in {folder}: {', '.join(removed)}")
@@ -228,11 +229,14 @@ def _finetune_stage(b: Build, name: str, cfg: TrainConfig, inputs: dict) -> None
 @contextlib.contextmanager
 def _removed_if_refused(out: Path, fresh: bool):
     """Remove ``out`` again when this build made it and a stage refuses the input before writing
-    anything but OUT/build.json (a rerun with the fix then starts clean, and no stray folder is left)."""
+    anything but OUT/build.json (a rerun with the fix then starts clean, and no stray folder is left);
+    only once this build held OUT's lock, as a build that made OUT at the same moment as another may
+    be the one refused by it."""
+    ours = {"locked": False}
     try:
-        yield
+        yield ours
     except UserError:
-        if fresh and all(p.name in ("build.json", LOCK_NAME) for p in out.rglob("*") if not p.is_dir()):
+        if fresh and ours["locked"] and all(p.name in ("build.json", LOCK_NAME) for p in out.rglob("*") if not p.is_dir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -168,24 +169,40 @@ def folder_lock(folder: Path, command: str):
     except OSError as exc:  # a read-only folder, or another user's
         raise _cannot_write(path, exc) from None
     try:
-        try:
-            _lock(fd)
-        except OSError:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = os.read(fd, 200).decode(errors="replace").strip()
-            raise UserError(f"{folder}: another edge-tl command is writing it ({holder or 'see ' + str(path)}); "
-                            "wait for it to end, or choose another --out.") from None
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{command}, process {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        locked = _try_lock(fd, folder, path)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{command}, process {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         try:
             yield
         finally:  # released outright: a DataLoader worker forked meanwhile shares the lock while it lives
-            _lock(fd, unlock=True)
+            if locked:
+                _lock(fd, unlock=True)
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int, folder: Path, path: Path) -> bool:
+    """Lock ``fd``: True; False (with a warning) on a file system that has no locks; a UserError
+    naming the holder when another process holds it."""
+    try:
+        _lock(fd)
+        return True
+    except OSError as exc:
+        if exc.errno not in HELD_ERRNOS:  # NFS without lockd, some FUSE and SMB mounts
+            logging.getLogger("edge_tl").warning("%s: cannot be locked (%s); nothing stops a second edge-tl command "
+                                                 "writing it at the same time", folder, exc.strerror or exc)
+            return False
+    holder = ""
+    with contextlib.suppress(OSError):
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+    raise UserError(f"{folder}: another edge-tl command is writing it ({holder or 'see ' + str(path)}); "
+                    "wait for it to end, or choose another --out.")
+
+
+HELD_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK}  # flock's, and msvcrt's after its retries
 
 
 def _lock(fd: int, unlock: bool = False) -> None:

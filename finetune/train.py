@@ -355,7 +355,8 @@ class _StepBoundaryInterrupt:
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self.previous.items():
-            signal.signal(sig, previous)
+            if previous is not None:  # None: a handler not set from Python (an embedding host's), left as it is
+                signal.signal(sig, previous)
 
 
 def _train_sizes(cfg: TrainConfig, spec: PreprocessSpec) -> list[int]:

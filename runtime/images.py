@@ -34,6 +34,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".
 # phones' MPO files, JPEGs with a second picture). Pillow alone would try some 40 more (EPS hands the bytes to Ghostscript, if
 # installed; DDS, FITS, PSD ...), each parser more surface for an upload a service did not make
 READ_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "AVIF")
+# read too where the app registered their Pillow plugin (pillow-heif's register_heif_opener())
+PLUGIN_FORMATS = ("HEIF",)
 # photo formats Pillow does not read: listed as unreadable with the fix, never passed over in silence
 CONVERT_FIRST = {**dict.fromkeys((".heic", ".heif"), "a HEIC/HEIF photo (iPhones' default format)"),
                  **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"), "a camera RAW file"),
@@ -140,7 +142,15 @@ def upright(img: Image.Image) -> Image.Image:
     except Exception:  # noqa: BLE001 - any parse failure of the metadata: the pixels are fine
         return img
     method = _EXIF_TURNS.get(orientation) if isinstance(orientation, int) else None
-    return img if method is None else img.transpose(method)
+    if method is None:
+        return img
+    turned = img.transpose(method)  # a new image: the caller's keeps its metadata
+    for key in ORIENTATION_KEYS:  # turned once: an image edge-tl decoded is not turned again
+        turned.info.pop(key, None)
+    return turned
+
+
+ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where Pillow reads orientation
 
 
 BAND_PIXELS = 1 << 20  # pixels composited at a time by _on_white
@@ -254,7 +264,7 @@ def _open_image(source, min_shorter: int | None) -> Image.Image:
     reduced decode (``draft_jpeg`` with ``min_shorter``) is within ``MAX_IMAGE_PIXELS``: then it is
     never decoded at the size the limit guards against."""
     try:
-        return Image.open(source, formats=READ_FORMATS)
+        return Image.open(source, formats=READ_FORMATS + tuple(f for f in PLUGIN_FORMATS if f in Image.OPEN))
     except Image.DecompressionBombError as too_large:
         if not min_shorter:
             raise

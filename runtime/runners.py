@@ -271,6 +271,7 @@ class TensorRTRunner(Runner):
         self._trt, self._cudart = trt, cudart
         self._held = []  # freed by deactivate, or when the runner is garbage-collected without it (a service's
         self._release = weakref.finalize(self, _free_cuda, cudart, self._held)  # reload that forgot close)
+        self._release.atexit = False  # at exit a daemon thread may still be in infer; the process frees it all
         try:
             return self._load(trt, cudart, ts)
         except BaseException:

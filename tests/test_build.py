@@ -278,6 +278,38 @@ def test_one_build_or_fine_tune_at_a_time_writes_a_folder(built, tmp_path):
     logs: list[str] = []
     build(str(root / "imgs"), "jetson", out, TRAIN, "fp32,int8", log=logs.append)
     assert [s for s in ("finetune", "export") if any(f"] {s}: up to date" in line for line in logs)] == ["finetune", "export"]
+    # two builds start on a new --out at once: the one refused by the lock leaves the other's folder alone
+    import contextlib
+
+    from edge_tl import build as build_module
+
+    other = contextlib.ExitStack()
+    new = tmp_path / "new"
+
+    def made_by_the_other_build_first(path):
+        path.mkdir()
+        other.enter_context(folder_lock(path, "edge-tl build"))
+        (path / "build.json").write_text('{"stages": {}}')
+
+    with other, pytest.MonkeyPatch.context() as m:
+        m.setattr(build_module, "make_folder", made_by_the_other_build_first)
+        with pytest.raises(UserError, match="another edge-tl command is writing it"):
+            build(str(root / "imgs"), "jetson", new, TRAIN, "fp32,int8", log=lambda s: None)
+        assert (new / "build.json").is_file()
+
+
+def test_a_folder_on_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from edge_tl import fileio
+
+    def no_locks(fd, unlock=False):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio, "_lock", no_locks)  # NFS without lockd: no such file system here
+    with fileio.folder_lock(tmp_path, "edge-tl build"):
+        pass
+    assert "cannot be locked (No locks available); nothing stops a second edge-tl command" in caplog.text
 
 
 def test_a_damaged_build_record_is_named_with_the_fix(tmp_path):

@@ -73,6 +73,9 @@ def test_exif_rotation_applied(tmp_path):
     out = _rgb(tmp_path / "r.jpg")
     assert out.shape == (20, 10, 3)  # displayed upright: portrait
     assert out[2, 5].mean() > 200 and out[17, 5].mean() < 50  # left half ends up on top
+    from edge_tl.runtime.images import to_rgb
+
+    assert np.array_equal(np.asarray(to_rgb(load_rgb(tmp_path / "r.jpg"))), out)  # turned once, not again
 
 
 def _jpeg_with_exif(arr: np.ndarray, exif: Image.Exif) -> bytes:
