@@ -34,8 +34,8 @@ from edge_tl.runtime.scores import fit_temperature
 from . import tensorrt as trt_build
 from .device import ONNX_FILES, build_engines, bundle_readme
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_fp16
-from .quantize import (CALIB_METHODS, FLAVOURS, batch1_latency, histogram_image_limit, onnx_logits,
-                       quantize_within_budget, slower_than_fp32)
+from .quantize import (BIAS_CORRECTION_ROUNDS, CALIB_METHODS, FLAVOURS, batch1_latency, histogram_image_limit,
+                       onnx_logits, quantize_within_budget, slower_than_fp32)
 
 TARGETS = {
     # target: default precisions, INT8 flavour, default batch profile, why
@@ -237,6 +237,7 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         idx = stratified_sample(ds.train.labels, n)
         calib = pixels_of(ds.train, spec, idx)
         calibration = {"images": len(idx), "source": "training split (stratified)", "method": calib_method,
+                       "bias_correction_rounds": BIAS_CORRECTION_ROUNDS,
                        "class_counts": np.bincount([ds.train.labels[i] for i in idx], minlength=len(classes)).tolist(),
                        "preprocessing": "eval (resize + center crop)"}
         name = FLAVOURS[flavour].artifact

@@ -38,6 +38,7 @@ from edge_tl.runtime.images import cpu_cores, to_input
 from edge_tl.runtime.runners import OnnxRuntimeRunner
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+BIAS_CORRECTION_ROUNDS = 2  # see correct_biases; chosen on held-out images, benchmarks/README.md
 # ELPV, Lite0, 4 classes, agreement with FP32 on 1458 validation + held-out training images
 # (benchmarks/int8_tensorrt_explore.py): TensorRT flavour 98.4 % minmax (512 images), 98.4 %
 # entropy, 98.3 % percentile (80 images: ONNX Runtime's histograms hold every activation).
@@ -96,8 +97,10 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
 
 
 def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flavour: str | Flavour = "cpu",
-                  method: str = "minmax", exclude: tuple[str, ...] = ()) -> Path:
-    """Static quantization of ``prepared`` (see :func:`prepare`) per ``flavour``, written atomically."""
+                  method: str = "minmax", exclude: tuple[str, ...] = (),
+                  bias_correction: int = BIAS_CORRECTION_ROUNDS) -> Path:
+    """Static quantization of ``prepared`` (see :func:`prepare`) per ``flavour``, its biases corrected on the
+    calibration images (:func:`correct_biases`, ``bias_correction`` rounds; 0: not), written atomically."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -139,6 +142,8 @@ def quantize_int8(prepared: Path, out_path: Path, calib_pixels: np.ndarray, flav
                                               "percentile": CalibrationMethod.Percentile}[method],
                             extra_options=options)
         drop_unused_opsets(tmp)
+        if bias_correction:
+            correct_biases(prepared, tmp, calib_pixels, bias_correction)
 
     return atomic_write(out_path, write)
 
@@ -205,11 +210,17 @@ def quantized_nodes(int8_model: onnx.ModelProto, op_types: tuple[str, ...] | Non
             and (op_types is None or n.op_type in op_types)]
 
 
-def _all_outputs(path: Path, names: list[str]) -> bytes:
-    model = onnx.load(str(path))
+def _probe_session(model: onnx.ModelProto, fetch: list[str]):
+    """An ONNX Runtime CPU session of ``model`` that also outputs the tensors ``fetch``, graph rewrites
+    off: a Q/DQ pair fused into an int8 kernel would hide the float tensors around it."""
+    import onnxruntime as ort
+
     have = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
-    return model.SerializeToString()
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in fetch if n not in have)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
@@ -220,8 +231,6 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
     the relative squared error of its output minus that of its input (both INT8 model vs
     FP32), so a node is blamed for the error it creates, not what it inherits.
     """
-    import onnxruntime as ort
-
     int8 = onnx.load(str(int8_path))
     nodes = quantized_nodes(int8, op_types)
     fp32 = onnx.load(str(prepared))
@@ -238,15 +247,12 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
             pairs.append((n.name, ins, out))
     names = sorted({t for _, ins, out in pairs for t in (*ins, out)})
     int8_names = {o for n in int8.graph.node for o in n.output}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     runs = {}
     for key, path in (("fp32", prepared), ("int8", int8_path)):
         # in the int8 graph a quantized graph output's float value is "<name>_QuantizeLinear_Input"
         fetch = [f"{t}_QuantizeLinear_Input" if key == "int8" and f"{t}_QuantizeLinear_Input" in int8_names else t
                  for t in names]
-        sess = ort.InferenceSession(_all_outputs(path, fetch), opts, providers=["CPUExecutionProvider"])
+        sess = _probe_session(onnx.load(str(path)), fetch)
         inp = sess.get_inputs()[0].name
         outs = [sess.run(fetch, {inp: x}) for x in batches(pixels, 8)]
         runs[key] = {n: np.concatenate([o[k] for o in outs]).astype(np.float64) for k, n in enumerate(names)}
@@ -260,6 +266,83 @@ def layer_damage(prepared: Path, int8_path: Path, pixels: np.ndarray,
     ranked = {name for name, _ in scores}
     return scores + [(n.name, float("nan")) for n in nodes if n.name not in ranked]  # unmatched ones last
 
+
+def correct_biases(prepared: Path, int8_path: Path, pixels: np.ndarray, rounds: int = BIAS_CORRECTION_ROUNDS) -> dict:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", sec. 4.2; on by default in
+    NNCF, OpenVINO's quantizer): int8 weights shift the mean of a layer's output wherever its inputs have
+    a mean (ReLU6 outputs do), E[(W_q - W) x] != 0, and the shifts add up down the network.
+
+    Each quantized Conv and Gemm with a bias gets a twin in a probe graph, the same op on the same int8
+    input with the FP32 weights and bias; the per-channel mean of twin minus layer over ``pixels`` is
+    added to the layer's bias (in units of its scale where the bias is int32, the CPU flavour; as is
+    where it is float, the TensorRT flavour). A layer is measured against its twin, not against the FP32
+    model's tensor, so it is corrected for the shift it adds and not again for the one it inherits:
+    correcting every layer at once by its whole difference from FP32 overcorrects down the network
+    (it diverged on a small model). ``rounds`` repeats it on the corrected inputs. Layers are matched to
+    the FP32 graph by node name (:func:`prepare` names every node; the quantizer keeps the names).
+    Edits ``int8_path`` in place; returns the layer count and the mean absolute channel shift before
+    each round and after the last.
+    """
+    int8, fp32 = onnx.load(str(int8_path)), onnx.load(str(prepared))
+    inits = {t.name: t for t in int8.graph.initializer}
+    fp32_inits = {t.name: t for t in fp32.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    uses = {}
+    for n in int8.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    layers, twins, twin_inits = [], [], []  # layers: (its output, its twin's, bias initializer, int32 scale or None)
+    for n in quantized_nodes(int8, ("Conv", "Gemm")):
+        src = fp32_nodes.get(n.name)
+        if len(n.input) < 3 or not n.input[2] or src is None or not all(i in fp32_inits for i in src.input[1:3]):
+            continue
+        bias, scale = n.input[2], None
+        dq = producer.get(bias)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            bias, scale = dq.input[0], dq.input[1]
+        if bias not in inits or uses.get(bias) != 1 or (scale is not None and scale not in inits):
+            continue
+        params = [f"{n.name}/fp32_twin/{k}" for k in ("weight", "bias")]
+        twin_inits += [onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(fp32_inits[i]), name)
+                       for i, name in zip(src.input[1:3], params)]
+        twin = onnx.helper.make_node(n.op_type, [n.input[0], *params], [f"{n.name}/fp32_twin"], name=f"{n.name}/fp32_twin")
+        twin.attribute.extend(n.attribute)
+        twins.append(twin)
+        layers.append((n.output[0], twin.output[0], bias, scale))
+    shifts = []
+    for round_ in range(rounds + 1) if layers else ():
+        probe = onnx.ModelProto()
+        probe.CopyFrom(int8)
+        probe.graph.node.extend(twins)
+        probe.graph.initializer.extend(twin_inits)
+        means = _channel_means(probe, [t for layer in layers for t in layer[:2]], pixels)
+        deltas = [means[2 * k + 1] - means[2 * k] for k in range(len(layers))]
+        shifts.append(float(np.mean([np.abs(d).mean() for d in deltas])))
+        if round_ == rounds:
+            break
+        for (_, _, bias, scale), delta in zip(layers, deltas):
+            value = onnx.numpy_helper.to_array(inits[bias])
+            if scale is None:
+                value = (value + delta).astype(value.dtype)
+            else:
+                step = onnx.numpy_helper.to_array(inits[scale]).astype(np.float64)
+                value = np.clip(value + np.round(delta / step), -2 ** 31, 2 ** 31 - 1).astype(value.dtype)
+            inits[bias].CopyFrom(onnx.numpy_helper.from_array(value, bias))
+    onnx.save(int8, str(int8_path))
+    return {"layers": len(layers), "mean_abs_shift": shifts}
+
+
+def _channel_means(model: onnx.ModelProto, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+    """Mean of each tensor ``names`` of ``model`` over ``pixels``, per channel (axis 1)."""
+    sess = _probe_session(model, names)
+    inp = sess.get_inputs()[0].name
+    sums, counts = [0.0] * len(names), [0] * len(names)
+    for x in batches(pixels, 8):
+        for k, out in enumerate(sess.run(names, {inp: x})):
+            sums[k] = sums[k] + out.sum(axis=tuple(a for a in range(out.ndim) if a != 1), dtype=np.float64)
+            counts[k] += out.size // out.shape[1]
+    return [s / c for s, c in zip(sums, counts)]
 
 
 def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.ndarray, val_pixels: np.ndarray,

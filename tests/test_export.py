@@ -16,8 +16,8 @@ from onnx import numpy_helper
 
 from edge_tl.errors import UserError
 from edge_tl.export.bundle import export_bundle
-from edge_tl.export.quantize import (FLAVOURS, layer_damage, prepare, quantize_int8, quantize_within_budget,
-                                     quantized_nodes)
+from edge_tl.export.quantize import (FLAVOURS, correct_biases, layer_damage, onnx_logits, prepare, quantize_int8,
+                                     quantize_within_budget, quantized_nodes)
 from edge_tl.finetune.data import discover, pixels_of
 from edge_tl.finetune.train import load_checkpoint, load_model
 from edge_tl.fileio import sha256_file
@@ -180,6 +180,52 @@ def test_float_fallback_keeps_damaging_layers_in_float(elpv_run, elpv_small, tmp
                                     first["drop_pts"] - first["noise_pts"] / 2 / 3 ** 0.5, log=lambda s: None)
     assert within["float_nodes"] == [] and within["accepted"] and len(within["tries"]) == 1  # over budget, within noise
     assert within["noise_allowance_pts"] == pytest.approx(first["noise_pts"] / 3 ** 0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "tensorrt"])
+def test_bias_correction_brings_int8_closer_to_fp32_and_touches_only_biases(elpv_run, elpv_small, flavour, tmp_path):
+    """Calibrated on the training images, judged on the test images: the corrected INT8's logits are
+    closer to FP32's; only the biases of quantized Conv/Gemm layers change (int32 in the CPU flavour,
+    float in the TensorRT one); a shift put into one bias is taken out again, in the bias's own units."""
+    _, ckpt = load_model(elpv_run / "best.pt")
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    train = pixels_of(discover(elpv_small, spec, progress=False).train, spec)
+    test = pixels_of(discover(elpv_small / "test", spec, progress=False).train, spec)
+    from edge_tl.export.onnx_export import export_onnx
+
+    fp32 = export_onnx(load_model(elpv_run / "best.pt")[0], spec, tmp_path / "fp32.onnx")
+    prepared = prepare(fp32, tmp_path / "prep.onnx")
+    plain = quantize_int8(prepared, tmp_path / "plain.onnx", train, flavour, bias_correction=0)
+    corrected = quantize_int8(prepared, tmp_path / "corrected.onnx", train, flavour)  # the default: corrected
+    reference = onnx_logits(fp32, test)
+    error = {p.stem: np.abs(onnx_logits(p, test) - reference).mean() for p in (plain, corrected)}
+    assert error["corrected"] < 0.85 * error["plain"], error
+
+    before, after = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
+                     for p in (plain, corrected))
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    model = onnx.load(str(plain))
+    dq_input = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    layers = quantized_nodes(model, ("Conv", "Gemm"))
+    biases = {dq_input.get(n.input[2], n.input[2]) for n in layers}
+    assert changed and changed <= biases and after.keys() == before.keys()
+    assert {after[b].dtype for b in biases} == {np.dtype(np.int32 if flavour == "cpu" else np.float32)}
+
+    shutil.copyfile(corrected, tmp_path / "again.onnx")
+    record = correct_biases(prepared, tmp_path / "again.onnx", train, rounds=1)  # again: little left to take out
+    assert record["layers"] == len(layers) and record["mean_abs_shift"][1] < record["mean_abs_shift"][0]
+    pushed = onnx.load(str(corrected))
+    bias = dq_input.get(layers[10].input[2], layers[10].input[2])
+    tensor = next(t for t in pushed.graph.initializer if t.name == bias)
+    value = numpy_helper.to_array(tensor).copy()
+    step = 1 if flavour == "cpu" else 0.01  # int32: in steps of the bias scale
+    value[0] += 200 * step
+    tensor.CopyFrom(numpy_helper.from_array(value, bias))
+    onnx.save(pushed, str(tmp_path / "pushed.onnx"))
+    correct_biases(prepared, tmp_path / "pushed.onnx", train, rounds=1)
+    again, undone = (next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / p)).graph.initializer
+                          if t.name == bias) for p in ("again.onnx", "pushed.onnx"))
+    assert abs(float(undone[0]) - float(again[0])) <= step  # the push taken out, within rounding
 
 
 def test_the_noise_allowance_is_shared_by_export_and_check():
