@@ -17,7 +17,7 @@ $(PYTHON):
 endif
 PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test openvino-env
+.PHONY: install demo test openvino-env py38-env
 
 install: | $(PYTHON)
 	$(PIP) -e ".[train,demo,dev]"
@@ -25,7 +25,7 @@ install: | $(PYTHON)
 demo: install
 	$(PYTHON) -m edge_tl build --data demo --target cpu --out $(DEMO)
 
-test: install openvino-env
+test: install openvino-env py38-env
 	$(PYTHON) -m pytest -q
 
 # ONNX Runtime with the OpenVINO execution provider, in its own environment (it provides the
@@ -39,3 +39,17 @@ openvino-env:
 	  && $(OPENVINO_ENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e . \
 	  && touch $(OPENVINO_ENV)/.complete ; } \
 	  || { echo "openvino-env: onnxruntime-openvino did not install here; the OpenVINO tests will skip"; rm -rf $(OPENVINO_ENV); }
+
+# Python 3.8, the oldest the device-side runtime supports (JetPack 5, Ubuntu 20.04), with the runtime's
+# dependencies only; tests/test_oldest_python.py installs a wheel of this checkout into a folder of its
+# own and runs the device commands there. Where no Python 3.8 is found (pyenv install 3.8 adds one), the
+# test skips and says so.
+PY38_ENV ?= .venv-py38
+PY38 ?= $(firstword $(foreach p,python3.8 $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8),\
+  $(shell $(p) -c "import sys; assert sys.version_info[:2] == (3, 8)" 2>/dev/null && echo $(p))))
+py38-env:
+	@[ -f $(PY38_ENV)/.complete ] || { [ -n "$(PY38)" ] || { echo "py38-env: no Python 3.8 here; the oldest-Python test will skip"; exit 0; }; \
+	  rm -rf $(PY38_ENV) && $(PY38) -m venv $(PY38_ENV) \
+	  && $(PY38_ENV)/bin/python -m pip install --disable-pip-version-check -q numpy pillow onnxruntime typer \
+	  && touch $(PY38_ENV)/.complete ; } \
+	  || { echo "py38-env: the runtime's dependencies did not install for Python 3.8; the oldest-Python test will skip"; rm -rf $(PY38_ENV); }

@@ -11,7 +11,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -60,10 +60,17 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+TRAINING_COMMANDS = {"data", "finetune", "export", "build", "report"}
+TRAINING_PYTHON = (3, 10)  # PyTorch's own floor; the device-side commands run from Python 3.8
+
+
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    pass
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                           help="Print the version and exit.")) -> None:
+    if ctx.invoked_subcommand in TRAINING_COMMANDS and sys.version_info < TRAINING_PYTHON:
+        raise UserError(f"`edge-tl {ctx.invoked_subcommand}` needs Python {'.'.join(map(str, TRAINING_PYTHON))} or newer "
+                        f"(this is {sys.version.split()[0]}): fine-tune and export on a machine with it; the device-side "
+                        "commands predict, check, bench, slim and engine run here.")
 
 
 @data_app.command("elpv")
@@ -291,7 +298,7 @@ def slim(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    images: list[Path] = typer.Argument(..., help="Image files, or folders (their images, sorted)."),
+    images: List[Path] = typer.Argument(..., help="Image files, or folders (their images, sorted)."),
     topk: int = typer.Option(3, help="How many classes to show per image."),
     backend: str = typer.Option("auto", help="auto (TensorRT engine, else ONNX Runtime), tensorrt or onnxruntime."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: fastest accepted)."),

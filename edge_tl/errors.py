@@ -1,5 +1,7 @@
 """The one exception type for user mistakes: the CLI prints its message and exits 2."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """Bad input from the user (a path, a value, a missing dependency).

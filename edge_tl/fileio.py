@@ -248,7 +248,11 @@ def check_writable(path: str | Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8", newline="\n"))  # LF on Windows too
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:  # LF on Windows too (Path.write_text: 3.10+)
+            f.write(text)
+
+    return atomic_write(path, write)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

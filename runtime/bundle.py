@@ -225,7 +225,7 @@ class Bundle:
                               "Re-export the bundle.") from None
         check_class_names(self.manifest.get("classes"), mpath)
         labels = self.path / LABELS
-        if labels.is_file() and labels.read_text(encoding="utf-8").removesuffix("\n").split("\n") != classes:
+        if labels.is_file() and labels.read_text(encoding="utf-8").split("\n") not in (classes, [*classes, ""]):
             raise BundleError(f"{mpath}: 'classes' {classes} differ from {labels}. Re-export the bundle.")
         pixels, logits = self.golden()
         if pixels.shape[1:3] != tuple(spec.input_size) or logits.shape[1:] != (len(classes),):

@@ -28,6 +28,9 @@ JETSON_HINT = ("this is a Jetson: use JetPack's own TensorRT, not PyPI's (a virt
                "(CUDA 12) pip install 'cuda-python>=12.6,<13', JetPack 7 (CUDA 13) pip install 'cuda-python>=13'")
 
 
+OLDEST_TENSORRT = 10  # name-based I/O tensors, execute_async_v3, explicit batch only
+
+
 def on_jetson() -> bool:
     """A Jetson (JetPack's Linux for Tegra), whose TensorRT and CUDA come with the system image."""
     return Path("/etc/nv_tegra_release").exists()
@@ -54,6 +57,11 @@ def import_tensorrt():
         raise UserError(f"TensorRT is not installed here: {install_hint()}.") from None
     except OSError as exc:  # its libraries are missing (TensorRT's loader raises this on Windows)
         raise UserError(f"TensorRT is installed but cannot load its libraries ({exc}): {install_hint()}.") from None
+    if int(re.match(r"\d*", tensorrt.__version__).group() or 0) < OLDEST_TENSORRT:
+        raise UserError(f"TensorRT {tensorrt.__version__} is older than {OLDEST_TENSORRT}, the oldest whose Python API "
+                        "edge-tl's engines use (JetPack 5 has 8.5): there, run the bundle's ONNX files on ONNX Runtime "
+                        "(--device cuda with NVIDIA's onnxruntime-gpu for Jetson, or --device cpu), or move to JetPack 6 "
+                        "or newer.")
     return tensorrt
 
 

@@ -158,6 +158,18 @@ def test_on_a_jetson_the_fixes_are_jetpacks(monkeypatch):
     assert "tensorrt-cu12" not in reason
 
 
+def test_a_tensorrt_older_than_10_is_refused_naming_what_runs_instead(monkeypatch):
+    """JetPack 5's TensorRT 8.5 imports, but its Python API lacks what the engines use: a clear refusal,
+    not an AttributeError deep in a build (its Python 3.8 runs the runtime, tests/test_oldest_python.py)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
+    with pytest.raises(UserError, match=r"TensorRT 8\.5\.2\.2 is older than 10.*--device cuda.*JetPack 6"):
+        trt_support.import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    assert trt_support.import_tensorrt().__version__ == "10.3.0"
+
+
 def fake_tensorrt(version: str, build_ok: bool = True, dla_cores: int = 0):
     """A recording stand-in for the ``tensorrt`` module, shaped like TensorRT 10 or 11's Python API
     (11 has no FP16/INT8 builder flags). It checks edge-tl's own logic around the builder (flags
