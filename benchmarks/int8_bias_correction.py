@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--draws", default="0,1")
