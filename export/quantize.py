@@ -295,7 +295,7 @@ def correct_biases(prepared: Path, int8_path: Path, pixels: np.ndarray, rounds: 
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     opset = next(o.version for o in int8.opset_import if o.domain in ("", "ai.onnx"))
-    layers, probe_nodes, probe_inits = [], [], []  # layers: (its shift tensor, bias initializer, int32 scale or None)
+    layers, probe_nodes, probe_inits = [], [], []  # (its shift tensor, bias initializer, int32 scale or None, beta)
     for n in quantized_nodes(int8, ("Conv", "Gemm")):
         src = fp32_nodes.get(n.name)
         if len(n.input) < 3 or not n.input[2] or src is None or not all(i in fp32_inits for i in src.input[1:3]):
@@ -310,7 +310,7 @@ def correct_biases(prepared: Path, int8_path: Path, pixels: np.ndarray, rounds: 
         probe_inits += [onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(fp32_inits[i]), f"{twin}/{k}")
                         for i, k in zip(src.input[1:3], ("weight", "bias"))]
         node = onnx.helper.make_node(n.op_type, [n.input[0], f"{twin}/weight", f"{twin}/bias"], [twin], name=twin)
-        node.attribute.extend(n.attribute)
+        node.attribute.extend(src.attribute)  # the FP32 layer's own (ONNX Runtime's quantizer sets a Gemm's beta to 1)
         # the shift, reduced in the graph to one value per channel: every axis but 1 (Conv's weight rank = its output's)
         axes = [0] + list(range(2, len(fp32_inits[src.input[1]].dims) if n.op_type == "Conv" else 2))
         reduce = (onnx.helper.make_node("ReduceMean", [f"{twin}/diff"], [f"{twin}/shift"], keepdims=0, axes=axes)
@@ -319,18 +319,20 @@ def correct_biases(prepared: Path, int8_path: Path, pixels: np.ndarray, rounds: 
         if opset >= 18:
             probe_inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), f"{twin}/axes"))
         probe_nodes += [node, onnx.helper.make_node("Sub", [twin, n.output[0]], [f"{twin}/diff"]), reduce]
-        layers.append((f"{twin}/shift", bias, scale))
+        beta = next((a.f for a in n.attribute if a.name == "beta"), 1.0)  # Gemm: the bias enters its output x beta
+        layers.append((f"{twin}/shift", bias, scale, beta))
     shifts = []
     for round_ in range(rounds + 1) if layers else ():
         probe = onnx.ModelProto()
         probe.CopyFrom(int8)
         probe.graph.node.extend(probe_nodes)
         probe.graph.initializer.extend(probe_inits)
-        deltas = _batch_means(probe, [shift for shift, _, _ in layers], pixels)
+        deltas = _batch_means(probe, [layer[0] for layer in layers], pixels)
         shifts.append(float(np.mean([np.abs(d).mean() for d in deltas])))
         if round_ == rounds:
             break
-        for (_, bias, scale), delta in zip(layers, deltas):
+        for (_, bias, scale, beta), delta in zip(layers, deltas):
+            delta = delta / beta
             value = onnx.numpy_helper.to_array(inits[bias])
             if scale is None:
                 value = (value + delta).astype(value.dtype)

@@ -228,6 +228,36 @@ def test_bias_correction_brings_int8_closer_to_fp32_and_touches_only_biases(elpv
     assert abs(float(undone[0]) - float(again[0])) <= step  # the push taken out, within rounding
 
 
+def test_bias_correction_measures_a_gemm_against_its_own_fp32_beta(tmp_path):
+    """ONNX Runtime's quantizer rewrites a Gemm's beta to 1 but leaves its bias as it was, so a classifier
+    exported with beta != 1 (timm's are 1) comes out of quantization shifted; the twin keeps the FP32
+    layer's beta and the correction scales by the int8 layer's: the TensorRT flavour's shift is taken
+    out; ONNX Runtime's fused int8 Gemm (the CPU flavour) keeps part of it, measured here."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.003, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(rng.normal(0, 1.0, 4).astype(np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1, beta=0.5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    pixels = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    prepared = prepare(tmp_path / "fp32.onnx", tmp_path / "prep.onnx")
+    reference = onnx_logits(tmp_path / "fp32.onnx", pixels)
+    for flavour in ("cpu", "tensorrt"):
+        errors = [np.abs((onnx_logits(quantize_int8(prepared, tmp_path / f"{flavour}{r}.onnx", pixels, flavour,
+                                                    bias_correction=r), pixels) - reference).mean(0)).max()
+                  for r in (0, 1)]
+        assert errors[0] > 0.3 and errors[1] < (0.01 if flavour == "tensorrt" else 0.6 * errors[0]), (flavour, errors)
+
+
 def test_the_noise_allowance_is_shared_by_export_and_check():
     from edge_tl.runtime.check import noise_allowance
 
