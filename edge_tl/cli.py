@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import inspect
 import json
 import os
 import signal
@@ -517,6 +518,17 @@ def report(out: Path = typer.Argument(..., help="A build folder from `edge-tl bu
 
     typer.echo(f"wrote {write_report(out)}")
 
+
+def _unwrap_docstrings(*typer_apps: typer.Typer) -> None:
+    """Each command's --help from its docstring with every paragraph on one line: Typer's rich help
+    (0.2x) keeps a docstring's line breaks, which cut sentences mid-line at any other terminal width."""
+    for typer_app in typer_apps:
+        for command in typer_app.registered_commands:
+            paragraphs = (inspect.getdoc(command.callback) or "").split("\n\n")
+            command.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in paragraphs)
+
+
+_unwrap_docstrings(app, data_app)
 
 # click's ClickException, in typer's own copy of click from typer 0.24 on and in click before it
 CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -623,6 +623,14 @@ def test_check_and_predict_bad_input_exit_2(cpu_bundle, tmp_path):
         assert res.returncode == 2 and message in res.stderr and "fp32:" not in res.stdout + res.stderr, res.stderr
 
 
+def test_help_keeps_each_docstring_sentence_whole_at_any_terminal_width():
+    """--help reflows a command's docstring to the terminal: no line break of the source survives mid-sentence."""
+    res = subprocess.run([sys.executable, "-m", "edge_tl", "export", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+    assert res.returncode == 0, res.stderr
+    assert "validation split; when it loses more than --max-drop points, the layers" in res.stdout, res.stdout
+
+
 def test_a_crash_exits_3_never_1_which_check_means_as_regression(monkeypatch, capsys):
     from edge_tl import cli
 
