@@ -95,12 +95,13 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
                   calib_images: int = 512, calib_method: str = "auto", batch: str | None = None,
                   max_drop: float = 1.0, data: str | Path | None = None, golden_count: int = 32,
                   workspace_mb: int = 1024, force: bool = False, progress: bool = True, int8_default: str = "auto",
-                  log=print) -> Bundle:
+                  bias_correction: bool = True, log=print) -> Bundle:
     """Export ``run/best.pt`` as a bundle at ``out`` for ``target``; returns the loaded, verified bundle.
 
     ``int8_default``: whether apps get the CPU INT8 by default: "auto" where it ran faster than FP32
     here at batch 1 (a timing: two exports on a busy machine may decide differently), "yes" or "no"
-    (the same bundle every time; its speed is still measured and recorded)."""
+    (the same bundle every time; its speed is still measured and recorded). ``bias_correction``: INT8
+    biases corrected for the mean shift of int8 weights (:func:`correct_biases`), the default."""
     if int8_default not in ("auto", "yes", "no"):
         raise UserError(f"--int8-default {int8_default}: use auto, yes or no.")
     if target not in TARGETS:
@@ -163,7 +164,8 @@ def export_bundle(run: str | Path, out: str | Path, target: str = "cpu", precisi
     tmp = temp_folder(out)
     try:
         manifest = _write_bundle(tmp, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images,
-                                 calib_method, max_drop, golden_count, int8_default, log)
+                                 calib_method, max_drop, golden_count, int8_default,
+                                 BIAS_CORRECTION_ROUNDS if bias_correction else 0, log)
         manifest["run"]["path"], manifest["data"] = str(Path(run).resolve()), str(Path(data).resolve())
         manifest["run"].update(finished=finished, epochs_done=epochs_done, epochs_planned=cfg["epochs"],
                                best_sha256=sha256_file(run / "best.pt"), config=cfg,
@@ -202,7 +204,7 @@ def ckpt_spec(ckpt: dict):
 
 
 def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, profile, calib_images, calib_method,
-                  max_drop, golden_count, int8_default, log) -> dict:
+                  max_drop, golden_count, int8_default, bias_correction_rounds, log) -> dict:
     classes = ckpt["classes"]
     val_labels = np.asarray(ds.val.labels)
     val_pixels = pixels_of(ds.val, spec)
@@ -237,13 +239,13 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         idx = stratified_sample(ds.train.labels, n)
         calib = pixels_of(ds.train, spec, idx)
         calibration = {"images": len(idx), "source": "training split (stratified)", "method": calib_method,
-                       "bias_correction_rounds": BIAS_CORRECTION_ROUNDS,
+                       "bias_correction_rounds": bias_correction_rounds,
                        "class_counts": np.bincount([ds.train.labels[i] for i in idx], minlength=len(classes)).tolist(),
                        "preprocessing": "eval (resize + center crop)"}
         name = FLAVOURS[flavour].artifact
         log(f"int8 ({flavour} flavour): calibrating on {len(idx)} training images ({calib_method})")
         record = quantize_within_budget(fp32, tmp / ONNX_FILES[name], calib, val_pixels, val_labels, fp32_logits,
-                                        flavour, calib_method, max_drop, log)
+                                        flavour, calib_method, max_drop, bias_correction_rounds, log)
         art = _artifact(name, "int8", FLAVOURS[flavour].backend, record["val_accuracy"], fp32_acc)
         art.update(flavour=flavour, why=record["why"], float_nodes=record["float_nodes"], accepted=record["accepted"],
                    noise_pts=record["noise_pts"], noise_allowance_pts=record["noise_allowance_pts"],

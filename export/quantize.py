@@ -357,7 +357,7 @@ def _batch_means(model: onnx.ModelProto, names: list[str], pixels: np.ndarray) -
 
 def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.ndarray, val_pixels: np.ndarray,
                            val_labels: np.ndarray, fp32_logits: np.ndarray, flavour: str, method: str,
-                           max_drop: float, log=print) -> dict:
+                           max_drop: float, bias_correction: int = BIAS_CORRECTION_ROUNDS, log=print) -> dict:
     """INT8 ``flavour`` of ``fp32_path``; layers kept in float until the val drop is within ``max_drop``
     points plus an allowance for its sampling noise.
 
@@ -371,7 +371,7 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
     always "within noise", however broken the INT8. A try with layers in float is taken only where it
     is closer to FP32 than the fully quantized model beyond noise (``improved_beyond_noise``); the try
     with every layer in float is FP32 itself. ``fp32_logits`` are the FP32 model's on
-    ``val_pixels``. Returns the record for the manifest: accuracy, drop, its noise and allowance,
+    ``val_pixels``; ``bias_correction``: rounds of :func:`correct_biases` on each try. Returns the record for the manifest: accuracy, drop, its noise and allowance,
     top-1 agreement with FP32, float-kept nodes, every try.
     """
     fp32_accuracy = accuracy(fp32_logits, val_labels)
@@ -380,7 +380,7 @@ def quantize_within_budget(fp32_path: Path, out_path: Path, calib_pixels: np.nda
         fully_quantized = Path(tmp) / "fully_quantized.onnx"
         tries, exclude, ranking = [], (), None
         while True:
-            quantize_int8(prepared, out_path, calib_pixels, flavour, method, exclude)
+            quantize_int8(prepared, out_path, calib_pixels, flavour, method, exclude, bias_correction)
             if not exclude:
                 shutil.copyfile(out_path, fully_quantized)
             logits = onnx_logits(out_path, val_pixels)

@@ -258,6 +258,28 @@ def test_bias_correction_measures_a_gemm_against_its_own_fp32_beta(tmp_path):
         assert errors[0] > 0.3 and errors[1] < (0.01 if flavour == "tensorrt" else 0.6 * errors[0]), (flavour, errors)
 
 
+def test_no_bias_correction_exports_the_quantizers_biases_and_says_so(pattern_bundle, tmp_path):
+    """`export --no-bias-correction`, the escape hatch: same calibration and graph as the default bundle,
+    only the int32 biases differ, and the manifest records 0 rounds."""
+    import subprocess
+    import sys
+
+    bundle, _ = pattern_bundle
+    out = tmp_path / "plain"
+    res = subprocess.run([sys.executable, "-m", "edge_tl", "export", str(bundle.parent / "run"), "--out", str(out),
+                          "--precision", "fp32,int8", "--no-bias-correction", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    manifests = [json.loads((b / "manifest.json").read_text()) for b in (bundle, out)]
+    assert [m["calibration"]["bias_correction_rounds"] for m in manifests] == [1, 0]
+    corrected, plain = (onnx.load(str(b / "model.int8-cpu.onnx")).graph for b in (bundle, out))
+    assert [n.op_type for n in corrected.node] == [n.op_type for n in plain.node]
+    before = {t.name: numpy_helper.to_array(t) for t in corrected.initializer}
+    changed = {t.name: before[t.name].dtype for t in plain.initializer
+               if not np.array_equal(before[t.name], numpy_helper.to_array(t))}
+    assert changed and set(changed.values()) == {np.dtype(np.int32)}, changed
+
+
 def test_the_noise_allowance_is_shared_by_export_and_check():
     from edge_tl.runtime.check import noise_allowance
 
