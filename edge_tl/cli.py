@@ -313,7 +313,8 @@ def predict(
 ) -> None:
     """Classify images with a bundle (torch-free runtime).
 
-    With --json each line also names the artifact, the model and the bundle's manifest_sha256.
+    With --json each line also names the artifact, the model, the bundle's manifest_sha256 and its
+    release_id (the same on every device of one export, after engines are built or artifacts slimmed).
     An unreadable file is reported (a JSON line with "error") and skipped; the exit status is
     then 1, after every other image was classified (2 if none was). A refused bundle or option:
     exit 2 (with --json, {"error": ...} on stdout).
@@ -321,7 +322,6 @@ def predict(
     Example: edge-tl predict bundles/elpv cell1.png cell2.png --topk 2
     """
     from edge_tl.runtime import Predictor, UnreadableImage
-    from edge_tl.runtime.bundle import SELF_DIGEST
     from edge_tl.runtime.images import expand_images
 
     failed = 0
@@ -331,7 +331,7 @@ def predict(
         files = expand_images(images)
         p = Predictor.from_bundle(bundle, backend, precision, device, threads)
     source = {"artifact": p.artifact["name"], "model": p.bundle.manifest.get("model"),
-              "manifest_sha256": p.bundle.manifest.get(SELF_DIGEST)}  # which bundle made each line
+              "manifest_sha256": p.bundle.digest, "release_id": p.bundle.release_id}  # which bundle made each line
     with p:
         typer.echo(f"using {p.describe()}", err=True)
         for path, pred in p.predict_files(files, topk):
@@ -348,6 +348,48 @@ def predict(
     if failed:
         typer.echo(f"error: {failed} of {len(files)} images unreadable (listed above)", err=True)
         raise typer.Exit(2 if failed == len(files) else 1)  # none classified: the input, not some images, is wrong
+
+
+@app.command()
+def drift(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    images: List[Path] = typer.Argument(..., help="Field images (no labels): files, or folders (their images)."),
+    false_alarm: float = typer.Option(0.001, help="Chance that a statistic of images like the validation split's "
+                                      "falls outside its range anyway."),
+    device: str = typer.Option("auto", help="auto, cpu, openvino or cuda (ONNX Runtime execution provider)."),
+    json_out: bool = typer.Option(False, "--json", help="The report as JSON."),
+) -> None:
+    """Compare field images (no labels) with the validation images the bundle was exported with.
+
+    Four statistics of all IMAGES together: the mix of predicted classes, the mean top score, and the
+    model input's mean brightness and contrast, each against the range that as many images drawn from
+    the validation split stay in. A calibrated score is no out-of-distribution detector (noise and
+    unrelated photos can score higher than real images); these statistics of many images move
+    instead. Exit 0: none outside; 1: drift (some outside); 2: bad input.
+
+    Example: edge-tl drift bundles/elpv field/2026-11-29/
+    """
+    from edge_tl.runtime import Predictor
+    from edge_tl.runtime.images import expand_images
+    from edge_tl.runtime.monitor import monitor_files
+
+    with _errors_as_json(json_out):
+        files = expand_images(images)
+        with Predictor.from_bundle(bundle, device=device) as p:
+            report = monitor_files(p, files, false_alarm)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for name, s in report["statistics"].items():
+            low, high = s["range"]
+            typer.echo(f"{name:<11} {s['value']:9.3f}   reference {low:.3f} .. {high:.3f}   "
+                       f"{'OUTSIDE' if s['unusual'] else 'ok'}   ({s['meaning']})")
+        typer.echo("predicted: " + ", ".join(f"{k} {v:.1%}" for k, v in report["mix"].items()))
+        typer.echo(f"{'drift' if report['drift'] else 'no drift'}: {report['predictions']} images against "
+                   f"{report['reference_images']} validation images, false alarm {false_alarm:g} per statistic"
+                   + (f"; {len(report['unreadable'])} unreadable, skipped" if report["unreadable"] else ""))
+    if report["drift"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from edge_tl.runtime import trt_support as ts
 from edge_tl.runtime.bundle import GITATTRIBUTES, GOLDEN, LABELS, MANIFEST, SCHEMA_VERSION, Bundle
 from edge_tl.runtime.check import accuracy
 from edge_tl.runtime.images import SYSTEM_FILES
+from edge_tl.runtime.monitor import reference_record
 from edge_tl.runtime.scores import fit_temperature
 
 from . import tensorrt as trt_build
@@ -289,6 +290,7 @@ def _write_bundle(tmp: Path, model, ckpt, spec, ds, target, flavour, wanted, pro
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32", "meaning": "logits",
                    "temperature": scores["temperature"], "scores": "softmax(logits / temperature)"},
         "scores": scores,
+        "reference": reference_record(val_pixels, fp32_logits, scores["temperature"]),
         "batch": profile.to_dict(),
         "run": {"best_val_accuracy": ckpt.get("val_accuracy"), "best_epoch": ckpt.get("epoch")},
         "validation": {"images": len(val_labels), "source": ds.val_source},

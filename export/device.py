@@ -11,7 +11,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import temp_folder, unlink_links, write_text
 from edge_tl.runtime import trt_support as ts
-from edge_tl.runtime.bundle import GITATTRIBUTES, SELF_DIGEST, Bundle
+from edge_tl.runtime.bundle import GITATTRIBUTES, RELEASE_DIGEST, SELF_DIGEST, Bundle
 
 from . import tensorrt as trt_build
 
@@ -33,6 +33,7 @@ def build_engines(bundle: Bundle, precisions: list[str], dla_core: int | None = 
     if (bundle.path / "engines").is_symlink():
         raise UserError(f"{bundle.path / 'engines'}: a symbolic link; engines are written into the bundle itself, never "
                         "through links. Replace it by a folder (remove the link; `edge-tl engine` makes the folder).")
+    bundle.manifest[RELEASE_DIGEST] = bundle.release_id  # kept through the re-signing below
     built = []
     for precision in precisions:
         source = trt_build.SOURCE_ARTIFACT[mode][precision]
@@ -98,6 +99,7 @@ def slim_bundle(path: str | Path, keep: list[str], out: str | Path, log=print) -
         slim.manifest["artifacts"] = [a for a in bundle.artifacts if a["name"] in keep]
         slim.manifest["files"] = {k: v for k, v in bundle.manifest["files"].items()
                                   if k not in gone and k != ".gitattributes"}  # written anew, not hashed
+        slim.manifest[RELEASE_DIGEST] = bundle.release_id
         slim.manifest["slimmed"] = {"from": str(bundle.path.resolve()), "dropped": [a["name"] for a in dropped],
                                     "from_manifest_sha256": bundle.manifest.get(SELF_DIGEST)}
         slim.save()

@@ -24,7 +24,7 @@ from PIL import Image
 from edge_tl import __version__
 from edge_tl.errors import UserError
 
-from .bundle import SELF_DIGEST, Bundle
+from .bundle import Bundle
 from .images import UnreadableImage, expand_images, to_input
 from .cpu import cpu_info
 from .predictor import choose_artifact, flavour_mismatch, make_runner, not_runnable, tensorrt_available
@@ -228,7 +228,7 @@ def bench_bundle(path: str | Path, backends: list[str] | None = None, precisions
                         f"precision {', '.join(precisions or ['any'])} (it has: "
                         f"{', '.join(a['name'] + ' ' + a['precision'] for a in bundle.artifacts)}).")
     return {"machine": machine(), "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
-            "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "threads": threads, "e2e_input": e2e_input,
+            "manifest_sha256": bundle.digest, "release_id": bundle.release_id, "threads": threads, "e2e_input": e2e_input,
             "results": results, **({"default_int8_vs_fp32": int8} if int8 else {}),
             **({"reference_checkpoint": str(checkpoint.resolve())} if checkpoint else {})}
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -30,9 +31,18 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 LABELS = "labels.txt"
 SELF_DIGEST = "manifest_sha256"
+RELEASE_DIGEST = "exported_manifest_sha256"  # set by `engine` and `slim`, which re-sign: see Bundle.release_id
 GITATTRIBUTES = "# every file byte-exact: manifest.json holds their sha256\n* -text\n"  # git keeps them unchanged
 READABLE = ("Every file of a bundle is checked against its manifest, so this user needs read access to all of "
             "them: chmod -R a+rX {}")
+
+
+def _unreadable(f: Path, exc: OSError, bundle: Path) -> BundleError:
+    """A bundle file that could not be read: gone since the bundle was checked, or not readable by this user."""
+    if isinstance(exc, FileNotFoundError):
+        return BundleError(f"{f}: missing, though listed and there when the bundle was checked: the folder changed "
+                           "while it loaded (a copy or swap in progress?). Copy the whole bundle again, then load it.")
+    return BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(bundle)}")
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -124,6 +134,16 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
     sizes = [batch.get(k) for k in ("min", "opt", "max")] if isinstance(batch, dict) else [None]
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes) or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
         raise bad("batch", "an object of integers 1 <= min <= opt <= max")
+    reference = manifest.get("reference")  # see runtime/monitor.py; none in bundles from before it
+    if reference is not None:
+        lists = [reference.get(k) if isinstance(reference, dict) else None
+                 for k in ("predicted", "score", "brightness", "contrast")]
+        if not all(isinstance(v, list) and len(v) == len(lists[0]) for v in lists) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(manifest.get("classes") or [])
+                for k in lists[0]) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             for v in lists[1:] for x in v):
+            raise bad("reference", "an object of equal-length lists: predicted (class indices), score, brightness "
+                      "and contrast (numbers)")
     validation = manifest.get("validation", {})
     images = validation.get("images") if isinstance(validation, dict) else "?"
     if images is not None and (not isinstance(images, int) or isinstance(images, bool)):
@@ -141,6 +161,11 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
         path = Path(path)
+        if not path.exists():
+            what = f"a symbolic link to {os.readlink(path)}, which" if path.is_symlink() else "it"
+            raise BundleError(f"{path}: not found ({what} does not exist); pass the folder `edge-tl export` wrote "
+                              "(or its copy on this machine).")
+        path = path.resolve()  # one folder for every file, even if a link to it is re-pointed while it loads
         mpath = path / MANIFEST
         if not mpath.is_file():
             if (path / "best.pt").is_file():
@@ -156,9 +181,10 @@ class Bundle:
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise BundleError(f"{mpath}: cannot be read ({exc.strerror or exc}). {READABLE.format(path)}") from None
+            raise _unreadable(mpath, exc, path) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{mpath}: unreadable manifest ({exc}). Re-export the bundle.") from None
+            raise BundleError(f"{mpath}: unreadable manifest ({exc}): cut short or damaged (a copy still in "
+                              "progress?). Copy the bundle again, or re-export it.") from None
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         if not isinstance(schema, int):
             raise BundleError(f"{mpath}: no integer 'schema' field; this is not an edge-tl manifest.")
@@ -201,7 +227,7 @@ class Bundle:
                 if data is not None and actual == digest:
                     self._golden = _load_npz(data, f)
             except OSError as exc:
-                raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(self.path)}") from None
+                raise _unreadable(f, exc, self.path) from None
             if actual != digest:
                 if hashlib.sha256(f.read_bytes().replace(b"\r\n", b"\n")).hexdigest() == digest:
                     raise BundleError(f"{f}: its line endings were changed to CRLF (git's core.autocrlf on "
@@ -237,6 +263,18 @@ class Bundle:
                                                  ((0 <= labels_of_golden) & (labels_of_golden < len(classes))).all()):
             raise BundleError(f"{self.path / GOLDEN}: 'labels' must be one class index (0..{len(classes) - 1}) per "
                               "golden image. Re-export the bundle.")
+
+    @property
+    def digest(self) -> str:
+        """This manifest's sha256 (``manifest_sha256``; computed for a schema-1 bundle, which has none)."""
+        return self.manifest.get(SELF_DIGEST) or manifest_digest(self.manifest)
+
+    @property
+    def release_id(self) -> str:
+        """Which release this is: the ``manifest_sha256`` the bundle had as exported (before any engine).
+        ``edge-tl engine`` and ``slim`` re-sign the manifest, so the digest differs from device to device
+        of one release; this stays, for the logs of a fleet."""
+        return self.manifest.get(RELEASE_DIGEST) or self.digest
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -275,7 +313,7 @@ class Bundle:
         try:
             data = f.read_bytes()
         except OSError as exc:
-            raise BundleError(f"{f}: cannot be read ({exc.strerror or exc}). {READABLE.format(self.path)}") from None
+            raise _unreadable(f, exc, self.path) from None
         if hashlib.sha256(data).hexdigest() != self.manifest.get("files", {}).get(rel):
             raise BundleError(f"{f}: changed since the bundle was loaded, or not listed in its {MANIFEST}; "
                               "edge-tl runs only files that match the manifest. Copy the bundle again.")
@@ -289,6 +327,10 @@ class Bundle:
                 raise BundleError(f"{f}: missing; re-export the bundle to get golden outputs.")
             self._golden = _load_npz(self.read_verified(GOLDEN), f)
         return self._golden
+
+    def drop_golden(self) -> None:
+        """Free golden.npz's arrays; a later call reads them again, verified."""
+        self._golden = None
 
     @property
     def temperature(self) -> float:

@@ -25,7 +25,7 @@ from edge_tl import __version__
 from edge_tl.errors import UserError
 from edge_tl.fileio import sha256_file, write_text
 
-from .bundle import SELF_DIGEST, Bundle
+from .bundle import Bundle
 from .images import (MAX_DECODE_THREADS, UnreadableImage, class_folders, class_key, cpu_cores, image_files, in_order,
                      to_input)
 from .predictor import make_runner, not_runnable, tensorrt_available
@@ -433,7 +433,7 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     passed = (all(r["passed"] for r in results.values() if r["gated"]) and not unknown
               and (preprocess or {}).get("passed", True) and not engine_failures)
     report = {"passed": passed, "edge_tl": __version__, "bundle": str(bundle.path.resolve()),
-              "manifest_sha256": bundle.manifest.get(SELF_DIGEST), "model": bundle.manifest.get("model"),
+              "manifest_sha256": bundle.digest, "release_id": bundle.release_id, "model": bundle.manifest.get("model"),
               "data": source, "image_count": len(labels), "images_sha256": images_sha, "unreadable": skipped,
               "class_counts": class_counts, "max_drop": max_drop, "min_agreement": min_agreement,
               "min_accuracy": min_accuracy, "baseline": None if base is None else str(baseline),
@@ -457,7 +457,8 @@ def chance_note(report: dict) -> str | None:
             "classes present)")
     if above:
         return f"{head} while {', '.join(above)} is above it: {', '.join(at)} is broken; re-export the bundle"
-    return f"{head}: the model has not learned (more epochs or data, or check the labels)"
+    return (f"{head}: the model has not learned (more epochs or data, or check the labels), or these images "
+            "differ from those it learned on (`edge-tl drift BUNDLE IMAGES` compares them with its validation images)")
 
 
 def failures(report: dict) -> list[str]:

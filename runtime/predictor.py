@@ -16,6 +16,7 @@ from edge_tl.errors import UserError
 
 from .bundle import Bundle
 from .images import UnreadableImage, check_aspect, draft_jpeg, to_input, to_rgb
+from .monitor import FALSE_ALARM, FieldMonitor, input_stats
 from .runners import REOPEN, OnnxRuntimeRunner, Runner, TensorRTRunner, check_threads, import_onnxruntime
 from .scores import softmax
 
@@ -26,13 +27,17 @@ PRECISION_PREFERENCE = ("int8", "fp16", "fp32")  # fastest first, for precision=
 class Prediction:
     """One image's answer: the top class (``label``, its ``index`` in ``Predictor.classes``, its
     ``score``: softmax of logits / the bundle's temperature, which export fits on the validation
-    split where it has 50 images or more, and is 1 otherwise) and the ``topk`` (label, score)
-    pairs, best first."""
+    split where it has 50 images or more, and is 1 otherwise), the ``topk`` (label, score)
+    pairs, best first, and the model input's ``brightness`` and ``contrast`` (mean and standard
+    deviation of its grey levels, 0-255: what a :class:`~edge_tl.runtime.monitor.FieldMonitor`
+    compares with the validation images; None for predictions decoded from logits)."""
 
     label: str
     index: int
     score: float
     topk: list[tuple[str, float]]
+    brightness: float | None = None
+    contrast: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -263,10 +268,17 @@ class Predictor:
             art, chosen_backend = choose_artifact(bundle, backend, precision, device)
         runner = make_runner(bundle, art, chosen_backend, device, threads, session_options, session_config).activate()
         try:
-            return cls(bundle, art, runner)
+            predictor = cls(bundle, art, runner)
+            bundle.drop_golden()  # ~6 MB of test images a long-running app does not need (re-read if asked for)
+            return predictor
         except BaseException:
             runner.deactivate()  # a TensorRT runner's GPU buffers are freed by nothing else
             raise
+
+    def monitor(self, window: int = 50, false_alarm: float = FALSE_ALARM) -> FieldMonitor:
+        """A :class:`FieldMonitor` of this bundle's validation reference: ``add`` each prediction, read
+        ``report()["drift"]`` (class mix, mean score, brightness, contrast of the last ``window``)."""
+        return FieldMonitor.for_predictor(self, window, false_alarm)
 
     def describe(self) -> str:
         """What runs: artifact, precision, file, and the runner (backend, provider, threads)."""
@@ -411,7 +423,13 @@ class Predictor:
                     exc.args = (f"image [{i}] of {len(images)}: {exc}",)
                 exc.index = i
                 raise
-        return self.decode(self._infer(np.stack(pixels)) if pixels else np.zeros((0, len(self.classes))), topk)
+        if not pixels:
+            return []
+        batch = np.stack(pixels)
+        predictions = self.decode(self._infer(batch), topk)
+        for p, mean, std in zip(predictions, *input_stats(batch)):
+            p.brightness, p.contrast = round(float(mean), 2), round(float(std), 2)
+        return predictions
 
     def predict_files(self, paths, topk: int = 5):
         """Yield (path, Prediction) per image file, or (path, UnreadableImage) for one that cannot be

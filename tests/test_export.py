@@ -48,6 +48,9 @@ def test_manifest_round_trip_and_records(cpu_bundle, elpv_run):
         assert 0.0 <= a["val_accuracy"] <= 1.0 and a["accepted"]
     pixels, logits = bundle.golden()
     assert pixels.dtype == np.uint8 and pixels.shape[1:] == (96, 96, 3) and logits.shape == (len(pixels), 4)
+    ref = m["reference"]  # the field monitor's: every validation image (under 512), with the FP32 model's answers
+    assert ref["images"] == m["validation"]["images"] == len(ref["predicted"]) == len(ref["contrast"])
+    assert all(0 <= k < 4 for k in ref["predicted"]) and all(0.25 <= s <= 1 for s in ref["score"])
 
 
 def test_cpu_int8_flavour_is_uint8_activations_per_channel(cpu_bundle):

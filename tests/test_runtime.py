@@ -705,6 +705,70 @@ def test_bench_times_end_to_end_on_the_users_own_images(cpu_bundle, elpv_small, 
                      log=lambda s: None)
 
 
+def _darkened(images: list[Path], folder: Path) -> Path:
+    folder.mkdir()
+    for f in images:
+        Image.fromarray((np.asarray(Image.open(f).convert("RGB")) * 0.5).astype(np.uint8)).save(folder / f.name)
+    return folder
+
+
+def _bundle_with_reference(cpu_bundle: Path, images: list[Path], out: Path) -> dict:
+    """A copy of the test bundle whose reference is made from ``images`` (its own validation split is a
+    handful of images), through the real model, by export's own function; re-signed."""
+    from edge_tl.runtime.monitor import reference_record
+
+    shutil.copytree(cpu_bundle, out)
+    with Predictor.from_bundle(out, device="cpu") as p:
+        pixels = np.stack([p.preprocess(f) for f in images])
+        reference = reference_record(pixels, p.infer(pixels), p.temperature)
+    bundle = Bundle.load(out, verify=False)
+    bundle.manifest["reference"] = reference
+    bundle.save()
+    return reference
+
+
+def test_field_monitor_flags_darker_images_not_those_like_its_reference(cpu_bundle, elpv_small, tmp_path):
+    """Real cells through the real model: windows of images like the reference stay in range; the same
+    images at half brightness are drift. Each prediction carries its preprocessed input's statistics."""
+    from edge_tl.runtime.monitor import input_stats
+
+    images = sorted(elpv_small.rglob("*.png"))  # 48 cells, train and test
+    with Predictor.from_bundle(cpu_bundle, device="cpu") as p:
+        with pytest.raises(UserError, match="too few to tell drift from chance"):  # this model's own: a handful
+            p.monitor(10)
+    reference = _bundle_with_reference(cpu_bundle, images, tmp_path / "b")
+    assert reference["images"] == len(images) == len(reference["brightness"])
+    with Predictor.from_bundle(tmp_path / "b", device="cpu") as p:
+        predictions = p.predict_batch(images)
+        mean, std = input_stats(np.stack([p.preprocess(f) for f in images]))
+        assert [(q.brightness, q.contrast) for q in predictions] == [
+            (round(float(m), 2), round(float(s), 2)) for m, s in zip(mean, std)]
+        monitor = p.monitor(window=24)
+        assert monitor.report()["drift"] is None  # not yet a window's worth
+        for q in predictions[::2]:
+            monitor.add(q)
+        report = monitor.report()
+        assert report["drift"] is False and report["predictions"] == 24, report
+        for q in p.predict_batch(sorted(_darkened(images[::2], tmp_path / "dark").iterdir())):
+            monitor.add(q)  # the window slides onto the darkened images
+        report = monitor.report()
+        assert report["drift"] is True and report["statistics"]["brightness"]["unusual"], report
+        assert report["statistics"]["brightness"]["value"] < report["statistics"]["brightness"]["range"][0]
+        with pytest.raises(UserError, match="without brightness and contrast"):
+            monitor.add(p.decode(p.infer(p.preprocess(images[0])))[0])
+
+
+def test_cli_drift_exits_1_on_drift_0_on_images_like_the_reference(cpu_bundle, elpv_small, tmp_path):
+    images = sorted(elpv_small.rglob("*.png"))
+    _bundle_with_reference(cpu_bundle, images, tmp_path / "b")
+    same = _cli("drift", str(tmp_path / "b"), str(elpv_small / "test"), "--json")
+    assert same.returncode == 0 and json.loads(same.stdout)["drift"] is False, same.stdout + same.stderr
+    dark = _cli("drift", str(tmp_path / "b"), str(_darkened(images, tmp_path / "dark")))
+    assert dark.returncode == 1 and "brightness" in dark.stdout and "OUTSIDE" in dark.stdout, dark.stdout + dark.stderr
+    few = _cli("drift", str(tmp_path / "b"), str(images[0]))
+    assert few.returncode == 2 and "10 or more" in few.stderr, few.stderr
+
+
 def test_cli_predict_json(cpu_bundle, elpv_small):
     res = _cli("predict", str(cpu_bundle), *map(str, _images(elpv_small)[:2]), "--json", "--topk", "2")
     assert res.returncode == 0, res.stderr
@@ -779,6 +843,7 @@ def test_slim_bundle_is_complete_verified_and_smaller(cpu_bundle, elpv_small, tm
     assert [a["name"] for a in slim.artifacts] == ["int8-cpu"] and not (slim.path / "model.fp32.onnx").exists()
     assert slim.manifest["slimmed"]["dropped"] == ["fp32", "fp16"] and (slim.path / ".gitattributes").is_file()
     assert slim.manifest["slimmed"]["from_manifest_sha256"] == Bundle.load(cpu_bundle).manifest["manifest_sha256"]
+    assert slim.release_id == Bundle.load(cpu_bundle).digest != slim.digest  # one release, re-signed
     hint = rf"; `edge-tl slim` dropped fp32, fp16: use the bundle it was slimmed from, {cpu_bundle.resolve()}\.$"
     with pytest.raises(UserError, match=r"no artifact 'fp32' \(has: int8-cpu\)" + hint):
         slim.artifact("fp32")

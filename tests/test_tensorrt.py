@@ -388,6 +388,8 @@ def test_rebuilding_under_a_new_tensorrt_replaces_the_engine_of_that_name(monkey
     assert [(a["name"], a["tensorrt"]) for a in engines] == [("trt-fp16@fake-gpu", "10.17.0")]
     assert files[0] != files[1] and not (bundle_dir / files[0]).exists() and files[0] not in bundle.manifest["files"]
     assert any(f"replaced {files[0]}" in line for line in logs)
+    exported = Bundle.load(cpu_bundle).digest  # re-signed twice, still the release it was exported as
+    assert bundle.release_id == exported != bundle.digest
 
 
 def test_an_engine_built_for_another_tensorrt_is_named_and_gated(monkeypatch, fake_gpu, engines_run_as_their_onnx,

@@ -112,6 +112,8 @@ def _sha(f: Path) -> str:
     (lambda m: m["artifacts"][0].update(fp32_agreement="0.97"), r"artifacts\[0\]\.fp32_agreement"),
     (lambda m: m.update(validation=None), "'validation' must be an object"),  # check crashed on it
     (lambda m: m["artifacts"][1].update(name=m["artifacts"][0]["name"]), "distinct names"),  # one hid the other
+    (lambda m: m["reference"]["predicted"].__setitem__(0, 9), "'reference' must be"),  # no class 9: mix would crash
+    (lambda m: m["reference"]["score"].pop(), "'reference' must be"),
 ])
 def test_a_re_signed_manifest_that_would_misbehave_is_refused(cpu_bundle, tmp_path, edit, message):
     path = _copy(cpu_bundle, tmp_path)
@@ -229,6 +231,32 @@ def test_close_waits_for_calls_in_flight_and_refuses_new_ones(cpu_bundle, elpv_s
     shutil.copytree(cpu_bundle, path)
     q.bundle.path = path / "gone"
     q.warmup((1, 3))
+
+
+def test_a_bundle_behind_a_link_loads_from_one_folder_and_half_copies_say_copy_again(cpu_bundle, tmp_path):
+    """A service's `current` link: the bundle is read from the folder the link named at load (a swap
+    mid-load cannot mix two releases); a missing folder, a dangling link, a manifest cut short and a file
+    gone after the check each say what happened and to copy again, not to chmod or re-export."""
+    release = _copy(cpu_bundle, tmp_path, "v1")
+    (tmp_path / "current").symlink_to(release)
+    bundle = Bundle.load(tmp_path / "current")
+    assert bundle.path == release.resolve() and bundle.release_id == bundle.digest
+    p = Predictor.from_bundle(tmp_path / "current", device="cpu")
+    assert p.bundle.path == release.resolve() and p.bundle._golden is None  # golden arrays freed once loaded
+    with pytest.raises(BundleError, match="not found .it does not exist"):
+        Bundle.load(tmp_path / "v2")
+    (tmp_path / "next").symlink_to(tmp_path / "v2")
+    with pytest.raises(BundleError, match=r"a symbolic link to .*v2, which does not exist"):
+        Bundle.load(tmp_path / "next")
+    half = _copy(cpu_bundle, tmp_path, "half")
+    text = (half / "manifest.json").read_text()
+    (half / "manifest.json").write_text(text[:len(text) // 2])
+    with pytest.raises(BundleError, match=r"cut short or damaged .a copy still in progress.*Copy the bundle again"):
+        Bundle.load(half)
+    (release / "model.fp32.onnx").unlink()
+    with pytest.raises(BundleError, match=r"fp32.onnx: missing, though listed .*Copy the whole bundle again") as exc:
+        bundle.read_verified("model.fp32.onnx")  # verified at load, gone when a runner reads it
+    assert "chmod" not in str(exc.value)
 
 
 def test_expand_images_takes_one_path_as_well_as_a_list(elpv_small):

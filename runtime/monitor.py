@@ -1,0 +1,163 @@
+"""Field monitoring without labels: the last predictions against the validation reference in the manifest.
+
+A calibrated score says how often the model is right on images *like its training data*; it is no
+out-of-distribution detector. On the ELPV demo model, uniform noise, cells turned by 20° and
+unrelated photos all came out with a *higher* mean top score than the test images (a review's
+measurement, benchmarks/README.md "Field monitoring"), so a per-image score threshold misses them.
+What moves under drift is the make-up of many predictions: which classes come out, their mean
+score, and the input's brightness and contrast. Export stores those four per validation image
+(``reference`` in the manifest); a :class:`FieldMonitor` compares a window of field predictions
+with windows resampled from that reference, one statistic at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+from edge_tl.errors import UserError
+
+from .scores import softmax
+
+REFERENCE_IMAGES = 512  # validation images kept per statistic (evenly spaced): ~20 KB of manifest
+MIN_REFERENCE = 20  # fewer validation images say too little about their own spread
+GRID_STEP = 4  # input statistics on every 4th row and column: 1/16 of the pixels, ~20 µs per 224-px image
+RESAMPLES = 20000
+# per statistic, for images like the validation split: a monitor judges a window every few minutes
+# for months, so even 4 statistics x 1 % would alarm every ~25 windows; and field images come in
+# runs (one module, one shift) that spread more than independent draws, so the range is wide
+FALSE_ALARM = 0.001
+STATS = {"class_mix": "distance of the predicted-class mix from the reference's (total variation, 0-1)",
+         "mean_score": "mean top score (calibrated)",
+         "brightness": "mean of the images' mean grey level (0-255, model input)",
+         "contrast": "mean of the images' grey-level standard deviation (model input)"}
+
+
+def input_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of uint8 N×H×W×3 model inputs: (mean, standard deviation) of the grey levels of every
+    channel on every ``GRID_STEP``-th row and column."""
+    grid = np.asarray(pixels)[:, ::GRID_STEP, ::GRID_STEP].reshape(len(pixels), -1).astype(np.float32)
+    return grid.mean(1), grid.std(1)
+
+
+def reference_record(pixels: np.ndarray, logits: np.ndarray, temperature: float) -> dict:
+    """The manifest's ``reference``: per validation image (at most ``REFERENCE_IMAGES``, evenly spaced),
+    its predicted class, calibrated top score and input brightness and contrast."""
+    idx = np.unique(np.linspace(0, len(pixels) - 1, min(REFERENCE_IMAGES, len(pixels))).round().astype(int))
+    p = softmax(np.asarray(logits)[idx], temperature)
+    mean, std = input_stats(np.asarray(pixels)[idx])
+    return {"images": int(len(idx)), "source": "validation split, FP32 model", "grid_step": GRID_STEP,
+            "predicted": p.argmax(1).tolist(), "score": np.round(p.max(1), 4).tolist(),
+            "brightness": np.round(mean, 2).tolist(), "contrast": np.round(std, 2).tolist()}
+
+
+def _resampled(ref: dict[str, np.ndarray], size: int, n_classes: int, rng: np.random.Generator) -> dict:
+    """Each statistic of ``RESAMPLES`` samples of ``size`` images drawn from the reference with replacement:
+    class shares (samples × classes) and the three means (samples); in chunks of ~4M draws."""
+    out: dict[str, list] = {"shares": [], "mean_score": [], "brightness": [], "contrast": []}
+    n = len(ref["predicted"])
+    chunk = max(1, min(RESAMPLES, (4 << 20) // size))
+    for start in range(0, RESAMPLES, chunk):
+        rows = min(chunk, RESAMPLES - start)
+        draw = rng.integers(0, n, (rows, size))
+        keys = (np.arange(rows)[:, None] * n_classes + ref["predicted"][draw]).ravel()
+        out["shares"].append(np.bincount(keys, minlength=rows * n_classes).reshape(rows, n_classes) / size)
+        for k, source in (("mean_score", "score"), ("brightness", "brightness"), ("contrast", "contrast")):
+            out[k].append(ref[source][draw].mean(1))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+class FieldMonitor:
+    """The last ``window`` predictions against the bundle's validation reference.
+
+    ``add`` each :class:`~edge_tl.runtime.Prediction` (from ``Predictor.predict``, which carries the
+    input's brightness and contrast); ``report()`` gives each statistic's value over the window and
+    the range that windows of the same size drawn from the reference stay in, ``1 - false_alarm`` of
+    the time (per statistic), and ``drift``: whether any is outside. Safe to share between threads.
+    """
+
+    def __init__(self, reference: dict, classes: list[str], window: int = 50, false_alarm: float = FALSE_ALARM):
+        if not reference or not reference.get("predicted"):
+            raise UserError("this bundle has no validation reference (exported before edge-tl stored one): "
+                            "re-export it to monitor drift.")
+        if len(reference["predicted"]) < MIN_REFERENCE:
+            raise UserError(f"the bundle's reference holds {len(reference['predicted'])} validation images: too few "
+                            f"to tell drift from chance ({MIN_REFERENCE} or more; export from data with a larger "
+                            "val/ split, or more images).")
+        if not isinstance(window, int) or window < 10:
+            raise UserError(f"window {window!r}: use 10 or more predictions (a few say nothing about a mix).")
+        if not 0 < false_alarm < 0.5:
+            raise UserError(f"false_alarm {false_alarm!r}: a fraction between 0 and 0.5 (default 0.001).")
+        self.classes, self.window, self.false_alarm = list(classes), window, false_alarm
+        ref = {k: np.asarray(reference[k]) for k in ("predicted", "score", "brightness", "contrast")}
+        n, classes_n = len(ref["predicted"]), len(self.classes)
+        self.mix = np.bincount(ref["predicted"], minlength=classes_n) / n
+        # the reference is itself a sample: a window of images like it differs from it by the spread of
+        # both samples (for a window as large as the reference, twice the variance of the window's alone)
+        rng = np.random.default_rng(0)
+        window_s, reference_s = _resampled(ref, window, classes_n, rng), _resampled(ref, n, classes_n, rng)
+        q = false_alarm / 2
+        tv = 0.5 * np.abs(window_s["shares"] - reference_s["shares"]).sum(1)
+        self.ranges = {"class_mix": (0.0, float(np.quantile(tv, 1 - false_alarm)))}
+        for k, source in (("mean_score", "score"), ("brightness", "brightness"), ("contrast", "contrast")):
+            diff = window_s[k] - reference_s[k]
+            centre = float(ref[source].mean())
+            self.ranges[k] = (centre + float(np.quantile(diff, q)), centre + float(np.quantile(diff, 1 - q)))
+        self.reference_images = len(ref["predicted"])
+        self._recent: deque = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_predictor(cls, predictor, window: int = 50, false_alarm: float = FALSE_ALARM) -> "FieldMonitor":
+        return cls(predictor.bundle.manifest.get("reference"), predictor.classes, window, false_alarm)
+
+    def add(self, prediction) -> None:
+        """One prediction (``Predictor.predict``'s, or a dict of ``predict --json``'s line)."""
+        get = prediction.get if isinstance(prediction, dict) else lambda k: getattr(prediction, k, None)
+        row = (get("index"), get("score"), get("brightness"), get("contrast"))
+        if any(v is None for v in row):
+            raise UserError("a prediction without brightness and contrast (one from Predictor.decode of logits): "
+                            "monitor predictions from predict, predict_batch or predict_files.")
+        with self._lock:
+            self._recent.append(row)
+
+    def report(self) -> dict:
+        """Over the last ``window`` predictions (``None`` values until it is full): each statistic's value,
+        reference range and whether it is outside; ``drift``: any is; ``mix``: predicted share per class."""
+        with self._lock:
+            rows = np.asarray(self._recent, np.float64).reshape(-1, 4)
+        full = len(rows) == self.window
+        out = {"window": self.window, "predictions": len(rows), "false_alarm": self.false_alarm,
+               "reference_images": self.reference_images, "drift": None, "statistics": {}}
+        if full:
+            shares = np.bincount(rows[:, 0].astype(int), minlength=len(self.classes)) / len(rows)
+            values = {"class_mix": 0.5 * np.abs(shares - self.mix).sum(), "mean_score": rows[:, 1].mean(),
+                      "brightness": rows[:, 2].mean(), "contrast": rows[:, 3].mean()}
+            out["mix"] = dict(zip(self.classes, np.round(shares, 4).tolist()))
+        for k, meaning in STATS.items():
+            low, high = self.ranges[k]
+            value = float(values[k]) if full else None
+            out["statistics"][k] = {"value": value, "range": [round(low, 4), round(high, 4)], "meaning": meaning,
+                                    "unusual": None if value is None else not low <= value <= high}
+        if full:
+            out["drift"] = any(s["unusual"] for s in out["statistics"].values())
+        return out
+
+
+def monitor_files(predictor, files: list, false_alarm: float = FALSE_ALARM) -> dict:
+    """One :class:`FieldMonitor` report over all of ``files`` (a day's field images, say) as one window;
+    ``unreadable``: the files that could not be read (skipped)."""
+    from .images import UnreadableImage
+
+    predictions, unreadable = [], []
+    for path, pred in predictor.predict_files(files, topk=1):
+        (unreadable if isinstance(pred, UnreadableImage) else predictions).append(str(path) if isinstance(
+            pred, UnreadableImage) else pred)
+    if len(predictions) < 10:
+        raise UserError(f"{len(predictions)} readable images: drift is judged on 10 or more (a day's images, say).")
+    monitor = predictor.monitor(len(predictions), false_alarm)
+    for pred in predictions:
+        monitor.add(pred)
+    return {**monitor.report(), "unreadable": unreadable}
