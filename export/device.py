@@ -231,6 +231,9 @@ with Predictor.from_bundle("{Path(where).name}") as p:
     print(p.predict("image.jpg"))
 ```
 
+In the field, `edge-tl drift {Path(where).name} DIR` (or `Predictor.monitor()` in an app) compares images
+without labels with this bundle's validation images: predicted-class mix, mean score, brightness, contrast.
+
 ## On the device
 
 ```sh

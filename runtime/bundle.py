@@ -139,8 +139,7 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
         lists = [reference.get(k) if isinstance(reference, dict) else None
                  for k in ("predicted", "score", "brightness", "contrast")]
         if not all(isinstance(v, list) and len(v) == len(lists[0]) for v in lists) or not all(
-                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(manifest.get("classes") or [])
-                for k in lists[0]) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in lists[0]) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                              for v in lists[1:] for x in v):
             raise bad("reference", "an object of equal-length lists: predicted (class indices), score, brightness "
                       "and contrast (numbers)")
@@ -253,6 +252,9 @@ class Bundle:
         labels = self.path / LABELS
         if labels.is_file() and labels.read_text(encoding="utf-8").split("\n") not in (classes, [*classes, ""]):
             raise BundleError(f"{mpath}: 'classes' {classes} differ from {labels}. Re-export the bundle.")
+        if any(k >= len(classes) for k in (self.manifest.get("reference") or {}).get("predicted", [])):
+            raise BundleError(f"{mpath}: 'reference' names classes beyond the {len(classes)} of 'classes'. "
+                              "Re-export the bundle.")
         pixels, logits = self.golden()
         if pixels.shape[1:3] != tuple(spec.input_size) or logits.shape[1:] != (len(classes),):
             raise BundleError(f"{mpath}: input {list(spec.input_size)} / {len(classes)} classes disagree with the "
