@@ -361,7 +361,7 @@ def drift(
 ) -> None:
     """Compare field images (no labels) with the validation images the bundle was exported with.
 
-    Four statistics of all IMAGES together: the mix of predicted classes, the mean top score, and the
+    Four statistics of all IMAGES together: the mix of predicted classes, the share of low top scores, and the
     model input's mean brightness and contrast, each against the range that as many images drawn from
     the validation split stay in. A calibrated score is no out-of-distribution detector (noise and
     unrelated photos can score higher than real images); these statistics of many images move

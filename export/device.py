@@ -232,7 +232,7 @@ with Predictor.from_bundle("{Path(where).name}") as p:
 ```
 
 In the field, `edge-tl drift {Path(where).name} DIR` (or `Predictor.monitor()` in an app) compares images
-without labels with this bundle's validation images: predicted-class mix, mean score, brightness, contrast.
+without labels with this bundle's validation images: predicted-class mix, share of low scores, brightness, contrast.
 
 ## On the device
 

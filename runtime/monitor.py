@@ -4,14 +4,15 @@ A calibrated score says how often the model is right on images *like its trainin
 out-of-distribution detector. On the ELPV demo model, uniform noise, cells turned by 20° and
 unrelated photos all came out with a *higher* mean top score than the test images (a review's
 measurement, benchmarks/README.md "Field monitoring"), so a per-image score threshold misses them.
-What moves under drift is the make-up of many predictions: which classes come out, their mean
-score, and the input's brightness and contrast. Export stores those four per validation image
-(``reference`` in the manifest); a :class:`FieldMonitor` compares a window of field predictions
+What moves under drift is the make-up of many predictions: which classes come out, how many score
+low, and the input's brightness and contrast. Export stores class, score, brightness and contrast
+per validation image (``reference`` in the manifest); a :class:`FieldMonitor` compares a window of field predictions
 with windows resampled from that reference, one statistic at a time.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import deque
 
@@ -22,15 +23,22 @@ from edge_tl.errors import UserError
 from .scores import softmax
 
 REFERENCE_IMAGES = 512  # validation images kept per statistic (evenly spaced): ~20 KB of manifest
-MIN_REFERENCE = 20  # fewer validation images say too little about their own spread
+# fewer validation images say too little about the tails the ranges are cut from: at 20, bootstrap
+# ranges missed 4-19x more often than asked (a review's simulation); at 296, as asked
+MIN_REFERENCE = 100
 GRID_STEP = 4  # input statistics on every 4th row and column: 1/16 of the pixels, ~20 µs per 224-px image
 RESAMPLES = 20000
 # per statistic, for images like the validation split: a monitor judges a window every few minutes
 # for months, so even 4 statistics x 1 % would alarm every ~25 windows; and field images come in
 # runs (one module, one shift) that spread more than independent draws, so the range is wide
 FALSE_ALARM = 0.001
+MIN_FALSE_ALARM = 10 / RESAMPLES  # a rarer tail is past what RESAMPLES draws can place
+SCORE_DECIMALS = 4  # the reference's scores are kept to 4 decimals; field scores are compared so
+LOW_SCORE_QUANTILE = 0.1  # a share of low scores, not their mean: a few very low ones swing a mean (digits: 7x the
+# asked false alarms at 160 reference images), a share stays binomial
+UNSEEN_PSEUDOCOUNT = 0.5  # Jeffreys: a class the reference never predicted may still come out, rarely
 STATS = {"class_mix": "distance of the predicted-class mix from the reference's (total variation, 0-1)",
-         "mean_score": "mean top score (calibrated)",
+         "low_scores": "share of top scores under {low_score:.4f} (the validation images' 10 % quantile)",
          "brightness": "mean of the images' mean grey level (0-255, model input)",
          "contrast": "mean of the images' grey-level standard deviation (model input)"}
 
@@ -49,24 +57,41 @@ def reference_record(pixels: np.ndarray, logits: np.ndarray, temperature: float)
     p = softmax(np.asarray(logits)[idx], temperature)
     mean, std = input_stats(np.asarray(pixels)[idx])
     return {"images": int(len(idx)), "source": "validation split, FP32 model", "grid_step": GRID_STEP,
-            "predicted": p.argmax(1).tolist(), "score": np.round(p.max(1), 4).tolist(),
+            "predicted": p.argmax(1).tolist(), "score": np.round(p.max(1), SCORE_DECIMALS).tolist(),
             "brightness": np.round(mean, 2).tolist(), "contrast": np.round(std, 2).tolist()}
 
 
-def _resampled(ref: dict[str, np.ndarray], size: int, n_classes: int, rng: np.random.Generator) -> dict:
-    """Each statistic of ``RESAMPLES`` samples of ``size`` images drawn from the reference with replacement:
-    class shares (samples × classes) and the three means (samples); in chunks of ~4M draws."""
-    out: dict[str, list] = {"shares": [], "mean_score": [], "brightness": [], "contrast": []}
-    n = len(ref["predicted"])
+def _resampled_means(ref: dict[str, np.ndarray], size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Mean brightness and contrast of ``RESAMPLES`` samples of ``size`` images drawn from the reference with
+    replacement, in chunks of ~4M draws."""
+    out: dict[str, list] = {"brightness": [], "contrast": []}
     chunk = max(1, min(RESAMPLES, (4 << 20) // size))
     for start in range(0, RESAMPLES, chunk):
-        rows = min(chunk, RESAMPLES - start)
-        draw = rng.integers(0, n, (rows, size))
-        keys = (np.arange(rows)[:, None] * n_classes + ref["predicted"][draw]).ravel()
-        out["shares"].append(np.bincount(keys, minlength=rows * n_classes).reshape(rows, n_classes) / size)
-        for k, source in (("mean_score", "score"), ("brightness", "brightness"), ("contrast", "contrast")):
-            out[k].append(ref[source][draw].mean(1))
+        draw = rng.integers(0, len(ref["predicted"]), (min(chunk, RESAMPLES - start), size))
+        for k in out:
+            out[k].append(ref[k][draw].mean(1))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def check_reference(reference: dict | None, window, false_alarm: float) -> int:
+    """Refuse a reference, window or false-alarm level the monitor cannot judge with; the window as an int."""
+    if not reference or not reference.get("predicted"):
+        raise UserError("this bundle has no validation reference (exported before edge-tl stored one): "
+                        "re-export it to monitor drift.")
+    if len(reference["predicted"]) < MIN_REFERENCE:
+        raise UserError(f"the bundle's reference holds {len(reference['predicted'])} validation images: too few "
+                        f"to tell drift from chance ({MIN_REFERENCE} or more; export from data with a larger "
+                        "val/ split, or more images).")
+    try:
+        window = operator.index(window)
+    except TypeError:
+        window = None
+    if window is None or window < 10:
+        raise UserError("window: use 10 or more predictions (a few say nothing about a mix).")
+    if not MIN_FALSE_ALARM <= false_alarm < 0.5:
+        raise UserError(f"false alarm {false_alarm!r}: a fraction from {MIN_FALSE_ALARM:g} (what "
+                        f"{RESAMPLES} resamples can place) to 0.5; default {FALSE_ALARM:g}.")
+    return window
 
 
 class FieldMonitor:
@@ -79,33 +104,33 @@ class FieldMonitor:
     """
 
     def __init__(self, reference: dict, classes: list[str], window: int = 50, false_alarm: float = FALSE_ALARM):
-        if not reference or not reference.get("predicted"):
-            raise UserError("this bundle has no validation reference (exported before edge-tl stored one): "
-                            "re-export it to monitor drift.")
-        if len(reference["predicted"]) < MIN_REFERENCE:
-            raise UserError(f"the bundle's reference holds {len(reference['predicted'])} validation images: too few "
-                            f"to tell drift from chance ({MIN_REFERENCE} or more; export from data with a larger "
-                            "val/ split, or more images).")
-        if not isinstance(window, int) or window < 10:
-            raise UserError(f"window {window!r}: use 10 or more predictions (a few say nothing about a mix).")
-        if not 0 < false_alarm < 0.5:
-            raise UserError(f"false_alarm {false_alarm!r}: a fraction between 0 and 0.5 (default 0.001).")
+        window = check_reference(reference, window, false_alarm)
         self.classes, self.window, self.false_alarm = list(classes), window, false_alarm
         ref = {k: np.asarray(reference[k]) for k in ("predicted", "score", "brightness", "contrast")}
-        n, classes_n = len(ref["predicted"]), len(self.classes)
-        self.mix = np.bincount(ref["predicted"], minlength=classes_n) / n
+        n, counts = len(ref["predicted"]), np.bincount(ref["predicted"], minlength=len(self.classes))
+        self.mix = counts / n
         # the reference is itself a sample: a window of images like it differs from it by the spread of
         # both samples (for a window as large as the reference, twice the variance of the window's alone)
         rng = np.random.default_rng(0)
-        window_s, reference_s = _resampled(ref, window, classes_n, rng), _resampled(ref, n, classes_n, rng)
         q = false_alarm / 2
-        tv = 0.5 * np.abs(window_s["shares"] - reference_s["shares"]).sum(1)
+        # class mix, and the share of low scores: both samples drawn from one distribution drawn from the
+        # reference's counts (a Dirichlet-multinomial), so a class (or a low score) the reference never
+        # showed may still appear now and then
+        mixes = rng.dirichlet(counts + UNSEEN_PSEUDOCOUNT, RESAMPLES)
+        tv = 0.5 * np.abs(rng.multinomial(window, mixes) / window - rng.multinomial(n, mixes) / n).sum(1)
         self.ranges = {"class_mix": (0.0, float(np.quantile(tv, 1 - false_alarm)))}
-        for k, source in (("mean_score", "score"), ("brightness", "brightness"), ("contrast", "contrast")):
+        self.low_score = float(np.quantile(ref["score"], LOW_SCORE_QUANTILE))
+        low = int((ref["score"] < self.low_score).sum())
+        shares = rng.beta(low + UNSEEN_PSEUDOCOUNT, n - low + UNSEEN_PSEUDOCOUNT, RESAMPLES)
+        diff = rng.binomial(window, shares) / window - rng.binomial(n, shares) / n
+        self.ranges["low_scores"] = (max(0.0, low / n + float(np.quantile(diff, q))),
+                                     min(1.0, low / n + float(np.quantile(diff, 1 - q))))
+        window_s, reference_s = _resampled_means(ref, window, rng), _resampled_means(ref, n, rng)
+        for k in ("brightness", "contrast"):
             diff = window_s[k] - reference_s[k]
-            centre = float(ref[source].mean())
+            centre = float(ref[k].mean())
             self.ranges[k] = (centre + float(np.quantile(diff, q)), centre + float(np.quantile(diff, 1 - q)))
-        self.reference_images = len(ref["predicted"])
+        self.reference_images = n
         self._recent: deque = deque(maxlen=window)
         self._lock = threading.Lock()
 
@@ -120,6 +145,10 @@ class FieldMonitor:
         if any(v is None for v in row):
             raise UserError("a prediction without brightness and contrast (one from Predictor.decode of logits): "
                             "monitor predictions from predict, predict_batch or predict_files.")
+        if not 0 <= row[0] < len(self.classes):
+            raise UserError(f"a prediction of class index {row[0]}: this bundle has {len(self.classes)} classes "
+                            "(a prediction of another bundle?).")
+        row = (row[0], round(float(row[1]), SCORE_DECIMALS), *row[2:])  # as the reference keeps its scores
         with self._lock:
             self._recent.append(row)
 
@@ -133,13 +162,15 @@ class FieldMonitor:
                "reference_images": self.reference_images, "drift": None, "statistics": {}}
         if full:
             shares = np.bincount(rows[:, 0].astype(int), minlength=len(self.classes)) / len(rows)
-            values = {"class_mix": 0.5 * np.abs(shares - self.mix).sum(), "mean_score": rows[:, 1].mean(),
+            values = {"class_mix": 0.5 * np.abs(shares - self.mix).sum(),
+                      "low_scores": (rows[:, 1] < self.low_score).mean(),
                       "brightness": rows[:, 2].mean(), "contrast": rows[:, 3].mean()}
             out["mix"] = dict(zip(self.classes, np.round(shares, 4).tolist()))
         for k, meaning in STATS.items():
             low, high = self.ranges[k]
             value = float(values[k]) if full else None
-            out["statistics"][k] = {"value": value, "range": [round(low, 4), round(high, 4)], "meaning": meaning,
+            out["statistics"][k] = {"value": value, "range": [round(low, 4), round(high, 4)],
+                                    "meaning": meaning.format(low_score=self.low_score),
                                     "unusual": None if value is None else not low <= value <= high}
         if full:
             out["drift"] = any(s["unusual"] for s in out["statistics"].values())
@@ -148,15 +179,20 @@ class FieldMonitor:
 
 def monitor_files(predictor, files: list, false_alarm: float = FALSE_ALARM) -> dict:
     """One :class:`FieldMonitor` report over all of ``files`` (a day's field images, say) as one window;
-    ``unreadable``: the files that could not be read (skipped)."""
+    ``unreadable``: the files that could not be read (skipped). The bundle and ``false_alarm`` are
+    checked before any image is read."""
     from .images import UnreadableImage
 
+    check_reference(predictor.bundle.manifest.get("reference"), 10, false_alarm)
     predictions, unreadable = [], []
     for path, pred in predictor.predict_files(files, topk=1):
-        (unreadable if isinstance(pred, UnreadableImage) else predictions).append(str(path) if isinstance(
-            pred, UnreadableImage) else pred)
+        if isinstance(pred, UnreadableImage):
+            unreadable.append({"image": str(path), "error": str(pred)})
+        else:
+            predictions.append(pred)
     if len(predictions) < 10:
-        raise UserError(f"{len(predictions)} readable images: drift is judged on 10 or more (a day's images, say).")
+        why = f"; {len(unreadable)} unreadable, the first: {unreadable[0]['error']}" if unreadable else ""
+        raise UserError(f"{len(predictions)} readable images{why}. Drift is judged on 10 or more (a day's images, say).")
     monitor = predictor.monitor(len(predictions), false_alarm)
     for pred in predictions:
         monitor.add(pred)

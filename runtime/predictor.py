@@ -277,7 +277,7 @@ class Predictor:
 
     def monitor(self, window: int = 50, false_alarm: float = FALSE_ALARM) -> FieldMonitor:
         """A :class:`FieldMonitor` of this bundle's validation reference: ``add`` each prediction, read
-        ``report()["drift"]`` (class mix, mean score, brightness, contrast of the last ``window``)."""
+        ``report()["drift"]`` (class mix, share of low scores, brightness, contrast of the last ``window``)."""
         return FieldMonitor.for_predictor(self, window, false_alarm)
 
     def describe(self) -> str:

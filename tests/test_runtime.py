@@ -713,13 +713,15 @@ def _darkened(images: list[Path], folder: Path) -> Path:
 
 
 def _bundle_with_reference(cpu_bundle: Path, images: list[Path], out: Path) -> dict:
-    """A copy of the test bundle whose reference is made from ``images`` (its own validation split is a
-    handful of images), through the real model, by export's own function; re-signed."""
+    """A copy of the test bundle whose reference is made from ``images`` and their mirror images (its own
+    validation split is a handful of images), through the real model, by export's own function; re-signed."""
     from edge_tl.runtime.monitor import reference_record
 
     shutil.copytree(cpu_bundle, out)
     with Predictor.from_bundle(out, device="cpu") as p:
-        pixels = np.stack([p.preprocess(f) for f in images])
+        cells = [Image.open(f).convert("RGB") for f in images]
+        views = cells + [ImageOps.mirror(c) for c in cells] + [ImageOps.flip(c) for c in cells]
+        pixels = np.stack([p.preprocess(v) for v in views])
         reference = reference_record(pixels, p.infer(pixels), p.temperature)
     bundle = Bundle.load(out, verify=False)
     bundle.manifest["reference"] = reference
@@ -737,7 +739,7 @@ def test_field_monitor_flags_darker_images_not_those_like_its_reference(cpu_bund
         with pytest.raises(UserError, match="too few to tell drift from chance"):  # this model's own: a handful
             p.monitor(10)
     reference = _bundle_with_reference(cpu_bundle, images, tmp_path / "b")
-    assert reference["images"] == len(images) == len(reference["brightness"])
+    assert reference["images"] == 3 * len(images) == len(reference["brightness"])
     with Predictor.from_bundle(tmp_path / "b", device="cpu") as p:
         predictions = p.predict_batch(images)
         mean, std = input_stats(np.stack([p.preprocess(f) for f in images]))
@@ -756,6 +758,28 @@ def test_field_monitor_flags_darker_images_not_those_like_its_reference(cpu_bund
         assert report["statistics"]["brightness"]["value"] < report["statistics"]["brightness"]["range"][0]
         with pytest.raises(UserError, match="without brightness and contrast"):
             monitor.add(p.decode(p.infer(p.preprocess(images[0])))[0])
+        with pytest.raises(UserError, match="class index 4: this bundle has 4 classes"):
+            monitor.add({**predictions[0].to_dict(), "index": 4})  # a line of another bundle's predict --json
+
+
+def test_field_monitor_ranges_hold_at_their_edges():
+    """A reference that is all one class (100 % validation accuracy: scores round to 1.0), a class it never
+    predicted appearing once in a window, numpy integers and false-alarm levels past the resamples."""
+    from edge_tl.runtime.monitor import FieldMonitor
+
+    reference = {"predicted": [0] * 150, "score": [1.0] * 150, "brightness": [100.0] * 150, "contrast": [20.0] * 150}
+    monitor = FieldMonitor(reference, ["ok", "bad"], window=np.int64(50))
+    for i in range(50):  # one "bad" of 50: rare classes the reference never showed are not alarms by themselves
+        monitor.add({"index": int(i == 7), "score": 0.99999917, "brightness": 100.0, "contrast": 20.0})
+    report = monitor.report()
+    assert report["drift"] is False and report["statistics"]["class_mix"]["value"] == pytest.approx(0.02), report
+    for i in range(50):  # a third of them: drift
+        monitor.add({"index": int(i % 3 == 0), "score": 1.0, "brightness": 100.0, "contrast": 20.0})
+    assert monitor.report()["statistics"]["class_mix"]["unusual"] is True
+    with pytest.raises(UserError, match="false alarm 1e-05: a fraction from 0.0005"):
+        FieldMonitor(reference, ["ok", "bad"], 50, false_alarm=1e-5)
+    with pytest.raises(UserError, match="validation images: too few"):
+        FieldMonitor({k: v[:99] for k, v in reference.items()}, ["ok", "bad"])
 
 
 def test_cli_drift_exits_1_on_drift_0_on_images_like_the_reference(cpu_bundle, elpv_small, tmp_path):
@@ -765,8 +789,11 @@ def test_cli_drift_exits_1_on_drift_0_on_images_like_the_reference(cpu_bundle, e
     assert same.returncode == 0 and json.loads(same.stdout)["drift"] is False, same.stdout + same.stderr
     dark = _cli("drift", str(tmp_path / "b"), str(_darkened(images, tmp_path / "dark")))
     assert dark.returncode == 1 and "brightness" in dark.stdout and "OUTSIDE" in dark.stdout, dark.stdout + dark.stderr
-    few = _cli("drift", str(tmp_path / "b"), str(images[0]))
-    assert few.returncode == 2 and "10 or more" in few.stderr, few.stderr
+    few = _cli("drift", str(tmp_path / "b"), str(images[0]), str(tmp_path / "gone.png"))
+    assert few.returncode == 2 and "1 readable images; 1 unreadable, the first: " in few.stderr, few.stderr
+    assert "gone.png" in few.stderr and "10 or more" in few.stderr, few.stderr
+    own = _cli("drift", str(cpu_bundle), str(tmp_path / "dark"), "--json")  # refused before reading any image
+    assert own.returncode == 2 and "too few to tell drift" in json.loads(own.stdout)["error"], own.stdout
 
 
 def test_cli_predict_json(cpu_bundle, elpv_small):
