@@ -27,7 +27,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from edge_tl.fileio import write_json
 from edge_tl.runtime import Predictor
 from edge_tl.runtime.images import expand_images
-from edge_tl.runtime.monitor import FALSE_ALARM, FieldMonitor
+from edge_tl.runtime.monitor import FALSE_ALARM, FieldMonitor, reference_of
 
 ROOT = Path(__file__).resolve().parent
 
@@ -72,10 +72,10 @@ def other_images(size: int = 300) -> list[Image.Image]:
     return out
 
 
-def alarm_rates(p: Predictor, predictions: list, window: int, windows: int, rng: np.random.Generator) -> dict:
-    """Share of ``windows`` windows (``window`` predictions drawn without replacement) the monitor calls
-    drift, in all and per statistic."""
-    monitor, hits = p.monitor(window), {"any": 0}
+def alarm_rates(monitor: FieldMonitor, predictions: list, windows: int, rng: np.random.Generator) -> dict:
+    """Share of ``windows`` windows (the monitor's size, predictions drawn without replacement) that
+    ``monitor`` calls drift, in all and per statistic."""
+    window, hits = monitor.window, {"any": 0}
     for _ in range(windows):
         for i in rng.choice(len(predictions), window, replace=False):
             monitor.add(predictions[i])  # the window slides: these are its only predictions
@@ -117,34 +117,46 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=300, help="Windows drawn per set.")
     ap.add_argument("--calibration", action="store_true", help="Also check the ranges on windows drawn from the "
                     "reference itself (no images; ~2 min).")
+    ap.add_argument("--field-reference", action="store_true", help="Take the reference from every other test image "
+                    "(as `edge-tl drift --reference` would from images known to be good) and draw the windows from "
+                    "the rest, instead of the bundle's validation reference.")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "drift_monitor.json")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     files = expand_images([args.data / "test"])
     originals = [Image.open(f).convert("RGB") for f in files]
+    good = originals[::2] if args.field_reference else []
+    originals = originals[1::2] if args.field_reference else originals
     sets = {name: [change(im) for im in originals] for name, change in DRIFTS.items()}
     sets["other images (skimage photos and grey crops)"] = other_images()
     rows = {}
     with Predictor.from_bundle(args.bundle, device="cpu") as p:
-        print(f"{p.describe()}; reference: {p.bundle.manifest['reference']['images']} validation images")
+        def predict(images: list) -> list:
+            return [q for i in range(0, len(images), 32) for q in p.predict_batch(images[i:i + 32], topk=1)]
+
+        reference = reference_of(predict(good), len(p.classes)) if good else p.bundle.manifest["reference"]
+        print(f"{p.describe()}; reference: {reference['images']} "
+              + ("test images (every other one)" if good else "validation images"))
         for name, images in sets.items():
             t0 = time.perf_counter()
-            predictions = [q for i in range(0, len(images), 32) for q in p.predict_batch(images[i:i + 32], topk=1)]
-            whole = p.monitor(len(predictions))
+            predictions = predict(images)
+            whole = FieldMonitor(reference, p.classes, len(predictions))
             for q in predictions:
                 whole.add(q)
             report = whole.report()
             rows[name] = {"images": len(predictions), "whole_set_drift": report["drift"],
                           "whole_set": {k: s["value"] for k, s in report["statistics"].items()},
-                          "windows": alarm_rates(p, predictions, args.window, args.windows, rng)}
+                          "windows": alarm_rates(FieldMonitor(reference, p.classes, args.window), predictions,
+                                                 args.windows, rng)}
             w = rows[name]["windows"]
             print(f"{name:<46} {len(predictions):4d} images  windows of {args.window} called drift {w['any']:6.1%} "
                   f"(mix {w['class_mix']:.0%}, low scores {w['low_scores']:.0%}, brightness {w['brightness']:.0%}, "
                   f"contrast {w['contrast']:.0%}); all {len(predictions)} together: "
                   f"{'drift' if report['drift'] else 'no drift'}   ({time.perf_counter() - t0:.0f} s)")
-    calibration = range_calibration(p.bundle.manifest["reference"], p.classes, args.window) if args.calibration else None
+    calibration = range_calibration(reference, p.classes, args.window) if args.calibration else None
     write_json(args.results, {"bundle": str(args.bundle), "data": str(args.data), "window": args.window,
+                              "reference": reference.get("source", "validation split") + f", {reference['images']} images",
                               "windows": args.windows, "false_alarm": FALSE_ALARM, "artifact": p.artifact["name"],
                               "sets": rows, "range_calibration": calibration})
     print(f"saved {args.results}")

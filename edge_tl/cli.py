@@ -356,6 +356,10 @@ def drift(
     images: List[Path] = typer.Argument(..., help="Field images (no labels): files, or folders (their images)."),
     false_alarm: float = typer.Option(0.001, help="Chance that a statistic of images like the validation split's "
                                       "falls outside its range anyway."),
+    reference: Optional[List[Path]] = typer.Option(None, help="Images known to be good (e.g. the first weeks on "
+                                                   "site; 100 or more) to compare with, instead of the bundle's "
+                                                   "validation images, which chose the checkpoint and so score a "
+                                                   "little high against any fresh images."),
     device: str = typer.Option("auto", help="auto, cpu, openvino or cuda (ONNX Runtime execution provider)."),
     json_out: bool = typer.Option(False, "--json", help="The report as JSON."),
 ) -> None:
@@ -376,17 +380,20 @@ def drift(
     with _errors_as_json(json_out):
         files = expand_images(images)
         with Predictor.from_bundle(bundle, device=device) as p:
-            report = monitor_files(p, files, false_alarm)
+            report = monitor_files(p, files, false_alarm, expand_images(reference) if reference else None)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
         for name, s in report["statistics"].items():
             low, high = s["range"]
-            typer.echo(f"{name:<11} {s['value']:9.3f}   reference {low:.3f} .. {high:.3f}   "
-                       f"{'OUTSIDE' if s['unusual'] else 'ok'}   ({s['meaning']})")
+            inside = low <= s["value"] <= high
+            state = "DRIFT" if s["unusual"] else "ok" if inside else "ok (outside the range, within the tolerance)"
+            typer.echo(f"{name:<11} {s['value']:9.3f}   range {low:.3f} .. {high:.3f}, reference "
+                       f"{s['reference']:.3f} ± {s['tolerance']:.3f}   {state}   ({s['meaning']})")
         typer.echo("predicted: " + ", ".join(f"{k} {v:.1%}" for k, v in report["mix"].items()))
         typer.echo(f"{'drift' if report['drift'] else 'no drift'}: {report['predictions']} images against "
-                   f"{report['reference_images']} validation images, false alarm {false_alarm:g} per statistic"
+                   f"{report['reference_images']} {'validation images' if not reference else 'reference images'}, "
+                   f"false alarm {false_alarm:g} per statistic"
                    + (f"; {len(report['unreadable'])} unreadable, skipped" if report["unreadable"] else ""))
     if report["drift"]:
         raise typer.Exit(1)

@@ -788,12 +788,23 @@ def test_cli_drift_exits_1_on_drift_0_on_images_like_the_reference(cpu_bundle, e
     same = _cli("drift", str(tmp_path / "b"), str(elpv_small / "test"), "--json")
     assert same.returncode == 0 and json.loads(same.stdout)["drift"] is False, same.stdout + same.stderr
     dark = _cli("drift", str(tmp_path / "b"), str(_darkened(images, tmp_path / "dark")))
-    assert dark.returncode == 1 and "brightness" in dark.stdout and "OUTSIDE" in dark.stdout, dark.stdout + dark.stderr
+    assert dark.returncode == 1 and "brightness" in dark.stdout and "DRIFT" in dark.stdout, dark.stdout + dark.stderr
     few = _cli("drift", str(tmp_path / "b"), str(images[0]), str(tmp_path / "gone.png"))
     assert few.returncode == 2 and "1 readable images; 1 unreadable, the first: " in few.stderr, few.stderr
     assert "gone.png" in few.stderr and "10 or more" in few.stderr, few.stderr
     own = _cli("drift", str(cpu_bundle), str(tmp_path / "dark"), "--json")  # refused before reading any image
     assert own.returncode == 2 and "too few to tell drift" in json.loads(own.stdout)["error"], own.stdout
+    good = tmp_path / "good"  # images known to be good in place of its handful of validation images
+    good.mkdir()
+    for f in images:
+        cell = Image.open(f).convert("RGB")
+        for name, view in (("", cell), ("m", ImageOps.mirror(cell)), ("f", ImageOps.flip(cell))):
+            view.save(good / f"{name}{f.parent.name}_{f.name}")
+    field = _cli("drift", str(cpu_bundle), str(elpv_small / "test"), "--reference", str(good), "--json")
+    report = json.loads(field.stdout)
+    assert field.returncode == 0 and report["reference_images"] == 144 and "given as good" in report["reference_source"]
+    dark = _cli("drift", str(cpu_bundle), str(tmp_path / "dark"), "--reference", str(good))
+    assert dark.returncode == 1 and "144 reference images" in dark.stdout, dark.stdout + dark.stderr
 
 
 def test_cli_predict_json(cpu_bundle, elpv_small):
