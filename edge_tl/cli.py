@@ -445,6 +445,10 @@ def check(
                                              "images, to compare with (each artifact against its own earlier accuracy)."),
     min_accuracy: Optional[float] = typer.Option(None, help="Also fail any artifact below this accuracy (0-1) on the "
                                                  "check's images: the reference itself is gated too."),
+    max_class_drop: Optional[float] = typer.Option(None, help="Also fail an artifact whose recall on any one class "
+                                                   "drops more than this (points) below the reference's (the "
+                                                   "baseline's, else FP32 on --data), beyond its noise from 50 images "
+                                                   "of that class: overall accuracy hides a rare class lost."),
     device: str = typer.Option("cpu", help="cpu, openvino, cuda or auto (ONNX Runtime execution provider; openvino needs onnxruntime-openvino)."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -468,7 +472,7 @@ def check(
         if junit:
             check_writable(junit)  # before the check: its report must not be lost to an unwritable path
         report = check_bundle(bundle, data, max_drop, min_agreement, baseline, device, min_accuracy, threads,
-                              require_engines=require_engines, log=_log_for(json_out))
+                              require_engines=require_engines, max_class_drop=max_class_drop, log=_log_for(json_out))
     except Exception as exc:  # still leave CI a report that says why, then exit 2 (bad input) or 3 (a bug)
         error = (str(exc) if isinstance(exc, UserError) else "cut short: stdout was closed (its reader exited) before "
                  "the check finished" if isinstance(exc, BrokenPipeError) else f"edge-tl failed unexpectedly: {exc!r}")

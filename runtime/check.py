@@ -254,15 +254,20 @@ NO_ENGINE = "tensorrt-engines"  # the report's name for "--require-engines, and 
 
 def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: float = 1.0, min_agreement: float = 0.95,
                  baseline: str | Path | None = None, device: str | None = "cpu", min_accuracy: float | None = None,
-                 threads: int = 0, keep_predictions: bool = False, require_engines: bool = False, log=LOG) -> dict:
+                 threads: int = 0, keep_predictions: bool = False, require_engines: bool = False,
+                 max_class_drop: float | None = None, log=LOG) -> dict:
     """Run every artifact runnable here; return ``{"passed", "artifacts": {name: {...}}}``.
 
     ``min_accuracy`` also fails any artifact below it (the reference included); ``keep_predictions``
     adds the images, labels and each artifact's top-1 per image (for reports); ``require_engines``
     fails the check when the bundle has no TensorRT engine, or an engine cannot run here and no other of
     its precision can (CI on the device: after a TensorRT or JetPack upgrade the app would otherwise
-    fall back to ONNX Runtime unnoticed).
+    fall back to ONNX Runtime unnoticed). ``max_class_drop`` (points) also fails an artifact whose recall
+    on any one class falls that far below the reference's (the baseline's same artifact, else the FP32
+    ONNX on the same images) beyond its sampling noise: overall accuracy hides a rare class lost.
     """
+    if max_class_drop is not None and not (math.isfinite(max_class_drop) and max_class_drop >= 0):
+        raise UserError(f"--max-class-drop {max_class_drop}: points, 0 or more.")
     if not (math.isfinite(max_drop) and max_drop >= 0 and 0 <= min_agreement <= 1
             and (min_accuracy is None or 0 <= min_accuracy <= 1)):
         raise UserError(f"--max-drop {max_drop} / --min-agreement {min_agreement} / --min-accuracy {min_accuracy}: need "
@@ -375,13 +380,21 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
         if drop is not None and drop > drop_limit:
             allowed = f"{drop_limit:.2f}" + (f": --max-drop {max_drop:g} + its noise" if drop_limit > max_drop else "")
             reasons.append(f"accuracy {acc:.4f} is {drop:.2f} pts below the reference {ref:.4f} (> {allowed})")
+        ref_right = (base.right.get(art["name"]) if base is not None else
+                     None if fp32_logits is None or data is None else (fp32_logits.argmax(1) == labels)[in_digest_order])
+        class_drops = None if ref_right is None else class_recall_drops(ref_right, right, labels[in_digest_order],
+                                                                        bundle.classes, max_class_drop or 0.0)
+        if max_class_drop is not None and class_drops:
+            reasons += [f"class {c}: recall {d['recall']:.3f}, {d['drop']:.2f} pts below the reference's "
+                        f"{d['reference_recall']:.3f} (> {d['limit']:.2f}, --max-class-drop)"
+                        for c, d in class_drops.items() if d["drop"] > d["limit"]]
         results[art["name"]] = {
             "precision": art["precision"], "backend": backends[art["name"]], "runs_on": runs_on[art["name"]],
             "file": art["file"], "accuracy": acc,
             "balanced_accuracy": round(balanced, 6), "reference_accuracy": ref,
             "reference": ref_source if ref is not None else
             ("none (not in baseline)" if base is not None else "none (the bundle has no fp32 artifact)"),
-            "drop": drop, "drop_limit": round(drop_limit, 3), "drop_noise_pts": noise,
+            "drop": drop, "drop_limit": round(drop_limit, 3), "drop_noise_pts": noise, "class_recall_drops": class_drops,
             # which images it got right: one bit each, in images_sha256's order (hex of numpy.packbits), so that
             # a later check against this report as --baseline knows the noise of its drop
             "right_images": np.packbits(right).tobytes().hex(),
@@ -444,6 +457,22 @@ def check_bundle(path: str | Path, data: str | Path | None = None, max_drop: flo
     if keep_predictions:
         report.update(images=paths, labels=labels.tolist(), classes=bundle.classes)
     return report
+
+
+def class_recall_drops(ref_right: np.ndarray, right: np.ndarray, labels: np.ndarray, classes: list[str],
+                       max_class_drop: float) -> dict:
+    """Per class with images: recall of the reference and of the artifact (right/wrong per image, same
+    images), the drop in points, and its limit (``max_class_drop`` plus the paired noise on that class's
+    images, as for the whole: capped, none under ``NOISE_MIN_IMAGES``)."""
+    out = {}
+    for c in np.unique(labels):
+        mask = labels == c
+        drop = (ref_right[mask].mean() - right[mask].mean()) * 100
+        noise = paired_noise(ref_right[mask], right[mask])
+        out[classes[int(c)]] = {"images": int(mask.sum()), "reference_recall": round(float(ref_right[mask].mean()), 4),
+                                "recall": round(float(right[mask].mean()), 4), "drop": round(float(drop), 3),
+                                "limit": round(max_class_drop + noise_allowance(noise, max_class_drop, int(mask.sum())), 3)}
+    return out
 
 
 def chance_note(report: dict) -> str | None:

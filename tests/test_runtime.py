@@ -537,6 +537,37 @@ def test_a_drop_against_the_last_release_may_be_its_paired_noise_as_at_export(pa
     assert before["drop_limit"] == 1.0 and not before["passed"]
 
 
+def test_a_class_lost_against_the_last_release_fails_max_class_drop_though_accuracy_passes(pattern_bundle, tmp_path):
+    """The release got 40 more images of one class right (11 pts of its recall, 4 of the accuracy): --max-drop 5
+    passes it, --max-class-drop 5 names the class, beyond its paired noise."""
+    from edge_tl.runtime.check import _unpack_right
+
+    bundle_dir, test_dir = pattern_bundle
+    classes = sorted(d.name for d in test_dir.iterdir())
+    big = tmp_path / "big"
+    for d in test_dir.iterdir():
+        (big / d.name).mkdir(parents=True)
+        for k in range(40):
+            for f in d.iterdir():
+                os.link(f, big / d.name / f"{k}_{f.name}")
+    for k, f in enumerate(sorted((test_dir / classes[0]).iterdir()) * 5):  # 40 images filed under the wrong class
+        os.link(f, big / classes[1] / f"mislabelled_{k}_{f.name}")
+    report = check_bundle(bundle_dir, big, log=lambda s: None)
+    n = report["image_count"]
+    for r in report["artifacts"].values():  # the release: right on every image
+        r.update(accuracy=1.0, right_images=np.packbits(np.ones(n, bool)).tobytes().hex())
+    assert _unpack_right(report["artifacts"]["fp32"]["right_images"], n).all()
+    base = tmp_path / "release.json"
+    base.write_text(json.dumps(report))
+    kept = check_bundle(bundle_dir, big, max_drop=5, baseline=base, log=lambda s: None)["artifacts"]["fp32"]
+    assert kept["passed"] and kept["drop"] == pytest.approx(4.0)
+    lost = check_bundle(bundle_dir, big, max_drop=5, baseline=base, max_class_drop=5, log=lambda s: None)
+    drops = lost["artifacts"]["fp32"]["class_recall_drops"]
+    assert drops[classes[1]]["drop"] == pytest.approx(4000 / 360, abs=1e-3) and drops[classes[0]]["drop"] == 0
+    assert drops[classes[1]]["limit"] == pytest.approx(5 + np.sqrt(40) / 360 * 100, abs=1e-3)
+    assert not lost["passed"] and f"class {classes[1]}: recall 0.889" in lost["artifacts"]["fp32"]["reason"]
+
+
 def test_check_holds_one_batch_of_a_large_test_set_not_all_of_it(pattern_bundle, tmp_path):
     """A test set of any size fits a device's memory: images are decoded batch by batch (numpy's
     allocations are traced; ONNX Runtime's are not, and are the same for any set size)."""
